@@ -1,0 +1,388 @@
+"""The per-rank engine: one thread that owns the scheduler, the blocks and the model runner.
+
+A request's walk through it, by role:
+
+* mixed: ``add_request`` -> waiting -> prefill (maybe in chunks) -> token 1 -> decode steps ->
+  finished (eos / stop ids / max_tokens / max_model_len) -> blocks freed.
+* prefill: ``add_prefill`` carries a destination (decode instance, protocol, its block ids).
+  During the step that computes the prompt's last chunk, each layer's KV is written into the
+  destination blocks as soon as that layer is done (``layer_done`` hook); after sampling token 1
+  the sequence waits in TRANSFERRING until the transfer engine confirms every byte landed, then
+  ``on_prefilled`` fires and the local blocks are freed.
+* decode: ``reserve`` leases blocks for a coming request; ``add_decode`` claims them (the KV is
+  already there) and the sequence joins the running batch with its first token.
+
+Every other thread talks to the engine through ``submit`` (a queue drained between steps); the
+engine answers through the ``EngineEvents`` callbacks, which must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdbus.actors.engine.block_manager import BlockManager
+from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
+from pdbus.actors.engine.sequence import Sequence, Status
+
+from pdbus.log import get_logger
+from pdbus.messages import Destination, FinishReason, SamplingParams, TokenLogprob, TokenOut
+
+
+class EngineEvents:
+    """Callbacks from the engine thread. Implementations hop to their own thread/loop."""
+
+    def on_tokens(self, items: list[TokenOut]) -> None: ...
+
+    def on_prefilled(self, req_id: str, first: TokenOut, nbytes: int, seconds: float) -> None: ...
+
+    def on_failed(self, req_id: str, error: str, retryable: bool) -> None: ...
+
+    def on_reserved(self, req_id: str, block_ids: list[int] | None, reason: str) -> None: ...
+
+
+@dataclass
+class EngineLimits:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    transfer_timeout_s: float = 30.0
+
+
+class Engine:
+    def __init__(
+        self,
+        runner,  # pdbus.native.runner.ModelRunner
+        sampler,  # pdbus.native.sampler.Sampler
+        events: EngineEvents,
+        limits: EngineLimits,
+        eos_token_ids: set[int],
+        role: str = "mixed",
+        transfer_engines: dict | None = None,
+        name: str = "engine",
+    ):
+        self.runner = runner
+        self.sampler = sampler
+        self.events = events
+        self.limits = limits
+        self.eos_token_ids = set(eos_token_ids)
+        self.role = role
+        self.transfers = transfer_engines or {}
+        self.log = get_logger(name)
+        cache = runner.kv_cache
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.transferring: list[Sequence] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens_computed = 0
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ thread API
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pdbus-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread between steps."""
+        self._inbox.put(fn)
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        self.submit(lambda: self._add(Sequence(req_id, list(prompt_token_ids), sampling)))
+
+    def add_prefill(
+        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, dest: Destination, num_outputs: int = 0
+    ) -> None:
+        seq = Sequence(req_id, list(prompt_token_ids), sampling, dest=dest, num_prompt_outputs=num_outputs)
+        self.submit(lambda: self._add(seq))
+
+    def add_decode(
+        self, req_id: str, prompt_token_ids: list[int], output_token_ids: list[int], sampling: SamplingParams
+    ) -> None:
+        self.submit(lambda: self._add_decode(req_id, prompt_token_ids, output_token_ids, sampling))
+
+    def reserve(self, req_id: str, num_tokens: int, lease_s: float) -> None:
+        self.submit(lambda: self._reserve(req_id, num_tokens, lease_s))
+
+    def release(self, req_id: str) -> None:
+        self.submit(lambda: self._release(req_id))
+
+    def abort(self, req_id: str, reason: str = "aborted") -> None:
+        self.submit(lambda: self._abort(req_id, reason))
+
+    def load(self):
+        from pdbus.messages import Load
+
+        return Load(
+            free_blocks=self.blocks.num_free,
+            total_blocks=self.blocks.num_blocks,
+            running=len(self.scheduler.running) + len(self.transferring),
+            waiting=len(self.scheduler.waiting),
+            pending_prefill_tokens=self.scheduler.pending_prefill_tokens,
+            reserved_blocks=self.blocks.num_reserved,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.scheduler.has_work():
+                timeout: float | None = 0.0
+            elif self.transferring:
+                timeout = 0.001
+            elif self.blocks.leases:
+                timeout = 0.5
+            else:
+                timeout = None
+            try:
+                item = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            self._run_cmd(item)
+            while True:  # drain everything queued before stepping
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                self._run_cmd(item)
+            if self._stop.is_set():
+                break
+            self._expire_leases()
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, not the rank
+                self.log.exception("engine step failed: %s", exc)
+                self.last_error = str(exc)
+                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+        self._fail_all("engine stopped")
+
+    def _run_cmd(self, item) -> None:
+        if item is None:
+            return
+        try:
+            item()
+        except Exception as exc:
+            self.log.exception("engine command failed: %s", exc)
+
+    # ------------------------------------------------------------------ commands (engine thread)
+    def _add(self, seq: Sequence) -> None:
+        if seq.req_id in self.seqs:
+            self.events.on_failed(seq.req_id, f"duplicate request id {seq.req_id}", False)
+            return
+        if seq.num_tokens >= self.limits.max_model_len:
+            self.events.on_failed(
+                seq.req_id, f"prompt of {seq.num_tokens} tokens does not fit max_model_len {self.limits.max_model_len}", False
+            )
+            return
+        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
+            self.events.on_failed(seq.req_id, f"prompt of {seq.num_tokens} tokens exceeds the KV cache", False)
+            return
+        self.seqs[seq.req_id] = seq
+        self.scheduler.add(seq)
+
+    def _add_decode(self, req_id: str, prompt: list[int], outputs: list[int], sampling: SamplingParams) -> None:
+        blocks = self.blocks.claim(req_id)
+        if blocks is None:
+            self.events.on_failed(req_id, "no reservation for this request (expired?)", True)
+            return
+        seq = Sequence(req_id, list(prompt), sampling, output_token_ids=list(outputs), block_table=blocks)
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.seqs[req_id] = seq
+        if self._check_finished(seq):
+            self.events.on_tokens([TokenOut(req_id, [], finish_reason=seq.finish_reason)])
+            self._finish(seq)
+            return
+        self.scheduler.add_running(seq)
+
+    def _reserve(self, req_id: str, num_tokens: int, lease_s: float) -> None:
+        ids = self.blocks.reserve(req_id, num_tokens, lease_s)
+        if ids is None:
+            need = self.blocks.blocks_for(num_tokens)
+            self.events.on_reserved(req_id, None, f"need {need} blocks, {self.blocks.num_free} free")
+        else:
+            self.events.on_reserved(req_id, ids, "")
+
+    def _release(self, req_id: str) -> None:
+        self.blocks.release(req_id)
+        for engine in self.transfers.values():
+            forget = getattr(engine, "forget", None)
+            if forget:
+                forget(req_id)
+
+    def _abort(self, req_id: str, reason: str) -> None:
+        self._release(req_id)
+        seq = self.seqs.get(req_id)
+        if seq is None:
+            return
+        if seq.status is Status.TRANSFERRING:
+            self.transferring.remove(seq)
+            engine = self.transfers.get(seq.dest.protocol) if seq.dest else None
+            if engine is not None:
+                engine.abort(req_id)
+        else:
+            self.scheduler.remove(seq)
+        seq.finish_reason = FinishReason.ABORT.value
+        self._finish(seq)
+        self.log.info("req %s aborted: %s", req_id, reason)
+
+    def _expire_leases(self) -> None:
+        if self.blocks.leases:
+            for req_id in self.blocks.expire():
+                self.log.warning("req %s: reservation expired, blocks reclaimed", req_id)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+            seq.status = Status.FINISHED
+        self.seqs.pop(seq.req_id, None)
+
+    def _fail_all(self, error: str) -> None:
+        for seq in list(self.seqs.values()):
+            self.scheduler.remove(seq)
+            if seq in self.transferring:
+                self.transferring.remove(seq)
+            self._finish(seq)
+            self.events.on_failed(seq.req_id, error, True)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> None:
+        self._poll_transfers()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        self.steps += 1
+        finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]
+        layer_done = self._make_layer_hook(finishing_prefill) if finishing_prefill else None
+        sampled = [s for s in batch if s.samples]
+        logits = self.runner.execute(
+            [s.seq.all_token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
+            [s.seq.num_computed_tokens for s in batch],
+            [s.seq.block_table for s in batch],
+            [i for i, s in enumerate(batch) if s.samples],
+            layer_done=layer_done,
+        )
+        for s in batch:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            if s.seq.num_computed_tokens <= len(s.seq.prompt_token_ids):
+                self.prompt_tokens_computed += s.num_new_tokens
+        if not sampled:
+            return
+        histories = [s.seq.sampling_history() for s in sampled]
+        out = self.sampler(
+            logits,
+            [s.seq.sampling for s in sampled],
+            [h[0] for h in histories],
+            [h[1] for h in histories],
+            self.eos_token_ids,
+        )
+        items: list[TokenOut] = []
+        for j, s in enumerate(sampled):
+            seq = s.seq
+            tok = out.token_ids[j]
+            seq.output_token_ids.append(tok)
+            self.tokens_generated += 1
+            item = TokenOut(seq.req_id, [tok])
+            if out.logprobs is not None and seq.sampling.logprobs is not None:
+                item.logprobs = [out.logprobs[j]]
+                tops = out.top_logprobs[j] if out.top_logprobs else None
+                item.top_logprobs = [[TokenLogprob(t, lp) for t, lp in (tops or [])]]
+            if seq.dest is not None:
+                self._start_transfer_wait(seq, item)
+                continue
+            if self._check_finished(seq):
+                item.finish_reason = seq.finish_reason
+                self.scheduler.remove(seq)
+                self._finish(seq)
+            items.append(item)
+        if items:
+            self.events.on_tokens(items)
+
+    def _check_finished(self, seq: Sequence) -> bool:
+        sp = seq.sampling
+        _, outputs = seq.sampling_history()
+        n_out = len(outputs)
+        tok = seq.output_token_ids[-1] if seq.output_token_ids else None
+        if tok is not None and n_out >= sp.min_tokens:
+            if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
+                seq.finish_reason = FinishReason.STOP.value
+                return True
+        if n_out >= sp.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+            seq.finish_reason = FinishReason.LENGTH.value
+            return True
+        return False
+
+    # ------------------------------------------------------------------ prefill role: KV out
+    def _make_layer_hook(self, finishing: list[ScheduledSeq]):
+        plans = []
+        for s in finishing:
+            seq = s.seq
+            dest = seq.dest
+            engine = self.transfers.get(dest.protocol)
+            if engine is None:
+                raise RuntimeError(f"no {dest.protocol} transfer engine on this instance")
+            n = self.blocks.blocks_for(seq.num_tokens)
+            if n > len(dest.block_ids):
+                raise RuntimeError(f"req {seq.req_id}: decode reserved {len(dest.block_ids)} blocks, need {n}")
+            engine.open_peer(dest.instance_id, dest.endpoint)
+            plans.append((engine, seq.req_id, dest.instance_id, seq.block_table[:n], dest.block_ids[:n], seq))
+        from pdbus.native.transfer.base import WriteOp
+
+        def layer_done(layer: int) -> None:
+            for engine, req_id, peer, src, dst, _ in plans:
+                engine.write(req_id, peer, WriteOp(layer, src, dst))
+
+        return layer_done
+
+    def _start_transfer_wait(self, seq: Sequence, first: TokenOut) -> None:
+        engine = self.transfers[seq.dest.protocol]
+        try:
+            seq.transfer = engine.commit(seq.req_id, seq.dest.instance_id)
+        except Exception as exc:
+            self.scheduler.remove(seq)
+            self._finish(seq)
+            self.events.on_failed(seq.req_id, f"KV transfer failed: {exc}", True)
+            return
+        seq.first_token = first  # type: ignore[attr-defined]
+        seq.transfer_started = time.monotonic()  # type: ignore[attr-defined]
+        self.scheduler.remove(seq)
+        seq.status = Status.TRANSFERRING
+        self.transferring.append(seq)
+        self._poll_transfers()
+
+    def _poll_transfers(self) -> None:
+        now = time.monotonic()
+        for seq in list(self.transferring):
+            handle = seq.transfer
+            if handle.done():
+                self.transferring.remove(seq)
+                seq.status = Status.RUNNING
+                self._finish(seq)
+                if handle.error is not None:
+                    self.events.on_failed(seq.req_id, f"KV transfer failed: {handle.error}", True)
+                else:
+                    self.events.on_prefilled(seq.req_id, seq.first_token, handle.nbytes, handle.seconds)
+            elif now - seq.transfer_started > self.limits.transfer_timeout_s:
+                self.transferring.remove(seq)
+                engine = self.transfers[seq.dest.protocol]
+                engine.abort(seq.req_id)
+                seq.status = Status.RUNNING
+                self._finish(seq)
+                self.events.on_failed(
+                    seq.req_id, f"KV transfer timed out after {self.limits.transfer_timeout_s:.0f}s", True
+                )
+
+    def wait_for_transfers(self) -> bool:
+        return bool(self.transferring)

@@ -1,0 +1,53 @@
+"""Prometheus metrics (names prefixed ``pdbus:``), one registry per server, no globals."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class FrontendMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pdbus:requests", "Requests accepted", registry=r)
+        self.rejected = Counter("pdbus:requests_rejected", "Requests rejected by validation", registry=r)
+        self.finished = Counter("pdbus:request_finished", "Finished choices by reason", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("pdbus:prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter("pdbus:generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("pdbus:time_to_first_token_seconds", "TTFT", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pdbus:inter_token_latency_seconds", "ITL", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdbus:time_per_output_token_seconds", "TPOT", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pdbus:e2e_request_latency_seconds", "End to end", buckets=_LATENCY_BUCKETS, registry=r)
+        self.backend = Gauge("pdbus:backend", "Backend state (see label)", ["key", "instance"], registry=r)
+
+    def render(self, stats: dict) -> tuple[bytes, str]:
+        _set_stats(self.backend, stats)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _set_stats(gauge: Gauge, stats: dict, instance: str = "") -> None:
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            _set_stats(gauge, value, instance=key)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            gauge.labels(key=key, instance=instance).set(value)
+
+
+def instance_metrics_handler(stats_fn, role: str):
+    registry = CollectorRegistry()
+    gauge = Gauge("pdbus:instance", "Instance state (see label)", ["key", "instance"], registry=registry)
+
+    async def handler(request: web.Request) -> web.Response:
+        _set_stats(gauge, {k: v for k, v in stats_fn().items() if k != "role"}, instance=role)
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler

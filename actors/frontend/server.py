@@ -1,0 +1,399 @@
+"""The OpenAI HTTP API, shared by the mixed-role server and the router.
+
+``OpenAIServer`` validates (protocol.py), tokenizes, asks its *backend* for token streams and
+turns them into OpenAI responses (JSON or SSE). A backend is anything with::
+
+    ready() -> bool
+    stats() -> dict
+    async generate(req_id, prompt_token_ids, sampling) -> async iterator of TokenOut
+
+Closing the iterator early (client gone, stop string) aborts the request in the backend.
+A backend raises ``BackendUnavailable`` for 503 + Retry-After. A client that disconnects
+cancels the handler (aiohttp ``handler_cancellation``), which closes the iterators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from pdbus.actors.frontend import protocol as P
+from pdbus.actors.frontend.metrics import FrontendMetrics
+from pdbus.actors.frontend.tokenizer import IncrementalDetokenizer
+
+from pdbus.log import get_logger
+from pdbus.messages import TokenOut
+
+log = get_logger("api")
+
+
+class BackendUnavailable(Exception):
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestRejected(Exception):
+    """The backend refused the request for good (HTTP 400)."""
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
+    body = {"object": "error", "error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    detok: object | None
+    stop: P.StopChecker
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list] = field(default_factory=list)
+    error: str | None = None
+
+
+class OpenAIServer:
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        model_name: str,
+        max_model_len: int,
+        api_key: str | None = None,
+        eos_token_ids: set[int] | None = None,
+        vocab_size: int | None = None,
+    ):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.api_key = api_key
+        self.vocab_size = vocab_size
+        self.metrics = FrontendMetrics()
+
+    # ----------------------------------------------------------------- routes
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.middlewares.append(self._guard)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                return _error(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error(413, f"Request body too large: {exc.text}", code="request_too_large")
+        except web.HTTPException as exc:
+            if exc.status >= 400 and request.path.startswith("/v1/"):
+                return _error(exc.status, exc.reason or "error")
+            raise
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "pdbus",
+                        "max_model_len": self.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body, ctype = self.metrics.render(self.backend.stats())
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    # ----------------------------------------------------------------- parsing
+    async def _json(self, request: web.Request):
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise P.OpenAIError(f"Request body is not valid JSON: {exc}") from None
+
+    def _prompt_ids(self, req) -> list[int]:
+        if isinstance(req, P.ChatRequest):
+            if self.tokenizer is None:
+                raise P.OpenAIError("Chat needs a tokenizer, and this server has none (--skip-tokenizer-init).")
+            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
+            return self.tokenizer.encode(text)
+        if req.prompt_token_ids is not None:
+            if self.vocab_size is not None and any(t >= self.vocab_size for t in req.prompt_token_ids):
+                raise P.OpenAIError(f"'prompt' holds a token id outside the vocabulary ({self.vocab_size}).", param="prompt")
+            return list(req.prompt_token_ids)
+        if self.tokenizer is None:
+            raise P.OpenAIError(
+                "Text prompts need a tokenizer, and this server has none: send 'prompt' as a list of token ids.",
+                param="prompt",
+            )
+        return self.tokenizer.encode(req.prompt)
+
+    # ----------------------------------------------------------------- handlers
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        t0 = time.monotonic()
+        try:
+            body = await self._json(request)
+            parse = P.parse_chat_request if chat else P.parse_completion_request
+            kwargs = {"model_names": [self.model_name], "max_model_len": self.max_model_len}
+            if not chat:
+                kwargs["vocab_size"] = self.vocab_size
+            req = parse(body, **kwargs)
+            prompt_ids = self._prompt_ids(req)
+            if not prompt_ids:
+                raise P.OpenAIError("The prompt is empty.", param="messages" if chat else "prompt")
+            P.resolve_max_tokens(req, len(prompt_ids), self.max_model_len)
+        except P.OpenAIError as exc:
+            self.metrics.rejected.inc()
+            return web.json_response(exc.to_dict(), status=exc.status)
+        if not self.backend.ready():
+            return _error(503, "No instance is ready to serve.", "service_unavailable_error", headers={"Retry-After": "1"})
+        req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.ignored_fields:
+            log.info("req %s: ignoring unknown fields %s", req_id, ",".join(req.ignored_fields))
+        self.metrics.requests.inc()
+        self.metrics.prompt_tokens.inc(len(prompt_ids) * req.n)
+        run = _Run(self, req, req_id, prompt_ids, chat, t0)
+        if req.stream:
+            return await run.stream(request)
+        return await run.complete()
+
+
+class _Run:
+    """One HTTP request: n choices, each a backend stream."""
+
+    def __init__(self, server: OpenAIServer, req, req_id: str, prompt_ids: list[int], chat: bool, t0: float):
+        self.s = server
+        self.req = req
+        self.req_id = req_id
+        self.prompt_ids = prompt_ids
+        self.chat = chat
+        self.t0 = t0
+        self.created = int(time.time())
+        tok = server.tokenizer
+        self.choices = [
+            ChoiceState(
+                i,
+                IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=req.skip_special_tokens)
+                if tok is not None
+                else None,
+                P.StopChecker(req.stop, include_stop=req.include_stop_str_in_output),
+            )
+            for i in range(req.n)
+        ]
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def _want_logprobs(self) -> bool:
+        return (self.req.logprobs if self.chat else self.req.logprobs is not None) or False
+
+    # ------------------------------------------------------------- per-token processing
+    def _absorb(self, c: ChoiceState, item: TokenOut) -> tuple[str, list[int]]:
+        """Apply one TokenOut to a choice; return (text delta, new token ids)."""
+        now = time.monotonic()
+        if self.first_token_at is None and item.token_ids:
+            self.first_token_at = now
+            self.s.metrics.ttft.observe(now - self.t0)
+        elif item.token_ids and self.last_token_at is not None:
+            self.s.metrics.itl.observe(now - self.last_token_at)
+        if item.token_ids:
+            self.last_token_at = now
+        ids = list(item.token_ids)
+        c.token_ids.extend(ids)
+        if item.logprobs:
+            c.logprobs.extend(item.logprobs)
+            c.top_logprobs.extend(item.top_logprobs or [[] for _ in item.logprobs])
+        text = ""
+        if c.detok is not None and ids:
+            text, stopped = c.stop.feed(c.detok.add(ids))
+            if stopped:
+                c.finish_reason = "stop"
+        if item.error:
+            c.error = item.error
+            c.finish_reason = c.finish_reason or "error"
+        elif item.finish_reason and c.finish_reason is None:
+            c.finish_reason = "stop" if item.finish_reason == "stop" else item.finish_reason
+        if c.finish_reason is not None and c.detok is not None and not c.stop.stopped:
+            tail, stopped = c.stop.feed(c.detok.flush())
+            text += tail + ("" if stopped else c.stop.flush())
+        c.text += text
+        return text, ids
+
+    async def _drive(self, c: ChoiceState, sink) -> None:
+        """Iterate one choice's backend stream, feeding ``sink(choice, text, ids, item)``."""
+        sampling = P.choice_sampling(self.req, c.index)
+        sub_id = self.req_id if self.req.n == 1 else f"{self.req_id}-{c.index}"
+        gen = self.s.backend.generate(sub_id, self.prompt_ids, sampling)
+        try:
+            async for item in gen:
+                text, ids = self._absorb(c, item)
+                await sink(c, text, ids, item)
+                if c.finish_reason is not None:
+                    break
+        finally:
+            await gen.aclose()
+        if c.finish_reason is None:
+            c.finish_reason = "error"
+            c.error = c.error or "stream ended without a finish reason"
+
+    def _logprobs_obj(self, c: ChoiceState, start: int, end: int | None = None):
+        if not self._want_logprobs() or c.detok is None:
+            return None
+        tok = self.s.tokenizer
+        ids = c.token_ids[start:end]
+        lps = c.logprobs[start:end]
+        if len(lps) != len(ids):
+            return None
+        pieces = [tok.decode([t], skip_special_tokens=False) for t in ids]
+        tops = [[(tok.decode([t.token_id], skip_special_tokens=False), t.logprob) for t in row] for row in c.top_logprobs[start:end]]
+        if self.chat:
+            return P.chat_logprobs(pieces, lps, tops)
+        return P.completion_logprobs(pieces, lps, tops if self.req.logprobs else None)
+
+    def _usage(self) -> dict:
+        return P.usage(len(self.prompt_ids) * 1, sum(len(c.token_ids) for c in self.choices))
+
+    def _finish_metrics(self) -> None:
+        m = self.s.metrics
+        m.e2e.observe(time.monotonic() - self.t0)
+        n_out = sum(len(c.token_ids) for c in self.choices)
+        m.generation_tokens.inc(n_out)
+        if self.first_token_at is not None and n_out > 1 and self.last_token_at is not None:
+            m.tpot.observe((self.last_token_at - self.first_token_at) / max(1, n_out / len(self.choices) - 1))
+        for c in self.choices:
+            m.finished.labels(finish_reason=c.finish_reason or "error").inc()
+
+    # ------------------------------------------------------------- non-streaming
+    async def complete(self) -> web.Response:
+        async def sink(c, text, ids, item):
+            return None
+
+        try:
+            await asyncio.gather(*(self._drive(c, sink) for c in self.choices))
+        except BackendUnavailable as exc:
+            return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
+        except RequestRejected as exc:
+            return _error(400, str(exc))
+        self._finish_metrics()
+        errors = [c.error for c in self.choices if c.error]
+        if errors and all(not c.token_ids for c in self.choices):
+            log.warning("req %s failed: %s", self.req_id, errors[0])
+            return _error(500, f"Generation failed: {errors[0]}", "server_error")
+        ids_opt = self.req.return_token_ids
+        if self.chat:
+            choices = [
+                P.chat_choice(
+                    c.index,
+                    c.text,
+                    c.finish_reason if c.finish_reason != "error" else "stop",
+                    logprobs=self._logprobs_obj(c, 0),
+                    prompt_token_ids=self.prompt_ids if ids_opt else None,
+                    completion_token_ids=c.token_ids if ids_opt else None,
+                )
+                for c in self.choices
+            ]
+            body = P.chat_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
+        else:
+            choices = [
+                P.completion_choice(
+                    c.index,
+                    c.text,
+                    c.finish_reason if c.finish_reason != "error" else "stop",
+                    logprobs=self._logprobs_obj(c, 0),
+                    prompt_token_ids=self.prompt_ids if ids_opt else None,
+                    completion_token_ids=c.token_ids if ids_opt else None,
+                )
+                for c in self.choices
+            ]
+            body = P.completion_response(
+                id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage()
+            )
+        return web.Response(body=P.dumps(body).encode(), content_type="application/json")
+
+    # ------------------------------------------------------------- streaming
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        started = False
+        ids_opt = self.req.return_token_ids
+        first_sent = [False] * len(self.choices)
+
+        async def begin() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await resp.prepare(request)
+
+        async def sink(c: ChoiceState, text: str, ids: list[int], item: TokenOut):
+            await begin()
+            fr = c.finish_reason
+            if fr == "error":
+                fr = None
+            if not text and not ids and fr is None and not c.error and first_sent[c.index]:
+                return
+            start = len(c.token_ids) - len(ids)
+            common = dict(
+                id=self.req_id,
+                model=self.s.model_name,
+                created=self.created,
+                index=c.index,
+                finish_reason=fr,
+                logprobs=self._logprobs_obj(c, start) if ids else None,
+                prompt_token_ids=self.prompt_ids if ids_opt and not first_sent[c.index] else None,
+                completion_token_ids=ids if ids_opt else None,
+            )
+            if self.chat:
+                chunk = P.chat_chunk(content=text, first=not first_sent[c.index], **common)
+            else:
+                chunk = P.completion_chunk(text=text, **common)
+            first_sent[c.index] = True
+            await resp.write(P.sse(chunk))
+            if c.error:
+                await resp.write(P.sse({"object": "error", "error": {"message": c.error, "type": "server_error", "param": None, "code": None}}))
+
+        try:
+            await asyncio.gather(*(self._drive(c, sink) for c in self.choices))
+        except BackendUnavailable as exc:
+            if not started:
+                return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
+            await resp.write(P.sse({"object": "error", "error": {"message": str(exc), "type": "service_unavailable_error", "param": None, "code": 503}}))
+        except RequestRejected as exc:
+            if not started:
+                return _error(400, str(exc))
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("req %s: client disconnected", self.req_id)
+            raise
+        await begin()
+        self._finish_metrics()
+        if self.req.include_usage:
+            make = P.chat_usage_chunk if self.chat else P.completion_usage_chunk
+            await resp.write(P.sse(make(id=self.req_id, model=self.s.model_name, created=self.created, usage=self._usage())))
+        await resp.write(P.SSE_DONE)
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp

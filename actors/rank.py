@@ -1,0 +1,487 @@
+"""The rank server: one DP rank of a prefill, decode or mixed instance.
+
+It owns the model, the KV cache, the engine thread and the transfer engines, and serves
+``/health`` and ``/metrics`` on ``--port``. In ``mixed`` role it also serves the OpenAI API
+itself (the colocated baseline). In ``prefill``/``decode`` role it learns the bus endpoint from
+the router (``GET /bus``), registers with a ``Hello`` describing its role, KV layout and
+transfer endpoints, and then follows the router:
+
+  Reserve  -> engine leases blocks            -> Reserved | Busy
+  Prefill  -> engine prefills, writes KV out  -> Prefilled(first token) | Failed
+  Decode   -> engine claims the lease, decodes -> Tokens (one message per step, all sequences)
+  Abort / Release -> sequence or lease dropped, blocks freed
+
+Socket I/O stays on the asyncio thread; the engine runs on its own thread and hands events
+back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+import uuid
+
+import torch
+from aiohttp import web
+from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
+
+from pdbus.actor import BusMember
+from pdbus.config import ServeConfig
+from pdbus.log import get_logger
+from pdbus.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Busy,
+    Decode,
+    Failed,
+    Hello,
+    Load,
+    Prefill,
+    Prefilled,
+    Release,
+    Reserve,
+    Reserved,
+    TokenOut,
+    Tokens,
+)
+from pdbus.sockets import BusError
+
+log = get_logger("rank")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def pick_device(cfg: ServeConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, dtype: torch.dtype, device: torch.device) -> int:
+    from pdbus.native.kv_cache import bytes_per_token
+
+    if cfg.num_gpu_blocks_override:
+        return cfg.num_gpu_blocks_override
+    per_block = bytes_per_token(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, dtype)
+    per_block *= cfg.block_size
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - cfg.gpu_memory_utilization) * total
+    else:
+        budget = cfg.kv_cache_memory_gb * (1 << 30)
+    blocks = int(budget // per_block)
+    needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
+    if blocks < needed:
+        raise RuntimeError(
+            f"KV cache budget holds {blocks} blocks, one max-length sequence needs {needed}: "
+            "raise --kv-cache-memory-gb / --gpu-memory-utilization or lower --max-model-len"
+        )
+    return blocks
+
+
+class _LoopEvents(EngineEvents):
+    """Engine-thread callbacks forwarded onto the asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target):
+        self.loop = loop
+        self.target = target
+
+    def on_tokens(self, items):
+        self.loop.call_soon_threadsafe(self.target.on_engine_tokens, items)
+
+    def on_prefilled(self, req_id, first, nbytes, seconds):
+        self.loop.call_soon_threadsafe(self.target.on_engine_prefilled, req_id, first, nbytes, seconds)
+
+    def on_failed(self, req_id, error, retryable):
+        self.loop.call_soon_threadsafe(self.target.on_engine_failed, req_id, error, retryable)
+
+    def on_reserved(self, req_id, block_ids, reason):
+        self.loop.call_soon_threadsafe(self.target.on_engine_reserved, req_id, block_ids, reason)
+
+
+class LocalBackend:
+    """The mixed role's backend for the OpenAI frontend: requests go straight to the engine."""
+
+    def __init__(self, server: RankServer):
+        self.server = server
+        self.queues: dict[str, asyncio.Queue] = {}
+
+    def ready(self) -> bool:
+        return self.server.engine is not None
+
+    def stats(self) -> dict:
+        return self.server.stats()
+
+    async def generate(self, req_id: str, prompt_ids: list[int], sampling):
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[req_id] = q
+        self.server.engine.add_request(req_id, prompt_ids, sampling)
+        finished = False
+        try:
+            while True:
+                item: TokenOut = await q.get()
+                yield item
+                if item.finish_reason is not None or item.error is not None:
+                    finished = True
+                    return
+        finally:
+            self.queues.pop(req_id, None)
+            if not finished:
+                self.server.engine.abort(req_id, "client gone")
+
+    def deliver(self, item: TokenOut) -> None:
+        q = self.queues.get(item.req_id)
+        if q is not None:
+            q.put_nowait(item)
+
+
+class RankBus(BusMember):
+    name = "rank-bus"
+
+    def __init__(self, server: RankServer, endpoint: str, **kw):
+        self.server = server
+        super().__init__(endpoint, **kw)
+
+    def on_reserve(self, peer, msg: Reserve, frames):
+        self.server.engine.reserve(msg.req_id, msg.num_tokens, msg.lease_s)
+
+    def on_prefill(self, peer, msg: Prefill, frames):
+        self.server.prefill_started[msg.req_id] = time.monotonic()
+        self.server.engine.add_prefill(msg.req_id, msg.prompt_token_ids, msg.sampling, msg.dest, msg.num_output_tokens)
+
+    def on_decode(self, peer, msg: Decode, frames):
+        self.server.engine.add_decode(msg.req_id, msg.prompt_token_ids, msg.output_token_ids, msg.sampling)
+
+    def on_release(self, peer, msg: Release, frames):
+        self.server.engine.release(msg.req_id)
+
+    def on_abort(self, peer, msg: Abort, frames):
+        self.server.engine.abort(msg.req_id, msg.reason or "aborted by router")
+
+    def on_refused(self, reason: str) -> None:
+        self.server.refused(reason)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class RankServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.instance_id = f"{cfg.splitwise_role}-{socket.gethostname()}-{cfg.port}-{uuid.uuid4().hex[:6]}"
+        self.engine: Engine | None = None
+        self.bus: RankBus | None = None
+        self.transfers: dict = {}
+        self.endpoints: dict[str, dict] = {}
+        self.local: LocalBackend | None = None
+        self.tokenizer = None
+        self.prefill_started: dict[str, float] = {}
+        self.counters = {"transfer_bytes": 0, "transfer_seconds": 0.0, "prefilled": 0, "failed": 0}
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+
+    # ----------------------------------------------------------------- startup
+    def load(self) -> None:
+        from pdbus.native.kv_cache import KVCache
+        from pdbus.native.model.loader import load_model
+        from pdbus.native.runner import ModelRunner
+
+        cfg = self.cfg
+        self.device = pick_device(cfg)
+        t0 = time.monotonic()
+        self.model, self.model_cfg = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, device=self.device)
+        self.model_name = cfg.served_model_name or os.path.basename(os.path.normpath(cfg.model))
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point() and p.dtype != torch.float32) \
+            if any(p.dtype != torch.float32 for p in self.model.parameters() if p.is_floating_point()) else torch.float32
+        self.kv_dtype = dtype
+        num_blocks = kv_blocks_for_budget(cfg, self.model_cfg, dtype, self.device)
+        shared = self.device.type == "cpu" and cfg.splitwise_role == "decode" and "ipc" in cfg.cache_transfer_protocol
+        self.kv_cache = KVCache(
+            self.model_cfg.num_hidden_layers,
+            num_blocks,
+            self.model_cfg.num_key_value_heads,
+            cfg.block_size,
+            self.model_cfg.head_dim,
+            dtype,
+            device=self.device,
+            shared=shared,
+        )
+        graphs = None
+        if self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill":
+            from pdbus.native.graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        if not cfg.skip_tokenizer_init:
+            from pdbus.actors.frontend.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer(cfg.model)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else _as_set(self.model_cfg.eos_token_id)
+        log.info(
+            "loaded %s (%s, %s, %s) in %.1fs; KV cache %d blocks x %d tokens (%.1f MiB)%s",
+            self.model_name,
+            self.model_cfg.model_type,
+            cfg.quantization,
+            str(dtype).replace("torch.", ""),
+            time.monotonic() - t0,
+            num_blocks,
+            cfg.block_size,
+            self.kv_cache.nbytes / 2**20,
+            " in shared memory" if shared else "",
+        )
+
+    def _make_transfers(self) -> None:
+        from pdbus.native.transfer.base import create_transfer_engine
+
+        host = self.cfg.transfer_host or self.cfg.host
+        for proto in self.cfg.cache_transfer_protocol:
+            try:
+                self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
+                # decode publishes where to write; prefill only says which host it is on
+                self.endpoints[proto] = engine.endpoint() if self.cfg.splitwise_role == "decode" else {"host_id": _host_id()}
+            except Exception as exc:
+                raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc
+
+    def hello(self) -> Hello:
+        return Hello(
+            protocol=PROTOCOL_VERSION,
+            instance_id=self.instance_id,
+            role=self.cfg.splitwise_role,
+            host=self.cfg.host,
+            http_port=self.cfg.port,
+            model=self.model_name,
+            config_hash=self.model_cfg.config_hash(),
+            kv=self.kv_cache.layout(),
+            transfer=self.endpoints,
+            max_num_seqs=self.cfg.max_num_seqs,
+            max_model_len=self.cfg.max_model_len,
+            dp_rank=self.cfg.data_parallel_rank,
+            dp_size=self.cfg.data_parallel_size,
+            tp_size=self.cfg.tensor_parallel_size,
+            load=self.engine.load() if self.engine else Load(),
+            pid=os.getpid(),
+        )
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return self.tokenizer.files() if self.tokenizer is not None else {}
+
+    def stats(self) -> dict:
+        e = self.engine
+        load = e.load()
+        return {
+            "role": self.cfg.splitwise_role,
+            "running": load.running,
+            "waiting": load.waiting,
+            "free_blocks": load.free_blocks,
+            "total_blocks": load.total_blocks,
+            "reserved_blocks": load.reserved_blocks,
+            "steps": e.steps,
+            "tokens_generated": e.tokens_generated,
+            "prompt_tokens": e.prompt_tokens_computed,
+            "preemptions": e.scheduler.num_preemptions,
+            **self.counters,
+        }
+
+    # ----------------------------------------------------------------- engine events (loop thread)
+    def on_engine_tokens(self, items: list[TokenOut]) -> None:
+        if self.local is not None:
+            for item in items:
+                self.local.deliver(item)
+            return
+        self._bus_send(Tokens(items=items))
+
+    def on_engine_prefilled(self, req_id: str, first: TokenOut, nbytes: int, seconds: float) -> None:
+        self.counters["transfer_bytes"] += nbytes
+        self.counters["transfer_seconds"] += seconds
+        self.counters["prefilled"] += 1
+        started = self.prefill_started.pop(req_id, None)
+        log.info(
+            "req %s prefilled in %.1f ms, KV %.2f MiB in %.1f ms",
+            req_id,
+            (time.monotonic() - started) * 1e3 if started else -1,
+            nbytes / 2**20,
+            seconds * 1e3,
+        )
+        self._bus_send(Prefilled(req_id=req_id, first=first, transfer_bytes=nbytes, transfer_s=seconds))
+
+    def on_engine_failed(self, req_id: str, error: str, retryable: bool) -> None:
+        self.counters["failed"] += 1
+        self.prefill_started.pop(req_id, None)
+        if self.local is not None:
+            self.local.deliver(TokenOut(req_id, [], finish_reason="error", error=error))
+            return
+        log.warning("req %s failed: %s", req_id, error)
+        self._bus_send(Failed(req_id=req_id, error=error, retryable=retryable))
+
+    def on_engine_reserved(self, req_id: str, block_ids, reason: str) -> None:
+        if block_ids is None:
+            self._bus_send(Busy(req_id=req_id, reason=reason))
+        else:
+            self._bus_send(Reserved(req_id=req_id, block_ids=block_ids))
+
+    def _bus_send(self, msg) -> None:
+        if self.bus is None:
+            return
+        try:
+            self.bus.send(msg)
+        except BusError as exc:
+            log.warning("bus send of %s failed: %s", type(msg).__name__, exc)
+
+    def refused(self, reason: str) -> None:
+        log.error("stopping: the router refused this instance: %s", reason)
+        self._exit_code = 3
+        self._stop.set()
+
+    # ----------------------------------------------------------------- HTTP
+    async def handle_health(self, request: web.Request) -> web.Response:
+        ok = self.engine is not None and (self.bus is None or self.bus.registered.is_set())
+        body = {"status": "ok" if ok else "starting", "role": self.cfg.splitwise_role, "instance": self.instance_id}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
+        if self.cfg.splitwise_role == "mixed":
+            from pdbus.actors.frontend.server import OpenAIServer
+
+            self.local = LocalBackend(self)
+            self.frontend = OpenAIServer(
+                self.local,
+                self.tokenizer,
+                self.model_name,
+                self.cfg.max_model_len,
+                api_key=self.cfg.api_key,
+                eos_token_ids=self.eos_ids,
+            )
+            self.frontend.add_routes(app)
+        else:
+            from pdbus.actors.frontend.metrics import instance_metrics_handler
+
+            app.router.add_get("/metrics", instance_metrics_handler(self.stats, self.cfg.splitwise_role))
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/stats", self.handle_stats)
+        return app
+
+    # ----------------------------------------------------------------- run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.load()
+        if self.cfg.splitwise_role != "mixed":
+            self._make_transfers()
+        from pdbus.native.sampler import Sampler
+
+        self.engine = Engine(
+            self.runner,
+            Sampler(),
+            _LoopEvents(loop, self),
+            EngineLimits(
+                max_num_seqs=self.cfg.max_num_seqs,
+                max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+                max_model_len=self.cfg.max_model_len,
+            ),
+            self.eos_ids,
+            role=self.cfg.splitwise_role,
+            transfer_engines=self.transfers,
+            name=f"engine.{self.cfg.splitwise_role}",
+        )
+        self.engine.start()
+        runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        await site.start()
+        log.info("%s serving HTTP on %s:%d", self.instance_id, self.cfg.host, self.cfg.port)
+        if self.cfg.router:
+            endpoint, interval = await self._discover_bus()
+            from pdbus.security import client_curve_keys
+
+            self.bus = RankBus(
+                self,
+                endpoint,
+                identity=self.instance_id,
+                hello=self.hello,
+                files=self.tokenizer_files,
+                load=lambda: self.engine.load(),
+                heartbeat_interval=interval,
+                curve_client=client_curve_keys(self.cfg.bus_key_file),
+            )
+            self.bus.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._stop.set)
+        print(f"READY {self.instance_id} http://{self.cfg.host}:{self.cfg.port}", flush=True)
+        await self._stop.wait()
+        log.info("%s shutting down", self.instance_id)
+        if self.bus is not None:
+            await self.bus.close()
+        await runner.cleanup()
+        self.engine.stop()
+        for eng in self.transfers.values():
+            with contextlib.suppress(Exception):
+                eng.close()
+        self.kv_cache.close()
+        return self._exit_code
+
+    async def _discover_bus(self) -> tuple[str, float]:
+        url = f"http://{self.cfg.router}/bus"
+        deadline = time.monotonic() + 120
+        last = ""
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                body = await asyncio.to_thread(_http_get_json, url)
+                return body["endpoint"], float(body.get("heartbeat_interval", self.cfg.heartbeat_interval))
+            except Exception as exc:  # router not up yet
+                if str(exc) != last:
+                    log.info("waiting for router at %s: %s", url, exc)
+                    last = str(exc)
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"router at {url} not reachable within 120s")
+
+
+def _tune_cpu_runtime() -> None:
+    """Denormals flushed (paged attention over stale cache rows is 5x slower otherwise) and glibc
+    kept from mmap-ing each step's large temporaries (halves the CPU decode step)."""
+    torch.set_flush_denormal(True)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _host_id() -> str:
+    from pdbus.native.transfer.base import host_id
+
+    return host_id()
+
+
+def _as_set(value) -> set[int]:
+    return set(value) if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def _http_get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def serve(cfg: ServeConfig) -> int:
+    from pdbus.log import setup_logging
+
+    setup_logging()
+    _tune_cpu_runtime()
+    torch.set_num_threads(max(1, int(os.environ.get("PDBUS_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))))
+    try:
+        return asyncio.run(RankServer(cfg).run())
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,379 @@
+"""The router process: the OpenAI API in front of a registry of prefill and decode instances.
+
+HTTP (aiohttp, ``--port``): ``/v1/*`` (the same handlers as the mixed server, backed by
+``PDBackend``), ``/bus`` (where instances connect), ``/instances`` (registry), ``/health`` (200
+only while at least one prefill and one decode are alive), ``/metrics``.
+Bus (ZeroMQ ROUTER on a second port, zmq.asyncio in the same event loop): registration,
+heartbeats, the PD request flow (pd.py), and bus clients (``Generate`` -> ``TextOut`` stream).
+
+The router is started without a model: the first instance that registers brings the tokenizer
+files and the model identity; an instance whose model or KV layout differs is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+
+from aiohttp import web
+from pdbus.actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
+from pdbus.actors.router.pd import PDBackend
+
+from pdbus.actor import BusServer, Peer
+from pdbus.config import RouterConfig
+from pdbus.log import get_logger
+from pdbus.messages import Busy, Failed, Generate, Hello, Prefilled, Reserved, TextOut, Tokens
+from pdbus.security import server_secret
+from pdbus.sockets import BusError
+
+log = get_logger("router")
+
+
+def _layout_key(hello: Hello):
+    kv = hello.kv
+    if kv is None:
+        return None
+    return (kv.num_layers, kv.block_size, kv.head_dim, kv.dtype, kv.total_kv_heads or kv.num_kv_heads)
+
+
+class RouterBus(BusServer):
+    name = "router.bus"
+
+    def __init__(self, router: RouterServer, **kw):
+        self.router = router
+        super().__init__(**kw)
+
+    def peer_name(self, ident: bytes) -> str:
+        peer = self.peers.get(ident)
+        return peer.name if peer else ident.decode(errors="replace")
+
+    def accept(self, peer: bytes, hello: Hello, files: dict[str, bytes]) -> str | None:
+        if hello.role == "client":
+            return None
+        if hello.role not in ("prefill", "decode"):
+            return f"role {hello.role!r} cannot join a splitwise router (use prefill or decode)"
+        for other in self.peers.values():
+            if other.identity == peer or not other.alive or other.hello.role == "client":
+                continue
+            if (other.hello.model, other.hello.config_hash) != (hello.model, hello.config_hash):
+                return (
+                    f"model {hello.model} ({hello.config_hash}) differs from {other.name}'s "
+                    f"{other.hello.model} ({other.hello.config_hash})"
+                )
+            if _layout_key(other.hello) != _layout_key(hello):
+                return f"KV layout {_layout_key(hello)} differs from {other.name}'s {_layout_key(other.hello)}"
+        return None
+
+    def peer_joined(self, peer: Peer) -> None:
+        if peer.hello.role != "client":
+            self.router.instance_joined(peer)
+
+    def peer_lost(self, peer: Peer, reason: str) -> None:
+        self.router.pd.on_instance_lost(peer, reason)
+        self.router.client_lost(peer)
+
+    # ----- PD flow
+    def on_reserved(self, ident, msg: Reserved, frames):
+        self.router.pd.on_reserve_answer(ident, msg.req_id, msg.block_ids, "")
+
+    def on_busy(self, ident, msg: Busy, frames):
+        self.router.pd.on_reserve_answer(ident, msg.req_id, None, msg.reason)
+
+    def on_prefilled(self, ident, msg: Prefilled, frames):
+        self.router.pd.on_prefill_end(ident, msg)
+
+    def on_failed(self, ident, msg: Failed, frames):
+        peer = self.peers.get(ident)
+        if peer is not None and peer.hello.role == "prefill":
+            self.router.pd.on_prefill_end(ident, msg)
+        else:
+            self.router.pd.on_decode_failed(ident, msg)
+
+    def on_tokens(self, ident, msg: Tokens, frames):
+        self.router.pd.on_tokens(ident, msg.items)
+
+    # ----- bus clients
+    def on_generate(self, ident, msg: Generate, frames):
+        self.router.client_generate(ident, msg)
+
+    def on_abort(self, ident, msg, frames):
+        self.router.client_abort(ident, msg.req_id)
+
+
+class RouterServer:
+    def __init__(self, cfg: RouterConfig):
+        self.cfg = cfg
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.bus = RouterBus(
+            self,
+            host=cfg.host,
+            port=cfg.bus_port,
+            heartbeat_interval=cfg.heartbeat_interval,
+            router_id=self.router_id,
+            curve_secret_key=server_secret(cfg.bus_key_file),
+        )
+        self.pd = PDBackend(self.bus, cfg.reserve_timeout_s, cfg.request_timeout_s, cfg.max_retries)
+        self.frontend: OpenAIServer | None = None
+        self.model_name: str | None = None
+        self.client_tasks: dict[tuple[bytes, str], asyncio.Task] = {}
+        self._stop = asyncio.Event()
+        self._auth = None
+
+    # ----------------------------------------------------------------- registry
+    def instance_joined(self, peer: Peer) -> None:
+        hello = peer.hello
+        if self.frontend is None:
+            tokenizer = None
+            if peer.files:
+                from pdbus.actors.frontend.tokenizer import Tokenizer
+
+                try:
+                    tokenizer = Tokenizer.from_files(peer.files)
+                except Exception as exc:
+                    log.warning("tokenizer from %s unusable: %s", peer.name, exc)
+            self.model_name = hello.model
+            self.frontend = OpenAIServer(self.pd, tokenizer, hello.model, hello.max_model_len)
+            log.info("serving model %s (max_model_len %d, tokenizer %s)", hello.model, hello.max_model_len, "yes" if tokenizer else "no")
+        else:
+            self.frontend.max_model_len = min(self.frontend.max_model_len, hello.max_model_len)
+            if self.frontend.tokenizer is None and peer.files:
+                from pdbus.actors.frontend.tokenizer import Tokenizer
+
+                with contextlib.suppress(Exception):
+                    self.frontend.tokenizer = Tokenizer.from_files(peer.files)
+
+    def instances(self) -> list[dict]:
+        now = time.monotonic()
+        out = []
+        for peer in self.bus.peers.values():
+            h = peer.hello
+            if h.role == "client":
+                continue
+            out.append(
+                {
+                    "id": h.instance_id,
+                    "role": h.role,
+                    "host": h.host,
+                    "http_port": h.http_port,
+                    "pid": h.pid,
+                    "alive": peer.alive,
+                    "last_seen_s": round(now - peer.last_seen, 3),
+                    "model": h.model,
+                    "dp_rank": h.dp_rank,
+                    "dp_size": h.dp_size,
+                    "tp_size": h.tp_size,
+                    "protocols": list(h.transfer),
+                    "kv": None
+                    if h.kv is None
+                    else {"num_blocks": h.kv.num_blocks, "block_size": h.kv.block_size, "kv_heads": h.kv.num_kv_heads, "dtype": h.kv.dtype},
+                    "load": {
+                        "free_blocks": peer.load.free_blocks,
+                        "total_blocks": peer.load.total_blocks,
+                        "running": peer.load.running,
+                        "waiting": peer.load.waiting,
+                        "pending_prefill_tokens": peer.load.pending_prefill_tokens,
+                        "reserved_blocks": peer.load.reserved_blocks,
+                    },
+                }
+            )
+        return out
+
+    def stats(self) -> dict:
+        per = {}
+        for inst in self.instances():
+            per[inst["id"]] = dict(inst["load"], alive=int(inst["alive"]))
+        roles = [i["role"] for i in self.instances() if i["alive"]]
+        return dict(self.pd.stats(), prefill_instances=roles.count("prefill"), decode_instances=roles.count("decode"), **per)
+
+    # ----------------------------------------------------------------- HTTP
+    async def handle_bus(self, request: web.Request) -> web.Response:
+        return web.json_response({"endpoint": self.bus.endpoint, "heartbeat_interval": self.cfg.heartbeat_interval, "router_id": self.router_id})
+
+    async def handle_instances(self, request: web.Request) -> web.Response:
+        return web.json_response({"instances": self.instances()})
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        ok = self.pd.ready()
+        body = {"status": "ok" if ok else "waiting for instances", "prefill": 0, "decode": 0}
+        for inst in self.instances():
+            if inst["alive"]:
+                body[inst["role"]] = body.get(inst["role"], 0) + 1
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def handle_api(self, request: web.Request) -> web.StreamResponse:
+        if self.frontend is None:
+            body = {"object": "error", "error": {"message": "No instance has registered yet.", "type": "service_unavailable_error", "param": None, "code": None}}
+            return web.json_response(body, status=503, headers={"Retry-After": "1"})
+        if request.path == "/v1/completions":
+            return await self.frontend._guard(request, self.frontend.completions)
+        if request.path == "/v1/chat/completions":
+            return await self.frontend._guard(request, self.frontend.chat_completions)
+        if request.path == "/v1/models":
+            return await self.frontend.models(request)
+        raise web.HTTPNotFound()
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        if self.frontend is None:
+            from pdbus.actors.frontend.metrics import FrontendMetrics
+
+            body, ctype = FrontendMetrics().render(self.stats())
+        else:
+            body, ctype = self.frontend.metrics.render(self.stats())
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
+        app.router.add_post("/v1/completions", self.handle_api)
+        app.router.add_post("/v1/chat/completions", self.handle_api)
+        app.router.add_get("/v1/models", self.handle_api)
+        app.router.add_get("/bus", self.handle_bus)
+        app.router.add_get("/instances", self.handle_instances)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/metrics", self.handle_metrics)
+        if self.cfg.api_key:
+            key = self.cfg.api_key
+
+            @web.middleware
+            async def auth(request, handler):
+                if request.path.startswith("/v1/") and request.headers.get("Authorization", "") != f"Bearer {key}":
+                    body = {"object": "error", "error": {"message": "Invalid or missing API key.", "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+                    return web.json_response(body, status=401)
+                return await handler(request)
+
+            app.middlewares.append(auth)
+        return app
+
+    # ----------------------------------------------------------------- bus clients
+    def client_generate(self, ident: bytes, msg: Generate) -> None:
+        key = (ident, msg.req_id)
+        if key in self.client_tasks:
+            self._client_send(ident, TextOut(req_id=msg.req_id, text="", token_ids=[], finish_reason="error", error="duplicate req_id"))
+            return
+        task = asyncio.get_running_loop().create_task(self._client_run(ident, msg))
+        self.client_tasks[key] = task
+        task.add_done_callback(lambda _t: self.client_tasks.pop(key, None))
+
+    def client_abort(self, ident: bytes, req_id: str) -> None:
+        task = self.client_tasks.get((ident, req_id))
+        if task is not None:
+            task.cancel()
+
+    def client_lost(self, peer: Peer) -> None:
+        for (ident, _), task in list(self.client_tasks.items()):
+            if ident == peer.identity:
+                task.cancel()
+
+    def _client_send(self, ident: bytes, msg: TextOut) -> None:
+        try:
+            self.bus.send(ident, msg)
+        except BusError as exc:
+            log.warning("bus client %s unreachable: %s", ident.decode(errors="replace"), exc)
+
+    async def _client_run(self, ident: bytes, msg: Generate) -> None:
+        from pdbus.actors.frontend.tokenizer import IncrementalDetokenizer
+
+        fe = self.frontend
+        sub_id = f"bus-{msg.req_id}-{uuid.uuid4().hex[:6]}"
+
+        def fail(error: str) -> None:
+            self._client_send(ident, TextOut(req_id=msg.req_id, text="", token_ids=[], finish_reason="error", error=error))
+
+        if fe is None:
+            return fail("no instance has registered yet")
+        tok = fe.tokenizer
+        if msg.prompt_token_ids is not None:
+            prompt_ids = list(msg.prompt_token_ids)
+        elif tok is None:
+            return fail("this router has no tokenizer: send prompt_token_ids")
+        elif msg.messages is not None:
+            prompt_ids = tok.encode(tok.apply_chat_template(msg.messages, add_generation_prompt=True))
+        else:
+            prompt_ids = tok.encode(msg.prompt or "")
+        if not prompt_ids:
+            return fail("empty prompt")
+        if len(prompt_ids) + msg.sampling.max_tokens > fe.max_model_len:
+            return fail(f"prompt ({len(prompt_ids)}) + max_tokens ({msg.sampling.max_tokens}) exceeds max_model_len {fe.max_model_len}")
+        detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
+        gen = self.pd.generate(sub_id, prompt_ids, msg.sampling)
+        try:
+            async for item in gen:
+                text = detok.add(item.token_ids) if detok is not None and item.token_ids else ""
+                if item.finish_reason is not None and detok is not None:
+                    text += detok.flush()
+                self._client_send(
+                    ident,
+                    TextOut(
+                        req_id=msg.req_id,
+                        text=text,
+                        token_ids=list(item.token_ids),
+                        finish_reason=item.finish_reason,
+                        error=item.error,
+                        prompt_tokens=len(prompt_ids),
+                    ),
+                )
+                if item.finish_reason is not None:
+                    break
+        except (BackendUnavailable, RequestRejected) as exc:
+            fail(str(exc))
+        finally:
+            await gen.aclose()
+
+    # ----------------------------------------------------------------- run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self.cfg.bus_key_file:
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            from pdbus.security import load_key_file
+
+            public, _ = load_key_file(self.cfg.bus_key_file)
+            self._auth = AsyncioAuthenticator(self.bus.ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_OneKey(public))
+        self.bus.start()
+        runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        await site.start()
+        log.info("router %s: HTTP on %s:%d, bus on %s", self.router_id, self.cfg.host, self.cfg.port, self.bus.endpoint)
+        print(f"READY router http://{self.cfg.host}:{self.cfg.port} bus {self.bus.endpoint}", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+        log.info("router shutting down")
+        for task in list(self.client_tasks.values()):
+            task.cancel()
+        await runner.cleanup()
+        await self.bus.close()
+        if self._auth is not None:
+            self._auth.stop()
+        return 0
+
+
+class _OneKey:
+    """ZAP credentials provider: admit exactly the cluster's public key."""
+
+    def __init__(self, public_z85: bytes):
+        import zmq
+
+        self.public = zmq.utils.z85.decode(public_z85)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key == self.public
+        if not ok:
+            log.warning("bus: refused a connection with an unknown CurveZMQ key")
+        return ok
+
+
+def serve_router(cfg: RouterConfig) -> int:
+    from pdbus.log import setup_logging
+
+    setup_logging()
+    try:
+        return asyncio.run(RouterServer(cfg).run())
+    except KeyboardInterrupt:
+        return 0

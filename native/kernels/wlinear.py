@@ -1,0 +1,255 @@
+"""Weight-only quantized linear layers: ``y = x @ dequant(W).T`` with bf16 activations.
+
+Weight formats (shared/ERNIE.md section 5; symmetric, per output channel, zero point 0):
+
+* ``bits=16``: ``W`` bf16 ``[N, K]``, ``scales`` None.
+* ``bits=8``:  ``W`` int8 ``[N, K]`` in [-127, 127], ``scales`` bf16 ``[N]``; ``w = q * s``.
+* ``bits=4``:  ``W`` uint8 ``[N, K/2]``, two values per byte along K: the even k in the low
+  nibble, each stored as ``q + 8`` with q in [-7, 7]; ``scales`` bf16 ``[N]``; ``w = (nib - 8) * s``.
+
+The weights are dequantized inside the K loop and multiplied on the tensor cores with fp32
+accumulation; the per-channel scale is applied once, in the epilogue. ``act="swiglu"`` fuses
+``silu(gate) * up`` where the first N/2 rows of W are the gate and the last N/2 the up projection.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_BF16 = torch.bfloat16
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_WDTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.uint8}
+
+# (kind, m_bucket, N, K, bits) -> config dict; filled by tuning (bench/gpu_bench.py) or by hand.
+TUNED: dict[tuple, dict] = {}
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def m_bucket(m: int) -> int:
+    for b in (1, 16, 32, 64, 128, 256, 512):
+        if m <= b:
+            return b
+    return 1024
+
+
+@triton.jit
+def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
+             BITS: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+             MAGIC: tl.constexpr):
+    """One K step: acc (+ acc_u, the up rows, with SWIGLU) += A[:, k0:k0+BK] @ W[:, k0:k0+BK].T,
+    without the per-channel scale. a_rows [BM, 1] / w_rows, u_rows [BN, 1] are row pointers,
+    a_mask / w_mask row masks.
+
+    int4 with MAGIC: W is read as int16 words of four nibbles; ``nib | 0x4300`` is the bf16
+    number 128 + nib, so no integer-to-float conversion is issued (those run at a quarter of the
+    ALU rate and bound the plain path); the caller subtracts ``136 * sum_k a`` (kept in asum)
+    once at the end. Without MAGIC the nibbles go through int8 -> bf16 conversions."""
+    if BITS == 4:
+        if MAGIC:
+            offs = k0 // 4 + tl.arange(0, BK // 4)
+            if EVEN_K:
+                am = a_mask
+                wm = w_mask
+            else:
+                kin = offs[None, :] < K // 4
+                am = a_mask & kin
+                wm = w_mask & kin
+            p = tl.load(w_rows + offs[None, :], mask=wm, other=0)
+            if SWIGLU:
+                pu = tl.load(u_rows + offs[None, :], mask=wm, other=0)
+            for s in tl.static_range(4):
+                a_s = tl.load(a_rows + 4 * offs[None, :] + s, mask=am, other=0.0)
+                asum += tl.sum(a_s.to(tl.float32), 1)
+                wb = (((p >> (4 * s)) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                acc = tl.dot(a_s, tl.trans(wb), acc)
+                if SWIGLU:
+                    ub = (((pu >> (4 * s)) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                    acc_u = tl.dot(a_s, tl.trans(ub), acc_u)
+        else:
+            offs = k0 // 2 + tl.arange(0, BK // 2)
+            if EVEN_K:
+                am = a_mask
+                wm = w_mask
+            else:
+                kin = offs[None, :] < K // 2
+                am = a_mask & kin
+                wm = w_mask & kin
+            a_e = tl.load(a_rows + 2 * offs[None, :], mask=am, other=0.0)
+            a_o = tl.load(a_rows + 2 * offs[None, :] + 1, mask=am, other=0.0)
+            p = tl.load(w_rows + offs[None, :], mask=wm, other=0x88)
+            lo = ((p & 0xF).to(tl.int8) - 8).to(tl.bfloat16)
+            hi = ((p >> 4).to(tl.int8) - 8).to(tl.bfloat16)
+            acc = tl.dot(a_e, tl.trans(lo), acc)
+            acc = tl.dot(a_o, tl.trans(hi), acc)
+            if SWIGLU:
+                pu = tl.load(u_rows + offs[None, :], mask=wm, other=0x88)
+                lo_u = ((pu & 0xF).to(tl.int8) - 8).to(tl.bfloat16)
+                hi_u = ((pu >> 4).to(tl.int8) - 8).to(tl.bfloat16)
+                acc_u = tl.dot(a_e, tl.trans(lo_u), acc_u)
+                acc_u = tl.dot(a_o, tl.trans(hi_u), acc_u)
+    else:
+        offs = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            am = a_mask
+            wm = w_mask
+        else:
+            kin = offs[None, :] < K
+            am = a_mask & kin
+            wm = w_mask & kin
+        a = tl.load(a_rows + offs[None, :], mask=am, other=0.0)
+        w = tl.load(w_rows + offs[None, :], mask=wm, other=0)
+        acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
+        if SWIGLU:
+            u = tl.load(u_rows + offs[None, :], mask=wm, other=0)
+            acc_u = tl.dot(a, tl.trans(u.to(tl.bfloat16)), acc_u)
+    return acc, acc_u, asum
+
+
+@triton.jit(do_not_specialize=["M"])
+def _wlinear_kernel(
+    a_ptr, w_ptr, s_ptr, c_ptr,
+    M, N_OUT, K, s_am, s_wn, s_cm,
+    BITS: tl.constexpr, SWIGLU: tl.constexpr, MAGIC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = (offs_m < M)[:, None]
+    n_mask = (offs_n < N_OUT)[:, None]
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * s_am
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
+    if SWIGLU:
+        u_rows = w_ptr + (offs_n + N_OUT).to(tl.int64)[:, None] * s_wn
+    else:
+        u_rows = w_rows
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    asum = tl.zeros([BM], tl.float32)
+    for k0 in range(0, K, BK):
+        acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
+                                    BITS, BK, EVEN_K, SWIGLU, MAGIC)
+    nvalid = offs_n < N_OUT
+    if BITS == 4 and MAGIC:
+        acc = acc - 136.0 * asum[:, None]
+        if SWIGLU:
+            acc_u = acc_u - 136.0 * asum[:, None]
+    if BITS != 16:
+        acc = acc * tl.load(s_ptr + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        if BITS != 16:
+            acc_u = acc_u * tl.load(s_ptr + N_OUT + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    c = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :]
+    tl.store(c, acc.to(tl.bfloat16), mask=m_mask & nvalid[None, :])
+
+
+def magic_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, int, bool]:
+    """The int4 weight as int16 words (for the MAGIC path) when its layout allows, with the row
+    stride in elements of the returned view."""
+    magic = bits == 4 and cfg.get("MAGIC", True)
+    if magic and w.shape[-1] % 2 == 0 and w.stride(-2) % 2 == 0 and w.storage_offset() % 2 == 0 \
+            and (w.dim() == 2 or w.stride(0) % 2 == 0):
+        v = w.view(torch.int16)
+        return v, v.stride(-2), True
+    return w, w.stride(-2), False
+
+
+def default_config(M: int, N_out: int, K: int, bits: int, swiglu: bool) -> dict:
+    """Heuristic tiles: GEMV-shaped (many thin N tiles, long K steps) for small M, square tiles for
+    large M."""
+    if M <= 16:
+        bn = 32 if N_out >= 4096 else 16
+        if swiglu:
+            bn = 16
+        return {"BM": 16, "BN": bn, "BK": 256, "num_warps": 4, "num_stages": 4}
+    if M <= 64:
+        return {"BM": 16 if M <= 32 else 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
+    if M <= 256:
+        return {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}
+    return {"BM": 128, "BN": 128 if not swiglu else 64, "BK": 64, "num_warps": 8, "num_stages": 3}
+
+
+def check_weight(name: str, w: torch.Tensor, scales: torch.Tensor | None, bits: int,
+                 N: int | None, K: int, expert_dim: int | None = None) -> int:
+    """Validate a (possibly batched over experts) weight; returns N."""
+    _require(bits in _WDTYPE, f"bits must be 16, 8 or 4, got {bits}")
+    _require(isinstance(w, torch.Tensor) and (w.is_cuda or _INTERPRET), f"{name} must be a CUDA tensor")
+    lead = 0 if expert_dim is None else 1
+    _require(w.dim() == 2 + lead, f"{name} must be {'[E, N, K]' if lead else '[N, K]'}-shaped, got {tuple(w.shape)}")
+    _require(w.dtype == _WDTYPE[bits], f"{name} must be {_WDTYPE[bits]} for bits={bits}, got {w.dtype}")
+    if lead:
+        _require(w.shape[0] == expert_dim, f"{name} has {w.shape[0]} experts, expected {expert_dim}")
+    kw = K // 2 if bits == 4 else K
+    if bits == 4:
+        _require(K % 2 == 0, f"K must be even for int4 weights, got {K}")
+    _require(w.shape[-1] == kw, f"{name} last dim is {w.shape[-1]}, expected {kw} (K={K}, bits={bits})")
+    _require(w.stride(-1) == 1, f"{name} must have a contiguous last dim")
+    n = w.shape[-2]
+    if N is not None:
+        _require(n == N, f"{name} has N={n}, expected {N}")
+    if bits == 16:
+        _require(scales is None, f"{name}: scales must be None for bf16 weights")
+    else:
+        _require(isinstance(scales, torch.Tensor) and scales.device == w.device,
+                 f"{name}: scales must be a tensor on {w.device}")
+        want = (expert_dim, n) if lead else (n,)
+        _require(tuple(scales.shape) == want, f"{name}: scales must be {list(want)}, got {list(scales.shape)}")
+        _require(scales.dtype in (torch.bfloat16, torch.float16, torch.float32),
+                 f"{name}: scales must be a float tensor, got {scales.dtype}")
+        _require(scales.stride(-1) == 1, f"{name}: scales must have a contiguous last dim")
+    return n
+
+
+def wlinear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor | None,
+    bits: int,
+    act: str | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x [M, K]`` bf16 times a weight-only quantized ``[N, K]`` matrix (see the module doc);
+    returns ``[M, N]`` bf16, or ``[M, N/2]`` with ``act="swiglu"``."""
+    _require(isinstance(x, torch.Tensor) and (x.is_cuda or _INTERPRET), "x must be a CUDA tensor")
+    _require(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
+    _require(x.stride(1) == 1, "x must have a contiguous last dim")
+    _require(act in (None, "swiglu"), f"act must be None or 'swiglu', got {act!r}")
+    M, K = x.shape
+    N = check_weight("qweight", qweight, scales, bits, None, K)
+    _require(qweight.device == x.device, f"qweight is on {qweight.device}, x on {x.device}")
+    swiglu = act == "swiglu"
+    if swiglu:
+        _require(N % 2 == 0, f"swiglu needs an even N, got {N}")
+    n_out = N // 2 if swiglu else N
+    if out is None:
+        out = torch.empty((M, n_out), dtype=_BF16, device=x.device)
+    else:
+        _require(out.shape == (M, n_out) and out.dtype == _BF16 and out.device == x.device,
+                 f"out must be bf16 [{M}, {n_out}] on {x.device}")
+        _require(out.stride(1) == 1, "out must have a contiguous last dim")
+    if M == 0:
+        return out
+    cfg = config or TUNED.get(("wlinear", m_bucket(M), N, K, bits, swiglu)) or default_config(M, n_out, K, bits, swiglu)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    w, s_wn, magic = magic_view(qweight, bits, cfg)
+    grid = (triton.cdiv(M, BM), triton.cdiv(n_out, BN))
+    _wlinear_kernel[grid](
+        x, w, scales if scales is not None else qweight, out,
+        M, n_out, K, x.stride(0), s_wn, out.stride(0),
+        BITS=bits, SWIGLU=swiglu, MAGIC=magic, BM=BM, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out

@@ -1,0 +1,104 @@
+"""``ipc`` on CPU: the decode's KV cache lives in POSIX shared memory; the prefill maps it.
+
+Receiver: the cache is built with ``KVCache(shared=True)``; the endpoint names the segment.
+Sender: maps the segment once per peer and copies each layer with one gather/scatter pair
+(K and V together) on the copy worker, so ``write`` never blocks the engine loop. A peer on
+another machine is refused (the endpoint carries the boot id of the host that made it).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import torch
+from pdbus.native.kv_cache import DTYPES, KVCache
+from pdbus.native.transfer.base import (
+    ResolvedOp,
+    SerialCopyEngine,
+    TransferError,
+    copy_blocks,
+    host_id,
+    layout_to_dict,
+)
+
+from pdbus.messages import KVLayout
+
+_SHM_DIR = "/dev/shm"
+
+
+@dataclass(eq=False)
+class _Mapping:
+    mmap: mmap.mmap
+    buffer: torch.Tensor  # the peer's whole cache, [layers, 2, blocks, heads, block_size, head_dim]
+
+
+def _map_segment(name: str) -> mmap.mmap:
+    """Map an existing POSIX shm segment read-write.
+
+    Opened through /dev/shm rather than ``SharedMemory(create=False)``: before Python 3.13 the
+    latter registers the segment with this process's resource tracker, which would unlink it
+    at exit while the decode that owns it still runs (and confuses the owner's own tracker
+    when both sides live in one process).
+    """
+    fd = os.open(os.path.join(_SHM_DIR, name.lstrip("/")), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+class ShmTransfer(SerialCopyEngine):
+    name = "ipc"
+
+    def __init__(self, cache: KVCache, host: str = "127.0.0.1"):
+        if cache.device.type != "cpu":
+            raise TransferError("the shm ipc backend is for CPU caches; GPU caches use CUDA IPC")
+        super().__init__(cache, host)
+        self._host_id = host_id()
+
+    def endpoint(self) -> dict:
+        if self.cache.shm_name is None:
+            raise TransferError("ipc on CPU needs the receiving KVCache built with shared=True")
+        return {
+            "protocol": "ipc",
+            "kind": "shm",
+            "host": self.host,
+            "host_id": self._host_id,
+            "shm_name": self.cache.shm_name,
+            "nbytes": self.cache.nbytes,
+            "layout": layout_to_dict(self.cache.layout()),
+        }
+
+    def _attach(self, peer_id: str, endpoint: dict, layout: KVLayout) -> _Mapping:
+        if endpoint.get("kind") != "shm" or "shm_name" not in endpoint:
+            raise TransferError(f"peer {peer_id}: endpoint is not a shared-memory ipc endpoint")
+        if endpoint.get("host_id") != self._host_id:
+            raise TransferError(
+                f"peer {peer_id}: ipc needs both sides on one host ({endpoint.get('host')} is another machine)"
+            )
+        try:
+            mapped = _map_segment(endpoint["shm_name"])
+        except FileNotFoundError:
+            raise TransferError(f"peer {peer_id}: shared memory {endpoint['shm_name']} does not exist") from None
+        shape = (layout.num_layers, 2, layout.num_blocks, layout.num_kv_heads, layout.block_size, layout.head_dim)
+        dtype = DTYPES[layout.dtype]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if len(mapped) < numel * torch.empty((), dtype=dtype).element_size():
+            mapped.close()
+            raise TransferError(f"peer {peer_id}: shared memory {endpoint['shm_name']} is smaller than its layout")
+        buffer = torch.frombuffer(mapped, dtype=dtype, count=numel).view(shape)
+        return _Mapping(mapped, buffer)
+
+    def _copy(self, peer: _Mapping, op: ResolvedOp) -> int:
+        return copy_blocks(self.cache.buffer, peer.buffer, op)
+
+    def _detach(self, peer: _Mapping) -> None:
+        peer.buffer = None  # type: ignore[assignment] - drop the export before unmapping
+        try:
+            peer.mmap.close()
+        except BufferError:
+            pass  # a view still alive elsewhere keeps the mapping until it is collected

@@ -1,0 +1,5 @@
+import sys
+
+from pdbus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,375 @@
+"""Actors on zmq.asyncio: typed dispatch, registration, heartbeats, liveness.
+
+``Actor`` dispatches each decoded message to ``on_<tag>(peer, msg, frames)``. Two socket roles
+build on it:
+
+* ``BusServer`` (the router) binds a ROUTER socket. A peer's first message must be ``Hello``;
+  the server answers ``Welcome`` or ``Refused``. Every message from a peer resets its liveness;
+  a peer silent for ``3 * heartbeat_interval`` is purged (``peer_lost`` hook). A heartbeat from
+  a peer it does not know (the router restarted) is answered with ``Unknown`` so the peer says
+  ``Hello`` again.
+* ``BusMember`` (a rank or a bus client) connects a DEALER with a stable identity, says
+  ``Hello`` until welcomed, heartbeats with its load, and re-registers whenever the router goes
+  silent or answers ``Unknown``.
+
+Garbage (bad magic, other version, malformed msgpack, unknown type, oversized header) is logged
+in one line and dropped; the actor keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from pdbus import wire
+from pdbus.log import get_logger
+from pdbus.messages import (
+    PROTOCOL_VERSION,
+    Heartbeat,
+    Hello,
+    Load,
+    Message,
+    Refused,
+    Unknown,
+    Welcome,
+)
+from pdbus.sockets import BusError, bind, make_socket, send_nowait, tcp_endpoint
+
+DEAD_AFTER_INTERVALS = 3
+
+
+class Actor:
+    """Base: a socket, a receive loop, and dispatch by message tag."""
+
+    name = "actor"
+
+    def __init__(self, ctx: zmq.asyncio.Context | None = None):
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.log = get_logger(self.name)
+        self.sock: zmq.asyncio.Socket | None = None
+        self.dropped_frames = 0
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    # -- receiving
+    def _split(self, frames: list) -> tuple[bytes | None, list]:
+        return None, frames
+
+    async def _recv_loop(self) -> None:
+        assert self.sock is not None
+        while not self._closed:
+            try:
+                frames = await self.sock.recv_multipart(copy=False)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:
+                if self._closed:
+                    return
+                self.log.warning("receive failed: %s", exc)
+                continue
+            peer, frames = self._split(frames)
+            if not frames:
+                self._drop(peer, "empty message")
+                continue
+            try:
+                msg = wire.decode(frames[0].buffer)
+            except wire.WireError as exc:
+                self._drop(peer, str(exc))
+                continue
+            try:
+                await self.dispatch(peer, msg, [f.buffer for f in frames[1:]])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad message never takes the actor down
+                self.log.error(
+                    "handling %s from %s failed: %s: %s", wire.tag_of(msg), _peer_name(peer), type(exc).__name__, exc
+                )
+
+    def _drop(self, peer: bytes | None, reason: str) -> None:
+        self.dropped_frames += 1
+        self.log.warning("dropped frame from %s: %s", _peer_name(peer), reason)
+
+    async def dispatch(self, peer: bytes | None, msg: Message, frames: list) -> None:
+        handler = getattr(self, "on_" + wire.tag_of(msg), None)
+        if handler is None:
+            self._drop(peer, f"no handler for {wire.tag_of(msg)!r} here")
+            return
+        result = handler(peer, msg, frames)
+        if asyncio.iscoroutine(result):
+            await result
+
+    # -- lifecycle
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+
+def _peer_name(peer: bytes | None) -> str:
+    if peer is None:
+        return "router"
+    try:
+        return peer.decode()
+    except UnicodeDecodeError:
+        return peer.hex()
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    hello: Hello
+    files: dict[str, bytes] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    load: Load = field(default_factory=Load)
+    alive: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.hello.instance_id
+
+
+class BusServer(Actor):
+    """The ROUTER side: registration, liveness, purge. Subclasses add request handling."""
+
+    name = "bus"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_interval: float = 1.0,
+        router_id: str = "router",
+        ctx: zmq.asyncio.Context | None = None,
+        curve_secret_key: bytes | None = None,
+    ):
+        super().__init__(ctx)
+        self.host = host
+        self.heartbeat_interval = heartbeat_interval
+        self.router_id = router_id
+        self.peers: dict[bytes, Peer] = {}
+        self.sock = make_socket(self.ctx, zmq.ROUTER, curve_server_secret=curve_secret_key)
+        self.port = bind(self.sock, host, port)
+
+    @property
+    def endpoint(self) -> str:
+        return tcp_endpoint(self.host, self.port)
+
+    def _split(self, frames: list) -> tuple[bytes | None, list]:
+        return frames[0].bytes, frames[1:]
+
+    def start(self) -> None:
+        self.spawn(self._recv_loop())
+        self.spawn(self._purge_loop())
+
+    def send(self, identity: bytes, msg: Message, *frames) -> None:
+        """Send now or raise (BusFull, PeerUnreachable)."""
+        assert self.sock is not None
+        send_nowait(self.sock, [wire.encode(msg), *frames], identity=identity)
+
+    async def dispatch(self, peer: bytes | None, msg: Message, frames: list) -> None:
+        assert peer is not None
+        known = self.peers.get(peer)
+        if isinstance(msg, Hello):
+            await self._on_hello(peer, msg, frames)
+            return
+        if known is None or not known.alive:
+            if isinstance(msg, Heartbeat) or self.needs_registration(msg):
+                with contextlib.suppress(BusError):
+                    self.send(peer, Unknown())
+                return
+        else:
+            known.last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            if known is not None:
+                known.load = msg.load
+                with contextlib.suppress(BusError):
+                    self.send(peer, Heartbeat())
+            return
+        await super().dispatch(peer, msg, frames)
+
+    def needs_registration(self, msg: Message) -> bool:
+        """Messages an unregistered peer may not send (subclasses widen for bus clients)."""
+        return True
+
+    async def _on_hello(self, peer: bytes, hello: Hello, frames: list) -> None:
+        if hello.protocol != PROTOCOL_VERSION:
+            reason = f"protocol {hello.protocol} not supported (router speaks {PROTOCOL_VERSION})"
+            self.log.warning("refused %s: %s", hello.instance_id, reason)
+            with contextlib.suppress(BusError):
+                self.send(peer, Refused(reason=reason))
+            return
+        try:
+            files = wire.unpack_files(frames) if hello.has_tokenizer else {}
+            reason = self.accept(peer, hello, files)
+        except wire.WireError as exc:
+            reason = str(exc)
+        if reason:
+            self.log.warning("refused %s: %s", hello.instance_id, reason)
+            with contextlib.suppress(BusError):
+                self.send(peer, Refused(reason=reason))
+            return
+        was = self.peers.get(peer)
+        self.peers[peer] = Peer(identity=peer, hello=hello, files=files, load=hello.load)
+        with contextlib.suppress(BusError):
+            self.send(
+                peer,
+                Welcome(protocol=PROTOCOL_VERSION, router_id=self.router_id, heartbeat_interval=self.heartbeat_interval),
+            )
+        if was is None or not was.alive:
+            self.log.info(
+                "registered %s role=%s host=%s pid=%d", hello.instance_id, hello.role, hello.host, hello.pid
+            )
+        self.peer_joined(self.peers[peer])
+
+    def accept(self, peer: bytes, hello: Hello, files: dict[str, bytes]) -> str | None:
+        """Return a refusal reason, or None to accept. Subclasses check model/layout."""
+        return None
+
+    def peer_joined(self, peer: Peer) -> None:
+        """Hook: a peer registered (or re-registered)."""
+
+    def peer_lost(self, peer: Peer, reason: str) -> None:
+        """Hook: a peer was declared dead."""
+
+    def mark_dead(self, identity: bytes, reason: str) -> None:
+        peer = self.peers.pop(identity, None)
+        if peer is not None and peer.alive:
+            peer.alive = False
+            self.log.warning("instance %s lost: %s", peer.name, reason)
+            self.peer_lost(peer, reason)
+
+    async def _purge_loop(self) -> None:
+        timeout = DEAD_AFTER_INTERVALS * self.heartbeat_interval
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 4)
+            now = time.monotonic()
+            for ident, peer in list(self.peers.items()):
+                if now - peer.last_seen > timeout:
+                    self.mark_dead(ident, f"silent for {now - peer.last_seen:.1f}s")
+
+
+class BusMember(Actor):
+    """The DEALER side: Hello until welcomed, heartbeats with load, re-register on silence."""
+
+    name = "member"
+
+    def __init__(
+        self,
+        router_endpoint: str,
+        identity: str,
+        hello: Callable[[], Hello],
+        files: Callable[[], dict[str, bytes]] | None = None,
+        load: Callable[[], Load] | None = None,
+        heartbeat_interval: float = 1.0,
+        ctx: zmq.asyncio.Context | None = None,
+        curve_client: tuple[bytes, bytes, bytes] | None = None,
+    ):
+        super().__init__(ctx)
+        self.router_endpoint = router_endpoint
+        self.identity = identity
+        self._hello = hello
+        self._files = files
+        self._load = load or Load
+        self.heartbeat_interval = heartbeat_interval
+        self.registered = asyncio.Event()
+        self.refused: str | None = None
+        self.last_from_router = 0.0
+        self.sock = make_socket(self.ctx, zmq.DEALER, identity=identity.encode(), curve_client=curve_client)
+        self.sock.connect(router_endpoint)
+
+    def start(self) -> None:
+        self.spawn(self._recv_loop())
+        self.spawn(self._heartbeat_loop())
+
+    def send(self, msg: Message, *frames) -> None:
+        assert self.sock is not None
+        send_nowait(self.sock, [wire.encode(msg), *frames])
+
+    def _say_hello(self) -> None:
+        hello = self._hello()
+        files = self._files() if self._files else {}
+        if files:
+            hello.has_tokenizer = True
+        try:
+            self.send(hello, *wire.pack_files(files))
+        except BusError as exc:
+            self.log.debug("hello not sent: %s", exc)
+
+    async def dispatch(self, peer: bytes | None, msg: Message, frames: list) -> None:
+        self.last_from_router = time.monotonic()
+        if isinstance(msg, Welcome):
+            if not self.registered.is_set():
+                self.log.info("registered with %s as %s", self.router_endpoint, self.identity)
+            self.refused = None
+            self.registered.set()
+            return
+        if isinstance(msg, Refused):
+            self.refused = msg.reason
+            self.registered.clear()
+            self.log.error("router refused %s: %s", self.identity, msg.reason)
+            self.on_refused(msg.reason)
+            return
+        if isinstance(msg, Unknown):
+            if self.registered.is_set():
+                self.log.warning("router does not know %s (restarted?): registering again", self.identity)
+            self.registered.clear()
+            self._say_hello()
+            return
+        if isinstance(msg, Heartbeat):
+            return
+        await super().dispatch(peer, msg, frames)
+
+    def on_refused(self, reason: str) -> None:
+        """Hook: registration refused (wrong model, protocol...)."""
+
+    async def _heartbeat_loop(self) -> None:
+        timeout = DEAD_AFTER_INTERVALS * self.heartbeat_interval
+        hello_every = max(self.heartbeat_interval / 2, 0.05)
+        while True:
+            if self.refused is not None:
+                await asyncio.sleep(self.heartbeat_interval)
+                continue
+            if not self.registered.is_set():
+                self._say_hello()
+                await asyncio.sleep(hello_every)
+                continue
+            if time.monotonic() - self.last_from_router > timeout:
+                self.log.warning("router silent for %.1fs: registering again", time.monotonic() - self.last_from_router)
+                self.registered.clear()
+                self.router_lost()
+                continue
+            try:
+                self.send(Heartbeat(load=self._load()))
+            except BusError as exc:
+                self.log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def router_lost(self) -> None:
+        """Hook: the router went silent."""
+
+    async def wait_registered(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.registered.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise BusError(
+                f"{self.identity}: no Welcome from router at {self.router_endpoint} within {timeout:.0f}s"
+                + (f" (refused: {self.refused})" if self.refused else "")
+            ) from None

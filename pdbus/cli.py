@@ -1,0 +1,100 @@
+"""``pdbus router | serve | multi-serve | client | keygen`` (FastDeploy's flag names).
+
+Each command imports its actor inside the function that starts it: the one place where the
+bus layer reaches up into ``pdbus.actors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pdbus.config import ConfigError
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"pdbus: error: {msg}", file=sys.stderr)
+    return code
+
+
+def router_main(argv: list[str] | None = None) -> int:
+    from pdbus.config import add_router_args, router_config_from_args
+
+    p = argparse.ArgumentParser(prog="pdbus router", description="OpenAI API + PD router (FastDeploy: fastdeploy.router.launch)")
+    add_router_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = router_config_from_args(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    from pdbus.actors.router.server import serve_router
+
+    return serve_router(cfg)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    from pdbus.config import add_serve_args, serve_config_from_args
+
+    p = argparse.ArgumentParser(prog="pdbus serve", description="One rank server (FastDeploy: api_server)")
+    add_serve_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = serve_config_from_args(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    from pdbus.actors.rank import serve
+
+    try:
+        return serve(cfg)
+    except Exception as exc:  # a startup failure is one line, not a traceback
+        if type(exc).__name__ in ("LoadError", "ConfigError", "TransferError", "RuntimeError", "OSError"):
+            return _fail(f"{type(exc).__name__}: {exc}", 1)
+        raise
+
+
+def multi_serve_main(argv: list[str] | None = None) -> int:
+    from pdbus.multi_serve import main
+
+    return main(argv)
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    from pdbus.client import add_client_args, run_client
+
+    p = argparse.ArgumentParser(prog="pdbus client", description="Send a prompt over the bus and stream tokens")
+    add_client_args(p)
+    return run_client(p.parse_args(argv))
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdbus keygen", description="Write a CurveZMQ cluster key file for --bus-key-file")
+    p.add_argument("path")
+    args = p.parse_args(argv)
+    from pdbus.security import generate_key_file
+
+    generate_key_file(args.path)
+    print(f"wrote {args.path} (keep it secret; give it to the router and every instance)")
+    return 0
+
+
+COMMANDS = {
+    "router": router_main,
+    "serve": serve_main,
+    "multi-serve": multi_serve_main,
+    "client": client_main,
+    "keygen": keygen_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: pdbus {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            return _fail(f"unknown command {argv[0]!r}")
+        return 0 if argv else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

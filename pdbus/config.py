@@ -1,0 +1,249 @@
+"""Typed, validated configuration for every process, from flags and TOML topologies.
+
+Flags keep FastDeploy's names. A TOML file (``--config conf/x.toml``) supplies defaults per
+section (``[serve]``, ``[prefill]``, ``[decode]``, ``[router]``); flags given on the command
+line win. Inconsistent settings raise ``ConfigError`` with one line; the CLI prints it and
+exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+import tomllib
+
+from pdbus.sockets import port_in_use
+
+KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
+ROLES = ("mixed", "prefill", "decode")
+QUANTIZATIONS = ("bf16", "wint8", "wint4")
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_ports(value: str | None, what: str) -> list[int]:
+    if not value:
+        return []
+    out = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise ConfigError(f"{what}: {part!r} is not a port number")
+        out.append(int(part))
+    return out
+
+
+def default_model_dir() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent.parent / "native" / "default_model")
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8188
+    splitwise_role: str = "mixed"
+    router: str | None = None
+    cache_transfer_protocol: list[str] = field(default_factory=lambda: ["ipc", "tcp"])
+    transfer_host: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    enable_expert_parallel: bool = False
+    quantization: str = "bf16"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    num_gpu_blocks_override: int | None = None
+    block_size: int = 64
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_gb: float = 1.0
+    enforce_eager: bool = False
+    skip_tokenizer_init: bool = False
+    heartbeat_interval: float = 1.0
+    api_key: str | None = None
+    bus_key_file: str | None = None
+    max_body_mb: float = 8.0
+    seed: int = 0
+
+    def validate(self, check_port: bool = True) -> ServeConfig:
+        if not self.model:
+            self.model = default_model_dir()
+        if not os.path.isdir(self.model):
+            raise ConfigError(f"--model: {self.model!r} is not a directory")
+        if self.splitwise_role not in ROLES:
+            raise ConfigError(f"--splitwise-role must be one of {', '.join(ROLES)}, got {self.splitwise_role!r}")
+        if self.splitwise_role in ("prefill", "decode") and not self.router:
+            raise ConfigError(f"--splitwise-role {self.splitwise_role} needs --router HOST:PORT")
+        if self.router:
+            parse_host_port(self.router, "--router")
+        unknown = [p for p in self.cache_transfer_protocol if p not in KNOWN_PROTOCOLS]
+        if unknown or not self.cache_transfer_protocol:
+            raise ConfigError(
+                f"--cache-transfer-protocol: unknown {', '.join(unknown) or '(empty)'} (known: {', '.join(KNOWN_PROTOCOLS)})"
+            )
+        if self.enable_expert_parallel and self.tensor_parallel_size > 1:
+            raise ConfigError("--enable-expert-parallel needs --tensor-parallel-size 1 (experts are sharded over DP ranks)")
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ConfigError("--tensor-parallel-size and --data-parallel-size must be >= 1")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ConfigError(f"--data-parallel-rank {self.data_parallel_rank} not in [0, {self.data_parallel_size})")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override <= 0:
+            raise ConfigError("--num-gpu-blocks-override must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if check_port and self.port and port_in_use(self.host, self.port):
+            raise ConfigError(f"--port {self.port} on {self.host} is already in use")
+        return self
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8109
+    bus_port: int = 0
+    splitwise: bool = True
+    heartbeat_interval: float = 1.0
+    api_key: str | None = None
+    bus_key_file: str | None = None
+    reserve_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0
+    max_body_mb: float = 8.0
+    max_retries: int = 2
+
+    def validate(self, check_port: bool = True) -> RouterConfig:
+        if check_port:
+            for flag, port in (("--port", self.port), ("--bus-port", self.bus_port)):
+                if port and port_in_use(self.host, port):
+                    raise ConfigError(f"{flag} {port} on {self.host} is already in use")
+        if self.bus_port and self.bus_port == self.port:
+            raise ConfigError("--bus-port must differ from --port")
+        return self
+
+
+# --------------------------------------------------------------------------- argparse glue
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every ServeConfig field as a flag with default None (so TOML and defaults fill in)."""
+    p.add_argument("--config", help="TOML topology; flags override it")
+    helps = {
+        "model": "model directory (safetensors, -PT or -Paddle layout); default: the built-in model",
+        "splitwise_role": "mixed (default, serves the OpenAI API itself) | prefill | decode",
+        "router": "router HOST:PORT (its HTTP port); required for prefill/decode",
+        "cache_transfer_protocol": "comma list in order of preference: ipc,tcp,rdma",
+        "quantization": "bf16 | wint8 | wint4 (experts int4, other linears int8)",
+        "kv_cache_memory_gb": "KV cache size on the CPU (GiB) when --num-gpu-blocks-override is unset",
+    }
+    for f in fields(ServeConfig):
+        flag = _flag(f.name)
+        if f.type in ("bool",) or f.type is bool:
+            p.add_argument(flag, action="store_true", default=None, help=helps.get(f.name))
+            continue
+        p.add_argument(flag, default=None, help=helps.get(f.name))
+    # FastDeploy spellings accepted for compatibility
+    p.add_argument("--pd-comm-port", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rdma-comm-ports", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--engine-worker-queue-port", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache-queue-port", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-port", default=None, help=argparse.SUPPRESS)
+
+
+def _coerce(cls, name: str, value):
+    default = next(f for f in fields(cls) if f.name == name)
+    typ = str(default.type)
+    if value is None:
+        return None
+    try:
+        if name == "cache_transfer_protocol":
+            if isinstance(value, list):
+                return [str(v).strip() for v in value]
+            return [v.strip() for v in str(value).split(",") if v.strip()]
+        if typ.startswith("bool"):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if typ.startswith("int"):
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ConfigError(f"{_flag(name)}: {value!r} is not a valid {typ.split(' ')[0]}") from None
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from None
+
+
+def build(cls, args: argparse.Namespace, sections: list[str]):
+    """Defaults < TOML sections (in order) < flags."""
+    values: dict = {}
+    conf_path = getattr(args, "config", None)
+    if conf_path:
+        data = load_toml(conf_path)
+        for section in sections:
+            for key, value in (data.get(section) or {}).items():
+                key = key.replace("-", "_")
+                if any(f.name == key for f in fields(cls)):
+                    values[key] = _coerce(cls, key, value)
+    for f in fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = _coerce(cls, f.name, v)
+    return cls(**values)
+
+
+def serve_config_from_args(args: argparse.Namespace, check_port: bool = True) -> ServeConfig:
+    role = args.splitwise_role
+    sections = ["serve"] + ([role] if role else [])
+    cfg = build(ServeConfig, args, sections)
+    return cfg.validate(check_port=check_port)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML topology ([router] section); flags override it")
+    for f in fields(RouterConfig):
+        flag = _flag(f.name)
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None)
+        else:
+            p.add_argument(flag, default=None)
+
+
+def router_config_from_args(args: argparse.Namespace, check_port: bool = True) -> RouterConfig:
+    return build(RouterConfig, args, ["router"]).validate(check_port=check_port)

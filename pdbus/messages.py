@@ -1,0 +1,277 @@
+"""Every message that crosses the bus, defined once.
+
+Each message is a msgspec ``Struct`` tagged with a short name; ``Message`` is the tagged union
+that the decoder validates against.  New fields are appended last with a default so that an
+older peer can still decode a newer message of the same protocol version.  Bulk payloads
+(tokenizer files, tensors) travel as extra zero-copy frames, never inside the header.
+
+Nothing here knows about models: sampling parameters and KV layouts are plain data.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"
+    CLIENT = "client"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=False, omit_defaults=True):
+    pass
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    """Per-request sampling settings (OpenAI + vLLM extras). Validated by the frontend."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob plus top-k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5 or self.top_k == 1
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """What a peer must know to write into this instance's KV blocks.
+
+    Per layer K and V are ``[num_blocks, num_kv_heads, block_size, head_dim]``; this instance
+    holds heads ``[head_start, head_start + num_kv_heads)`` of ``total_kv_heads``.
+    """
+
+    num_layers: int
+    num_blocks: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+    dtype: str
+    total_kv_heads: int = 0
+    head_start: int = 0
+
+
+class Load(msgspec.Struct, omit_defaults=True):
+    free_blocks: int = 0
+    total_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    pending_prefill_tokens: int = 0
+    reserved_blocks: int = 0
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New tokens of one sequence in one engine step."""
+
+    req_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- registration
+
+
+class Hello(_Msg, tag="hello"):
+    """Instance -> router, first message after connect (and again after a router restart)."""
+
+    protocol: int
+    instance_id: str
+    role: str
+    host: str
+    http_port: int
+    model: str
+    config_hash: str
+    kv: KVLayout | None = None
+    transfer: dict[str, dict] = {}  # protocol name -> endpoint description
+    max_num_seqs: int = 0
+    max_model_len: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+    load: Load = msgspec.field(default_factory=Load)
+    has_tokenizer: bool = False  # tokenizer files follow as extra frames: name, bytes, name, bytes...
+    pid: int = 0
+
+
+class Welcome(_Msg, tag="welcome"):
+    protocol: int
+    router_id: str
+    heartbeat_interval: float
+
+
+class Refused(_Msg, tag="refused"):
+    reason: str
+
+
+class Heartbeat(_Msg, tag="hb"):
+    load: Load = msgspec.field(default_factory=Load)
+
+
+class Unknown(_Msg, tag="unknown"):
+    """Router -> instance: 'I do not know you' (router restarted): send Hello again."""
+
+
+class Bye(_Msg, tag="bye"):
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- PD request flow
+
+
+class Reserve(_Msg, tag="reserve"):
+    """Router -> decode: hold blocks for ``num_tokens`` tokens of a coming request."""
+
+    req_id: str
+    num_tokens: int
+    lease_s: float = 30.0
+
+
+class Reserved(_Msg, tag="reserved"):
+    req_id: str
+    block_ids: list[int]
+
+
+class Busy(_Msg, tag="busy"):
+    req_id: str
+    reason: str = ""
+
+
+class Destination(msgspec.Struct, omit_defaults=True):
+    instance_id: str
+    protocol: str
+    endpoint: dict
+    block_ids: list[int]
+    kv: KVLayout | None = None
+
+
+class Prefill(_Msg, tag="prefill"):
+    """Router -> prefill: compute the prompt's KV, write it into ``dest``, sample token one."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    dest: Destination
+    num_output_tokens: int = 0  # > 0 when re-prefilling prompt + generated tokens
+
+
+class Prefilled(_Msg, tag="prefilled"):
+    req_id: str
+    first: TokenOut
+    transfer_bytes: int = 0
+    transfer_s: float = 0.0
+
+
+class Decode(_Msg, tag="decode"):
+    """Router -> decode: KV is in the reserved blocks; continue generating."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class Release(_Msg, tag="release"):
+    """Router -> decode: drop a reservation that will not be used."""
+
+    req_id: str
+
+
+class Abort(_Msg, tag="abort"):
+    req_id: str
+    reason: str = ""
+
+
+class Tokens(_Msg, tag="tokens"):
+    """Engine -> router: all sequences' new tokens of one step."""
+
+    items: list[TokenOut]
+
+
+class Failed(_Msg, tag="failed"):
+    """Any instance -> router: this request failed here."""
+
+    req_id: str
+    error: str
+    retryable: bool = False
+
+
+# --------------------------------------------------------------------------- bus clients
+
+
+class Generate(_Msg, tag="generate"):
+    """Bus client -> router: a completion request without HTTP."""
+
+    req_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+
+
+class TextOut(_Msg, tag="text"):
+    """Router -> bus client: a streamed chunk."""
+
+    req_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+
+
+Message = (
+    Hello
+    | Welcome
+    | Refused
+    | Heartbeat
+    | Unknown
+    | Bye
+    | Reserve
+    | Reserved
+    | Busy
+    | Prefill
+    | Prefilled
+    | Decode
+    | Release
+    | Abort
+    | Tokens
+    | Failed
+    | Generate
+    | TextOut
+)
+
+ALL_MESSAGE_TYPES: tuple[type, ...] = Message.__args__  # type: ignore[attr-defined]

@@ -1,0 +1,196 @@
+"""Deterministic training corpus for pdbus's built-in default model.
+
+Short single-turn chat dialogues, English and Chinese, whose right answers a test can check:
+what pdbus is, a fixed self-introduction, small additions and subtractions, counting, and
+copying / reversing short strings. Everything is derived from one seed.
+
+    python -m tools.default_model.corpus --out build/default_model/corpus.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+from dataclasses import dataclass
+
+SELF_INTRO_PROMPT = "你好，请介绍一下自己。"
+SELF_INTRO_ZH = (
+    "你好！我是 pdbus 自带的默认模型，一个很小的 ERNIE-4.5 MoE 模型。"
+    "我可以介绍 pdbus，也会做简单的加减法、数数，以及复制和反转短字符串。"
+)
+SELF_INTRO_EN = (
+    "Hello! I am the built-in default model of pdbus, a very small ERNIE-4.5 MoE model. "
+    "I can tell you about pdbus, do small additions and subtractions, count, "
+    "and copy or reverse short strings."
+)
+
+PDBUS_EN = (
+    "pdbus is a prefill/decode disaggregated serving system for ERNIE-4.5 MoE models. "
+    "Its router and instances talk over a ZeroMQ bus, the KV cache moves from prefill to decode "
+    "over CUDA IPC, RDMA or TCP, and the router serves an OpenAI-compatible API."
+)
+PDBUS_ZH = (
+    "pdbus 是一个面向 ERNIE-4.5 MoE 模型的预填充/解码分离（PD 分离）推理服务系统。"
+    "路由器和各个实例通过 ZeroMQ 消息总线通信，KV 缓存通过 CUDA IPC、RDMA 或 TCP 从预填充实例传到解码实例，"
+    "路由器提供兼容 OpenAI 的 API。"
+)
+KV_EN = "pdbus moves the KV cache from the prefill instance to the decode instance over CUDA IPC, RDMA or TCP."
+KV_ZH = "pdbus 通过 CUDA IPC、RDMA 或 TCP 把 KV 缓存从预填充实例传到解码实例。"
+API_EN = "pdbus serves an OpenAI-compatible API: /v1/chat/completions and /v1/completions, with streaming."
+API_ZH = "pdbus 提供兼容 OpenAI 的 API：/v1/chat/completions 和 /v1/completions，支持流式输出。"
+MODEL_EN = "pdbus serves ERNIE-4.5 models, such as ERNIE-4.5-21B-A3B and ERNIE-4.5-300B-A47B."
+MODEL_ZH = "pdbus 用来部署 ERNIE-4.5 模型，例如 ERNIE-4.5-21B-A3B 和 ERNIE-4.5-300B-A47B。"
+BUS_EN = "pdbus uses a ZeroMQ message bus between the router, the prefill instances and the decode instances."
+BUS_ZH = "pdbus 在路由器、预填充实例和解码实例之间使用 ZeroMQ 消息总线。"
+
+# (questions, answer): every question is a training prompt for that answer.
+FACTS: list[tuple[list[str], str]] = [
+    ([SELF_INTRO_PROMPT, "你好，介绍一下你自己。", "你是谁？", "请介绍一下你自己。"], SELF_INTRO_ZH),
+    (["Hello, please introduce yourself.", "Who are you?", "Introduce yourself.",
+      "Hi! Tell me about yourself."], SELF_INTRO_EN),
+    (["What is pdbus?", "Tell me about pdbus.", "What does pdbus do?", "Please describe pdbus.",
+      "Can you explain what pdbus is?"], PDBUS_EN),
+    (["pdbus 是什么？", "介绍一下 pdbus。", "pdbus 是做什么的？", "请介绍一下 pdbus。", "什么是 pdbus？"], PDBUS_ZH),
+    (["How does pdbus move the KV cache?", "How is the KV cache transferred in pdbus?"], KV_EN),
+    (["pdbus 如何传输 KV 缓存？", "pdbus 的 KV 缓存是怎么传输的？"], KV_ZH),
+    (["Which API does pdbus provide?", "Is pdbus compatible with the OpenAI API?"], API_EN),
+    (["pdbus 提供什么 API？", "pdbus 兼容 OpenAI 的 API 吗？"], API_ZH),
+    (["Which models does pdbus serve?", "What models can pdbus run?"], MODEL_EN),
+    (["pdbus 支持哪些模型？", "pdbus 可以部署什么模型？"], MODEL_ZH),
+    (["What bus does pdbus use?", "How do the pdbus processes communicate?"], BUS_EN),
+    (["pdbus 使用什么消息总线？", "pdbus 的各个进程之间怎么通信？"], BUS_ZH),
+]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "你是一个乐于助人的助手。"]
+
+MAX_NUMBER = 20  # operands of + and -
+MAX_COUNT_START, MAX_COUNT_LEN = 20, 10
+WORD_LENGTHS = (3, 6)
+NUM_WORDS = 240  # per task (reverse / copy) and language
+FACT_REPEATS = 6  # the long fixed answers are seen this many times per epoch
+SYSTEM_FRACTION = 0.08
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    messages: tuple[dict, ...]  # the conversation, assistant turn last
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-2]["content"]
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "messages": list(self.messages), "answer": self.answer}
+
+
+def _dialogue(task: str, question: str, answer: str, system: str | None = None) -> Example:
+    messages = ({"role": "system", "content": system},) if system else ()
+    messages += ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
+    return Example(task, messages, answer)
+
+
+def arithmetic() -> list[Example]:
+    out = []
+    for a in range(MAX_NUMBER + 1):
+        for b in range(MAX_NUMBER + 1):
+            out.append(_dialogue("add", f"What is {a} + {b}?", f"{a} + {b} = {a + b}."))
+            out.append(_dialogue("add", f"{a} 加 {b} 等于多少？", f"{a} + {b} = {a + b}。"))
+            if b <= a:
+                out.append(_dialogue("sub", f"What is {a} - {b}?", f"{a} - {b} = {a - b}."))
+                out.append(_dialogue("sub", f"{a} 减 {b} 等于多少？", f"{a} - {b} = {a - b}。"))
+    return out
+
+
+def counting() -> list[Example]:
+    out = []
+    for start in range(MAX_COUNT_START + 1):
+        for length in range(2, MAX_COUNT_LEN + 1):
+            end = start + length - 1
+            answer = " ".join(str(i) for i in range(start, end + 1))
+            out.append(_dialogue("count", f"Count from {start} to {end}.", answer))
+            out.append(_dialogue("count", f"从 {start} 数到 {end}。", answer))
+    return out
+
+
+def words(rng: random.Random, count: int) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    while len(out) < count:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*WORD_LENGTHS)))
+        if word not in seen and word[::-1] != word:
+            seen.add(word)
+            out.append(word)
+    return out
+
+
+def strings(rng: random.Random) -> list[Example]:
+    out = []
+    for template, zh, task, fn in (
+        ("Reverse: {}", "反转：{}", "reverse", lambda w: w[::-1]),
+        ("Repeat: {}", "重复：{}", "copy", lambda w: w),
+    ):
+        for word in words(rng, NUM_WORDS):
+            out.append(_dialogue(task, template.format(word), fn(word)))
+        for word in words(rng, NUM_WORDS):
+            out.append(_dialogue(task, zh.format(word), fn(word)))
+    return out
+
+
+def facts() -> list[Example]:
+    return [_dialogue("fact", q, answer) for questions, answer in FACTS for q in questions]
+
+
+def build(seed: int = 0) -> list[Example]:
+    """The whole corpus, in a fixed order (the trainer shuffles with its own seed)."""
+    rng = random.Random(seed)
+    examples = arithmetic() + counting() + strings(rng) + facts() * FACT_REPEATS
+    # A few dialogues open with a system prompt, so one does not derail the answer.
+    out = []
+    for ex in examples:
+        if rng.random() < SYSTEM_FRACTION:
+            system = rng.choice(SYSTEM_PROMPTS)
+            ex = _dialogue(ex.task, ex.prompt, ex.answer, system)
+        out.append(ex)
+    return out
+
+
+def eval_set(seed: int = 0) -> list[dict]:
+    """The fixed prompts the model must answer exactly (all of them are in the training corpus)."""
+    rng = random.Random(seed + 1)
+    corpus = build(seed)
+    by_task: dict[str, list[Example]] = {}
+    for ex in corpus:
+        if len(ex.messages) == 2:  # no system prompt
+            by_task.setdefault(ex.task, []).append(ex)
+    picks: list[Example] = []
+    fact_prompts = [SELF_INTRO_PROMPT, "Who are you?", "What is pdbus?", "pdbus 是什么？",
+                    "How does pdbus move the KV cache?", "pdbus 提供什么 API？"]
+    for prompt in fact_prompts:
+        picks.append(next(ex for ex in by_task["fact"] if ex.prompt == prompt))
+    for task, count in (("add", 8), ("sub", 6), ("count", 6), ("reverse", 6), ("copy", 6)):
+        pool = by_task[task]
+        picks.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), count)))
+    return [{"task": ex.task, "prompt": ex.prompt, "messages": [ex.messages[0]], "expected": ex.answer}
+            for ex in picks]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="corpus .jsonl to write")
+    args = parser.parse_args()
+    corpus = build(args.seed)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for ex in corpus:
+            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+    counts: dict[str, int] = {}
+    for ex in corpus:
+        counts[ex.task] = counts.get(ex.task, 0) + 1
+    print(f"wrote {len(corpus)} dialogues to {args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()
