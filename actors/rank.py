@@ -31,6 +31,7 @@ import torch
 from aiohttp import web
 from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
 
+from pdbus import envs
 from pdbus.actor import BusMember
 from pdbus.config import ServeConfig
 from pdbus.log import get_logger
@@ -219,6 +220,8 @@ class RankServer:
 
             graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        if envs.PDBUS_FAULT_STEP_DELAY_S > 0:
+            self.runner = _FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
         if not cfg.skip_tokenizer_init:
             from pdbus.actors.frontend.tokenizer import Tokenizer
 
@@ -244,6 +247,8 @@ class RankServer:
         for proto in self.cfg.cache_transfer_protocol:
             try:
                 self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
+                if envs.PDBUS_FAULT_TRANSFER and self.cfg.splitwise_role == "prefill":
+                    self.transfers[proto] = _FaultTransfer(engine, envs.PDBUS_FAULT_TRANSFER)
                 # decode publishes where to write; prefill only says which host it is on
                 self.endpoints[proto] = engine.endpoint() if self.cfg.splitwise_role == "decode" else {"host_id": _host_id()}
             except Exception as exc:
@@ -387,6 +392,7 @@ class RankServer:
                 max_num_seqs=self.cfg.max_num_seqs,
                 max_num_batched_tokens=self.cfg.max_num_batched_tokens,
                 max_model_len=self.cfg.max_model_len,
+                transfer_timeout_s=envs.PDBUS_TRANSFER_TIMEOUT_S,
             ),
             self.eos_ids,
             role=self.cfg.splitwise_role,
@@ -444,6 +450,36 @@ class RankServer:
                     last = str(exc)
                 await asyncio.sleep(0.5)
         raise RuntimeError(f"router at {url} not reachable within 120s")
+
+
+class _FaultSlowRunner:
+    """Fault injection (tests): every step takes ``delay`` longer."""
+
+    def __init__(self, runner, delay: float):
+        self.inner, self.delay, self.kv_cache = runner, delay, runner.kv_cache
+
+    def execute(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner.execute(*args, **kwargs)
+
+
+class _FaultTransfer:
+    """Fault injection (tests): every commit fails, or never completes ("hang")."""
+
+    def __init__(self, engine, mode: str):
+        self.inner, self.mode = engine, mode
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def commit(self, req_id: str, peer_id: str):
+        from pdbus.native.transfer.base import TransferHandle
+
+        handle = TransferHandle(req_id)
+        self.inner.abort(req_id)
+        if self.mode == "fail":
+            handle.set_failed("injected transfer failure (PDBUS_FAULT_TRANSFER=fail)")
+        return handle
 
 
 def _tune_cpu_runtime() -> None:

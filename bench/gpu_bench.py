@@ -692,7 +692,7 @@ def profile_step(dec, out_dir, tag):
         if ev.device_type.name == "CUDA":
             a = agg.setdefault(ev.name[:60], [0, 0.0])
             a[0] += 1
-            a[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            a[1] += getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0) or 0
     rows = sorted(agg.items(), key=lambda kv: -kv[1][1])
     RESULTS.setdefault("profile", {})[tag] = [(k, v[0] / 5, v[1] / 5 / 1000) for k, v in rows[:25]]
     log(f"   profile {tag}: " + "; ".join(f"{k} x{v[0] // 5} {v[1] / 5 / 1000:.3f}ms" for k, v in rows[:12]))

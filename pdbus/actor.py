@@ -31,6 +31,7 @@ from pdbus import wire
 from pdbus.log import get_logger
 from pdbus.messages import (
     PROTOCOL_VERSION,
+    Bye,
     Heartbeat,
     Hello,
     Load,
@@ -39,7 +40,7 @@ from pdbus.messages import (
     Unknown,
     Welcome,
 )
-from pdbus.sockets import BusError, bind, make_socket, send_nowait, tcp_endpoint
+from pdbus.sockets import BusError, PeerUnreachable, bind, make_socket, send_nowait, tcp_endpoint
 
 DEAD_AFTER_INTERVALS = 3
 
@@ -110,7 +111,7 @@ class Actor:
         self._tasks.append(task)
         return task
 
-    async def close(self) -> None:
+    async def close(self, linger_ms: int = 0) -> None:
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -119,7 +120,7 @@ class Actor:
                 await task
         self._tasks.clear()
         if self.sock is not None:
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger_ms)
             self.sock = None
 
 
@@ -166,7 +167,12 @@ class BusServer(Actor):
         self.router_id = router_id
         self.peers: dict[bytes, Peer] = {}
         self.sock = make_socket(self.ctx, zmq.ROUTER, curve_server_secret=curve_secret_key)
-        self.port = bind(self.sock, host, port)
+        try:
+            self.port = bind(self.sock, host, port)
+        except zmq.ZMQError:
+            self.sock.close(linger=0)
+            self.sock = None
+            raise
 
     @property
     def endpoint(self) -> str:
@@ -180,7 +186,16 @@ class BusServer(Actor):
         self.spawn(self._purge_loop())
 
     def send(self, identity: bytes, msg: Message, *frames) -> None:
-        """Send now or raise (BusFull, PeerUnreachable)."""
+        """Send to a registered, live peer now or raise (BusFull, PeerUnreachable).
+
+        A peer declared dead is unreachable here even while its TCP connection lingers (a
+        stopped process): nothing is queued for it until it says Hello again.
+        """
+        if identity not in self.peers:
+            raise PeerUnreachable(f"{_peer_name(identity)} is not registered (dead or never said Hello)")
+        self._send(identity, msg, *frames)
+
+    def _send(self, identity: bytes, msg: Message, *frames) -> None:
         assert self.sock is not None
         send_nowait(self.sock, [wire.encode(msg), *frames], identity=identity)
 
@@ -190,10 +205,14 @@ class BusServer(Actor):
         if isinstance(msg, Hello):
             await self._on_hello(peer, msg, frames)
             return
+        if isinstance(msg, Bye):
+            if known is not None:
+                self.mark_dead(peer, f"said bye ({msg.reason})" if msg.reason else "said bye")
+            return
         if known is None or not known.alive:
             if isinstance(msg, Heartbeat) or self.needs_registration(msg):
                 with contextlib.suppress(BusError):
-                    self.send(peer, Unknown())
+                    self._send(peer, Unknown())
                 return
         else:
             known.last_seen = time.monotonic()
@@ -201,7 +220,7 @@ class BusServer(Actor):
             if known is not None:
                 known.load = msg.load
                 with contextlib.suppress(BusError):
-                    self.send(peer, Heartbeat())
+                    self._send(peer, Heartbeat())
             return
         await super().dispatch(peer, msg, frames)
 
@@ -214,7 +233,7 @@ class BusServer(Actor):
             reason = f"protocol {hello.protocol} not supported (router speaks {PROTOCOL_VERSION})"
             self.log.warning("refused %s: %s", hello.instance_id, reason)
             with contextlib.suppress(BusError):
-                self.send(peer, Refused(reason=reason))
+                self._send(peer, Refused(reason=reason))
             return
         try:
             files = wire.unpack_files(frames) if hello.has_tokenizer else {}
@@ -224,12 +243,12 @@ class BusServer(Actor):
         if reason:
             self.log.warning("refused %s: %s", hello.instance_id, reason)
             with contextlib.suppress(BusError):
-                self.send(peer, Refused(reason=reason))
+                self._send(peer, Refused(reason=reason))
             return
         was = self.peers.get(peer)
         self.peers[peer] = Peer(identity=peer, hello=hello, files=files, load=hello.load)
         with contextlib.suppress(BusError):
-            self.send(
+            self._send(
                 peer,
                 Welcome(protocol=PROTOCOL_VERSION, router_id=self.router_id, heartbeat_interval=self.heartbeat_interval),
             )
@@ -291,6 +310,7 @@ class BusMember(Actor):
         self.heartbeat_interval = heartbeat_interval
         self.registered = asyncio.Event()
         self.refused: str | None = None
+        self._answered = asyncio.Event()  # Welcome or Refused came
         self.last_from_router = 0.0
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=identity.encode(), curve_client=curve_client)
         self.sock.connect(router_endpoint)
@@ -320,10 +340,12 @@ class BusMember(Actor):
                 self.log.info("registered with %s as %s", self.router_endpoint, self.identity)
             self.refused = None
             self.registered.set()
+            self._answered.set()
             return
         if isinstance(msg, Refused):
             self.refused = msg.reason
             self.registered.clear()
+            self._answered.set()
             self.log.error("router refused %s: %s", self.identity, msg.reason)
             self.on_refused(msg.reason)
             return
@@ -365,11 +387,23 @@ class BusMember(Actor):
     def router_lost(self) -> None:
         """Hook: the router went silent."""
 
+    async def close(self, linger_ms: int = 0) -> None:
+        """Say Bye (so the router forgets this member at once, not after 3 silent intervals)."""
+        if self.sock is not None and not self._closed and self.registered.is_set():
+            try:
+                self.send(Bye(reason="closing"))
+                linger_ms = max(linger_ms, 100)
+            except BusError:
+                pass
+        await super().close(linger_ms)
+
     async def wait_registered(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.registered.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise BusError(
-                f"{self.identity}: no Welcome from router at {self.router_endpoint} within {timeout:.0f}s"
-                + (f" (refused: {self.refused})" if self.refused else "")
-            ) from None
+        """Return once welcomed; raise BusError at once if refused, or after ``timeout``."""
+        self._answered.clear()
+        if self.refused is None and not self.registered.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), timeout)
+        if self.refused is not None:
+            raise BusError(f"{self.identity}: refused: {self.refused} (router at {self.router_endpoint})")
+        if not self.registered.is_set():
+            raise BusError(f"{self.identity}: no Welcome from router at {self.router_endpoint} within {timeout:.0f}s")

@@ -12,6 +12,10 @@ import os
 
 import zmq
 
+from pdbus.log import get_logger
+
+log = get_logger("bus.auth")
+
 
 def generate_key_file(path: str) -> None:
     public, secret = zmq.curve_keypair()
@@ -47,3 +51,34 @@ def server_secret(path: str | None) -> bytes | None:
     if not path:
         return None
     return load_key_file(path)[1]
+
+
+class OneKey:
+    """ZAP credentials provider: admit exactly one client key, the cluster's.
+
+    pyzmq passes the client's public key to ``callback`` Z85-encoded, as in the key file.
+    """
+
+    def __init__(self, public_z85: bytes):
+        self.public = public_z85
+        self.num_refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.public:
+            return True
+        self.num_refused += 1
+        log.warning("refused a bus connection with an unknown CurveZMQ key")
+        return False
+
+
+def start_authenticator(ctx: zmq.Context, path: str):
+    """Start a ZAP handler on ``ctx`` (the bus server's context, inside its running event loop)
+    that admits only the key file's public key. Start it before peers connect; ``stop()`` it
+    at shutdown."""
+    from zmq.auth.asyncio import AsyncioAuthenticator
+
+    public, _ = load_key_file(path)
+    auth = AsyncioAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=OneKey(public))
+    return auth

@@ -29,11 +29,12 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(header: bytes | memoryview) -> Message:
-    header = bytes(header)
-    if len(header) > MAX_HEADER_BYTES + len(PREFIX):
-        raise WireError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-    if len(header) < len(PREFIX) or header[:2] != MAGIC:
-        raise WireError(f"bad magic {header[:3]!r}")
+    """Decode a header frame in place (a memoryview of a received frame is not copied)."""
+    size = len(header)
+    if size > MAX_HEADER_BYTES + len(PREFIX):
+        raise WireError(f"header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+    if size < len(PREFIX) or header[:2] != MAGIC:
+        raise WireError(f"bad magic {bytes(header[:3])!r}")
     if header[2] != PROTOCOL_VERSION:
         raise WireError(f"protocol version {header[2]} (this peer speaks {PROTOCOL_VERSION})")
     try:

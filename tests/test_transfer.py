@@ -288,6 +288,7 @@ def test_tcp_receiver_killed_mid_transfer_fails_the_handle():
             first.wait(1)
         assert time.monotonic() - start < 10
         # the peer is gone for good: the next write tries to reconnect and fails cleanly
+        rx.proc.join(10)  # (once the kernel has closed its listening socket too)
         again = write_layers(tx, "after", "decode0", [0], [0])
         with pytest.raises(TransferError, match="cannot connect to peer decode0"):
             again.wait(15)

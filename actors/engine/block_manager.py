@@ -43,7 +43,8 @@ class BlockManager:
 
     @property
     def num_reserved(self) -> int:
-        return sum(len(lease.block_ids) for lease in self.leases.values())
+        # a snapshot first: stats threads read this while the engine thread edits the dict
+        return sum(len(lease.block_ids) for lease in list(self.leases.values()))
 
     def blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
@@ -60,14 +61,20 @@ class BlockManager:
             self.ref_counts[b] = 1
         return out
 
+    def _check_id(self, b: int) -> None:
+        if not 0 <= b < self.num_blocks:
+            raise ValueError(f"block id {b} outside [0, {self.num_blocks})")
+
     def share(self, block_ids: list[int]) -> None:
         for b in block_ids:
+            self._check_id(b)
             if self.ref_counts[b] <= 0:
                 raise ValueError(f"block {b} is free and cannot be shared")
             self.ref_counts[b] += 1
 
     def free(self, block_ids: list[int]) -> None:
         for b in block_ids:
+            self._check_id(b)  # a negative id would silently index from the end
             if self.ref_counts[b] <= 0:
                 raise ValueError(f"double free of block {b}")
             self.ref_counts[b] -= 1
@@ -92,7 +99,7 @@ class BlockManager:
         if n > len(self._free):
             return None
         ids = self.allocate(n)
-        self.leases[req_id] = Lease(req_id, ids, (now or time.monotonic()) + lease_s)
+        self.leases[req_id] = Lease(req_id, ids, (time.monotonic() if now is None else now) + lease_s)
         return ids
 
     def claim(self, req_id: str) -> list[int] | None:
@@ -108,7 +115,7 @@ class BlockManager:
         return True
 
     def expire(self, now: float | None = None) -> list[str]:
-        now = now or time.monotonic()
+        now = time.monotonic() if now is None else now  # an explicit 0.0 is a time too
         gone = [r for r, lease in self.leases.items() if lease.expires_at <= now]
         for r in gone:
             self.release(r)

@@ -74,6 +74,10 @@ class Engine:
         self.log = get_logger(name)
         cache = runner.kv_cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+        # a sequence longer than the whole cache could never get its blocks: it would wait forever
+        self.max_len = min(limits.max_model_len, cache.num_blocks * cache.block_size)
+        model_cfg = getattr(getattr(runner, "model", None), "cfg", None)
+        self.vocab_size: int | None = getattr(model_cfg, "vocab_size", None)
         self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.transferring: list[Sequence] = []
@@ -181,12 +185,20 @@ class Engine:
         if seq.req_id in self.seqs:
             self.events.on_failed(seq.req_id, f"duplicate request id {seq.req_id}", False)
             return
+        if not seq.prompt_token_ids:
+            self.events.on_failed(seq.req_id, "empty prompt", False)
+            return
+        if self.vocab_size is not None:
+            bad = next((t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:  # would crash the step and with it every request in the batch
+                self.events.on_failed(seq.req_id, f"token id {bad} outside the vocabulary ({self.vocab_size})", False)
+                return
         if seq.num_tokens >= self.limits.max_model_len:
             self.events.on_failed(
                 seq.req_id, f"prompt of {seq.num_tokens} tokens does not fit max_model_len {self.limits.max_model_len}", False
             )
             return
-        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
+        if seq.num_tokens >= self.max_len:
             self.events.on_failed(seq.req_id, f"prompt of {seq.num_tokens} tokens exceeds the KV cache", False)
             return
         self.seqs[seq.req_id] = seq
@@ -236,6 +248,9 @@ class Engine:
         seq.finish_reason = FinishReason.ABORT.value
         self._finish(seq)
         self.log.info("req %s aborted: %s", req_id, reason)
+        if seq.dest is not None:
+            # tell the router this prefill will write no more, so the decode's lease can go
+            self.events.on_failed(req_id, f"aborted: {reason}", False)
 
     def _expire_leases(self) -> None:
         if self.blocks.leases:
@@ -319,7 +334,7 @@ class Engine:
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
                 seq.finish_reason = FinishReason.STOP.value
                 return True
-        if n_out >= sp.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+        if n_out >= sp.max_tokens or seq.num_tokens >= self.max_len:
             seq.finish_reason = FinishReason.LENGTH.value
             return True
         return False

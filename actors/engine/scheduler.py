@@ -63,9 +63,10 @@ class Scheduler:
 
     @property
     def pending_prefill_tokens(self) -> int:
-        return sum(s.num_uncomputed for s in self.waiting) + sum(
-            s.num_uncomputed for s in self.running if s.num_uncomputed > 1
-        )
+        # snapshots first: stats threads call this while the engine thread edits the queues, and
+        # iterating a deque that changes underneath raises
+        waiting, running = tuple(self.waiting), tuple(self.running)
+        return sum(s.num_uncomputed for s in waiting) + sum(s.num_uncomputed for s in running if s.num_uncomputed > 1)
 
     # ------------------------------------------------------------------ schedule
     def _preempt(self, seq: Sequence) -> None:

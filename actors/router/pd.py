@@ -188,12 +188,13 @@ class PDBackend:
             if decode is None and busy_seen:
                 busy_seen.clear()  # everyone was busy: wait a bit and ask again
                 self.counters["busy"] += 1
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise BackendUnavailable(
-                        f"no decode instance has room for {num_tokens} tokens (waited {self.reserve_timeout_s:.0f}s)",
+                        f"no decode instance has room for {num_tokens} tokens (waited {self.reserve_timeout_s:g}s)",
                         retry_after=max(1, int(self.reserve_timeout_s / 10)),
                     )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.5)
                 continue
             if decode is None:

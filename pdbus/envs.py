@@ -1,0 +1,27 @@
+"""Every environment variable pdbus reads, declared once."""
+
+from __future__ import annotations
+
+import os
+
+
+def _float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+PDBUS_LOG_LEVEL = os.environ.get("PDBUS_LOG_LEVEL", "INFO")
+# torch intra-op threads per process (default min(4, cores))
+PDBUS_TORCH_THREADS = os.environ.get("PDBUS_TORCH_THREADS")
+# overrides the host identity used to decide whether ipc applies (network-namespace demos)
+PDBUS_HOST_ID = os.environ.get("PDBUS_HOST_ID")
+# Fault injection, for tests only: slow every engine step / fail every KV transfer commit.
+PDBUS_FAULT_STEP_DELAY_S = _float("PDBUS_FAULT_STEP_DELAY_MS", 0.0) / 1000.0
+PDBUS_FAULT_TRANSFER = os.environ.get("PDBUS_FAULT_TRANSFER", "")  # "fail" | "hang"
+# Mooncake RDMA: NIC names, and forcing a real HCA (no TCP fallback)
+KVCACHE_RDMA_NICS = os.environ.get("KVCACHE_RDMA_NICS", "")
+MC_FORCE_HCA = os.environ.get("MC_FORCE_HCA", "")
+# seconds a prefill waits for its KV transfer to land before failing the request
+PDBUS_TRANSFER_TIMEOUT_S = _float("PDBUS_TRANSFER_TIMEOUT_S", 30.0)

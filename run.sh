@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# pdbus: ./run.sh setup | single-node | cross-node | test | bench  (see README.md)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+cd "$ROOT"
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+have_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+# Make sure .venv exists and holds what pdbus needs. Idempotent: a stamp of the inputs makes a
+# second run take well under a second.
+ensure_env() {
+  local want stamp="$VENV/.pdbus-stamp"
+  want="$(cat setup.cfg pyproject.toml run.sh | sha256sum | cut -c1-16)-$(have_cuda && echo gpu || echo cpu)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$PY" -c "import pdbus, torch, zmq" 2>/dev/null; then
+    return 0
+  fi
+  local base="${PYTHON:-python3}"
+  if ! "$base" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; then
+    log "pdbus needs Python >= 3.10 (set PYTHON=...)"; exit 1
+  fi
+  if [[ ! -x "$PY" ]]; then
+    log "creating $VENV"
+    if have_cuda && "$base" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+      "$base" -m venv --system-site-packages "$VENV"   # keep the machine's CUDA torch
+    else
+      "$base" -m venv "$VENV"
+    fi
+  fi
+  "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if have_cuda; then
+      log "installing PyTorch (CUDA)"; "$PY" -m pip install -q torch
+    else
+      log "installing PyTorch 2.13.0 (CPU)"; "$PY" -m pip install -q torch==2.13.0
+    fi
+  fi
+  local extras="test,bench"
+  have_cuda && extras="$extras,gpu"
+  log "installing pdbus[$extras] (editable)"
+  "$PY" -m pip install -q -e ".[$extras]"
+  echo "$want" > "$stamp"
+}
+
+usage() {
+  cat <<'USAGE'
+usage: ./run.sh COMMAND [ARGS]
+  setup                 create .venv and install pdbus (idempotent)
+  single-node [ARGS]    router + prefill + decode on this host, OpenAI API on :8109
+                        (CPU: the built-in model; GPUs: conf/single-node.toml). Ctrl-C stops all.
+  cross-node prefill --router-ip IP | cross-node decode --router-ip IP | cross-node demo
+  test [PYTEST ARGS]    run the test suite
+  bench [NAME]          run benchmarks (bench/README.md)
+USAGE
+}
+
+cmd="${1:-}"; [[ $# -gt 0 ]] && shift
+case "$cmd" in
+  setup) ensure_env; log "ready: $VENV" ;;
+  single-node) ensure_env; exec "$PY" -m pdbus.launch single-node "$@" ;;
+  cross-node) ensure_env; exec "$PY" -m pdbus.launch cross-node "$@" ;;
+  test)
+    ensure_env
+    exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+  bench) ensure_env; exec "$PY" -m pdbus.launch bench "$@" ;;
+  ""|-h|--help|help) usage ;;
+  *) usage; exit 2 ;;
+esac

@@ -1,0 +1,56 @@
+"""Shared fixtures: GPU skipping, a tiny random checkpoint, process clusters."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from pdbus.testing import Cluster  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random ERNIE-4.5-MoE checkpoint (-PT layout, fp32), no tokenizer."""
+    from conftest_model import build_hf, save_hf
+
+    out = tmp_path_factory.mktemp("tiny-moe")
+    save_hf(build_hf("moe_shared"), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from pdbus.config import default_model_dir
+
+    path = default_model_dir()
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        pytest.fail(f"the built-in default model is missing at {path}")
+    return path
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path / "procs")
+    try:
+        yield c
+    finally:
+        c.close()

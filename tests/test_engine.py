@@ -1,0 +1,476 @@
+"""The engine thread with the real tiny MoE model, ModelRunner and Sampler (CPU, fp32).
+
+Greedy outputs must not depend on what else is in the batch, on chunked prefill or on
+preemption, and must equal a plain non-paged reference (``forward_train``). The prefill role is
+checked with a real shared-memory KV transfer into a decode-side cache, then decoded there.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
+from pdbus.native.kv_cache import KVCache
+from pdbus.native.runner import ModelRunner
+from pdbus.native.sampler import Sampler
+
+from pdbus.messages import Destination, SamplingParams, TokenOut
+
+BLOCK_SIZE = 8
+PROMPT_LENS = (1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 2)
+MAX_NEW = 10
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from pdbus.native.model.loader import load_model
+
+    m, _ = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(model) -> list[list[int]]:
+    rng = random.Random(7)
+    vocab = model.cfg.vocab_size
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
+
+
+# The tiny random model repeats one token under plain greedy; a repetition penalty (applied
+# here by hand, in the sampler by the engine) makes every continuation diverse, so that any
+# error in the KV of an earlier position shows in the tokens.
+PENALTY = 2.0
+
+
+def reference_greedy(model, prompt: list[int], penalty: float, max_new: int = MAX_NEW) -> list[int]:
+    """Greedy continuation from the plain causal forward (no paging, no cache)."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_new):
+            logits = model.forward_train(torch.tensor([ids]))[0, -1]
+            if penalty != 1.0:
+                seen = torch.tensor(sorted(set(ids)))
+                v = logits[seen]
+                logits[seen] = torch.where(v > 0, v / penalty, v * penalty)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts) -> list[list[int]]:
+    out = [reference_greedy(model, p, PENALTY) for p in prompts]
+    assert all(len(set(o)) >= MAX_NEW // 2 for o in out), f"reference not diverse enough: {out}"
+    return out
+
+
+def greedy(
+    max_tokens: int = MAX_NEW, repetition_penalty: float = PENALTY, ignore_eos: bool = True, **kw
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos, repetition_penalty=repetition_penalty, **kw
+    )
+
+
+class Collector(EngineEvents):
+    """Collects engine events; ``wait`` blocks (bounded) until a predicate holds."""
+
+    def __init__(self, on_tokens_hook=None):
+        self.cond = threading.Condition()
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, str] = {}
+        self.logprobs: dict[str, list[float]] = {}
+        self.failed: dict[str, str] = {}
+        self.prefilled: dict[str, tuple[TokenOut, int, float]] = {}
+        self.reserved: dict[str, list[int] | None] = {}
+        self.hook = on_tokens_hook
+
+    def on_tokens(self, items):
+        if self.hook is not None:
+            self.hook(items)  # on the engine thread, before anything else moves
+        with self.cond:
+            for item in items:
+                self.tokens.setdefault(item.req_id, []).extend(item.token_ids)
+                if item.logprobs:
+                    self.logprobs.setdefault(item.req_id, []).extend(item.logprobs)
+                if item.finish_reason is not None:
+                    self.finish[item.req_id] = item.finish_reason
+            self.cond.notify_all()
+
+    def on_prefilled(self, req_id, first, nbytes, seconds):
+        with self.cond:
+            self.prefilled[req_id] = (first, nbytes, seconds)
+            self.cond.notify_all()
+
+    def on_failed(self, req_id, error, retryable):
+        with self.cond:
+            self.failed[req_id] = error
+            self.cond.notify_all()
+
+    def on_reserved(self, req_id, block_ids, reason):
+        with self.cond:
+            self.reserved[req_id] = block_ids
+            self.cond.notify_all()
+
+    def wait(self, predicate, what: str, timeout: float = WAIT_S) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; failed: {self.failed}")
+
+    def wait_done(self, req_ids) -> None:
+        self.wait(lambda: all(r in self.finish or r in self.failed for r in req_ids), f"{list(req_ids)} to finish")
+
+
+def make_engine(
+    model,
+    num_blocks: int = 64,
+    max_num_batched_tokens: int = 256,
+    max_num_seqs: int = 16,
+    max_model_len: int = 256,
+    eos: set[int] | None = None,
+    role: str = "mixed",
+    transfers: dict | None = None,
+    cache: KVCache | None = None,
+    events: Collector | None = None,
+) -> tuple[Engine, Collector]:
+    cfg = model.cfg
+    if cache is None:
+        cache = KVCache(cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
+    events = events or Collector()
+    engine = Engine(
+        ModelRunner(model, cache, "cpu"),
+        Sampler(seed=0),
+        events,
+        EngineLimits(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len),
+        eos if eos is not None else {cfg.eos_token_id},
+        role=role,
+        transfer_engines=transfers,
+        name=f"test-engine-{role}",
+    )
+    return engine, events
+
+
+def run_batch(model, requests: list[tuple[list[int], SamplingParams]], **engine_kw) -> tuple[Collector, Engine]:
+    """All requests queued before the engine starts, so the first step sees all of them."""
+    engine, events = make_engine(model, **engine_kw)
+    ids = [f"r{i}" for i in range(len(requests))]
+    for req_id, (prompt, sampling) in zip(ids, requests):
+        engine.add_request(req_id, prompt, sampling)
+    engine.start()
+    try:
+        events.wait_done(ids)
+    finally:
+        engine.stop()
+    assert not engine._thread.is_alive()
+    assert engine.blocks.num_free == engine.blocks.num_blocks, "KV blocks leaked"
+    assert not engine.seqs and not engine.scheduler.has_work()
+    return events, engine
+
+
+def outputs(events: Collector, n: int) -> list[list[int]]:
+    assert not events.failed, events.failed
+    return [events.tokens[f"r{i}"] for i in range(n)]
+
+
+# --------------------------------------------------------------------------- greedy equivalence
+
+
+@pytest.mark.parametrize("penalty", [1.0, PENALTY], ids=["plain", "penalty"])
+def test_batched_greedy_equals_alone_and_the_unpaged_reference(model, prompts, penalty):
+    sampling = greedy(repetition_penalty=penalty)
+    events, engine = run_batch(model, [(p, sampling) for p in prompts])
+    batched = outputs(events, len(prompts))
+    assert all(events.finish[f"r{i}"] == "length" for i in range(len(prompts)))
+    assert engine.steps == MAX_NEW  # one step prefilled every prompt together
+    alone = [outputs(run_batch(model, [(p, sampling)])[0], 1)[0] for p in prompts]
+    assert batched == alone
+    assert batched == [reference_greedy(model, p, penalty) for p in prompts]
+
+
+def test_chunked_prefill_gives_the_same_tokens(model, prompts, reference):
+    events, engine = run_batch(model, [(p, greedy()) for p in prompts], max_num_batched_tokens=5)
+    assert outputs(events, len(prompts)) == reference
+    assert engine.steps > MAX_NEW + sum(PROMPT_LENS) // 5 - 1  # the prompts really were split
+
+
+def test_preemption_gives_the_same_tokens(model, prompts, reference):
+    # the batch needs 16 blocks over its life; 6 force preemption by recompute again and again
+    events, engine = run_batch(model, [(p, greedy()) for p in prompts], num_blocks=6)
+    assert engine.scheduler.num_preemptions > 0
+    assert outputs(events, len(prompts)) == reference
+
+
+def test_seeded_sampling_is_reproducible_across_batches_and_preemption(model, prompts):
+    seeded = SamplingParams(max_tokens=MAX_NEW, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = outputs(run_batch(model, [(prompts[3], seeded)])[0], 1)[0]
+    again = outputs(run_batch(model, [(prompts[3], seeded)])[0], 1)[0]
+    assert alone == again
+    mixed = [(p, greedy()) for p in prompts] + [(prompts[3], seeded)]
+    events, engine = run_batch(model, mixed, num_blocks=6)
+    assert engine.scheduler.num_preemptions > 0
+    assert outputs(events, len(mixed))[-1] == alone
+    other_seeds = [
+        outputs(run_batch(model, [(prompts[3], SamplingParams(**{**_fields(seeded), "seed": s}))])[0], 1)[0]
+        for s in (1, 2, 3)
+    ]
+    assert any(o != alone for o in other_seeds)  # the seed matters
+
+
+def _fields(sp: SamplingParams) -> dict:
+    import msgspec
+
+    return msgspec.structs.asdict(sp)
+
+
+def test_logprobs_are_returned_per_token(model, prompts):
+    events, _ = run_batch(model, [(prompts[2], greedy(max_tokens=4, logprobs=2))])
+    lps = events.logprobs["r0"]
+    assert len(lps) == 4 and all(lp <= 0.0 for lp in lps)
+
+
+# --------------------------------------------------------------------------- finish reasons
+
+
+def test_max_tokens_finishes_with_length(model, prompts, reference):
+    events, _ = run_batch(model, [(prompts[1], greedy(max_tokens=3)), (prompts[4], greedy(max_tokens=1))])
+    assert outputs(events, 2) == [reference[1][:3], reference[4][:1]]
+    assert events.finish == {"r0": "length", "r1": "length"}
+
+
+def test_stop_token_ids_finish_with_stop(model, prompts, reference):
+    ref = reference[4]
+    stop_tok = ref[3]
+    cut = ref.index(stop_tok) + 1
+    events, _ = run_batch(model, [(prompts[4], greedy(stop_token_ids=[stop_tok]))])
+    assert events.tokens["r0"] == ref[:cut]  # the stop token is the last output
+    assert events.finish["r0"] == "stop"
+
+
+def test_eos_ignore_eos_and_min_tokens(model, prompts, reference):
+    ref = reference[4]
+    eos = ref[2]
+    first = ref.index(eos)
+    plain = greedy(ignore_eos=False)
+    min_tokens = greedy(ignore_eos=False, min_tokens=first + 3)
+    requests = [(prompts[4], plain), (prompts[4], greedy()), (prompts[4], min_tokens)]
+    events, _ = run_batch(model, requests, eos={eos})
+    got = outputs(events, 3)
+    assert got[0] == ref[: first + 1] and events.finish["r0"] == "stop"
+    assert got[1] == ref and events.finish["r1"] == "length"  # ignore_eos
+    # eos is masked until min_tokens outputs exist
+    assert len(got[2]) >= first + 3 and eos not in got[2][: first + 3]
+    assert got[2][: first] == ref[:first]
+    assert events.finish["r2"] == ("stop" if got[2][-1] == eos else "length")
+
+
+def test_max_model_len_caps_generation_and_rejects_long_prompts(model, prompts):
+    limit = 20
+    requests = [(prompts[3], greedy(max_tokens=50)), (prompts[4], greedy()), ([5] * limit, greedy())]
+    events, _ = run_batch(model, requests, max_model_len=limit)
+    assert len(events.tokens["r0"]) == limit - len(prompts[3]) and events.finish["r0"] == "length"
+    assert "max_model_len" in events.failed["r1"]  # 26 tokens >= 20
+    assert "max_model_len" in events.failed["r2"]
+
+
+def test_bad_requests_fail_alone(model, prompts, reference):
+    vocab = model.cfg.vocab_size
+    requests = [(prompts[2], greedy()), ([], greedy()), ([3, vocab], greedy()), ([-1], greedy())]
+    events, _ = run_batch(model, requests)
+    assert events.tokens["r0"] == reference[2]  # the good request is untouched
+    assert "empty" in events.failed["r1"]
+    assert "vocabulary" in events.failed["r2"] and "vocabulary" in events.failed["r3"]
+
+
+def test_a_sequence_longer_than_the_cache_ends_instead_of_waiting_forever(model):
+    # 3 blocks of 8 tokens: the sequence ends (length) when it fills the cache
+    events, _ = run_batch(model, [([5, 6, 7], greedy(max_tokens=100))], num_blocks=3)
+    assert len(events.tokens["r0"]) == 3 * BLOCK_SIZE - 3 and events.finish["r0"] == "length"
+    events, _ = run_batch(model, [([5] * 3 * BLOCK_SIZE, greedy())], num_blocks=3)
+    assert "exceeds the KV cache" in events.failed["r0"]
+
+
+def test_duplicate_request_id_is_refused(model, prompts, reference):
+    engine, events = make_engine(model)
+    engine.add_request("dup", prompts[2], greedy())
+    engine.add_request("dup", prompts[3], greedy())
+    engine.start()
+    try:
+        events.wait(lambda: "dup" in events.finish, "dup to finish")
+    finally:
+        engine.stop()
+    assert "duplicate" in events.failed["dup"]
+    assert events.tokens["dup"] == reference[2]
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+# --------------------------------------------------------------------------- abort, load
+
+
+def test_abort_frees_blocks_and_load_is_safe_from_other_threads(model, prompts):
+    engine, events = make_engine(model, num_blocks=64, max_model_len=512)
+    engine.add_request("long", prompts[4], greedy(max_tokens=400))
+    engine.add_request("short", prompts[0], greedy(max_tokens=2))
+    engine.start()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def poll_load() -> None:  # like /stats and the bus heartbeat do
+        while not stop.is_set():
+            try:
+                engine.load()
+            except BaseException as exc:  # noqa: BLE001 - any error fails the test below
+                errors.append(exc)
+                return
+
+    poller = threading.Thread(target=poll_load, daemon=True)
+    poller.start()
+    try:
+        events.wait(lambda: len(events.tokens.get("long", [])) >= 3 and "short" in events.finish, "tokens")
+        assert engine.blocks.num_free < engine.blocks.num_blocks
+        engine.abort("long")
+        engine.abort("unknown-request")  # harmless
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            load = engine.load()
+            if load.free_blocks == load.total_blocks and load.running == 0:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"blocks not freed after abort: {engine.load()}")
+        assert "long" not in events.finish and "long" not in events.failed  # abort is silent
+        n = len(events.tokens["long"])
+        engine.add_request("after", prompts[1], greedy(max_tokens=2))
+        events.wait_done(["after"])
+        assert len(events.tokens["long"]) == n  # nothing more for the aborted request
+    finally:
+        stop.set()
+        poller.join(5)
+        engine.stop()
+    assert not errors, errors
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stop_fails_requests_in_flight(model, prompts):
+    engine, events = make_engine(model, max_model_len=1024)
+    engine.add_request("forever", prompts[4], greedy(max_tokens=900))
+    engine.start()
+    events.wait(lambda: len(events.tokens.get("forever", [])) >= 1, "first token")
+    engine.stop()
+    assert "engine stopped" in events.failed["forever"]
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+# --------------------------------------------------------------------------- prefill role -> decode
+
+
+def _layer_kv(cache: KVCache, table: list[int], num_tokens: int) -> list[torch.Tensor]:
+    """Per layer, K and V of the first ``num_tokens`` positions: [2, heads, tokens, head_dim]."""
+    out = []
+    for layer in range(cache.num_layers):
+        kv = torch.stack([cache.k[layer][table], cache.v[layer][table]])  # [2, blocks, heads, bs, hd]
+        kv = kv.permute(0, 2, 1, 3, 4).reshape(2, cache.num_kv_heads, -1, cache.head_dim)
+        out.append(kv[:, :, :num_tokens].clone())
+    return out
+
+
+@pytest.mark.parametrize("budget", [256, 7])
+def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, budget):
+    from pdbus.native.transfer.shm import ShmTransfer
+
+    cfg = model.cfg
+    prompt = prompts[4]
+
+    # the KV that a mixed run computes (captured while the sequence is still running)
+    captured: dict[str, list[int]] = {}
+    mixed_engine: Engine | None = None
+
+    def capture(items):
+        for item in items:
+            seq = mixed_engine.seqs.get(item.req_id)
+            if seq is not None and item.req_id not in captured:
+                captured[item.req_id] = list(seq.block_table)
+
+    mixed_engine, mixed_events = make_engine(
+        model, max_num_batched_tokens=budget, events=Collector(on_tokens_hook=capture)
+    )
+    mixed_engine.add_request("m", prompt, greedy(max_tokens=2))
+    mixed_engine.start()
+    try:
+        mixed_events.wait_done(["m"])
+    finally:
+        mixed_engine.stop()
+    mixed_kv = _layer_kv(mixed_engine.runner.kv_cache, captured["m"], len(prompt))
+
+    decode_cache = KVCache(
+        cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype, shared=True
+    )
+    receiver = ShmTransfer(decode_cache)
+    prefill_cache = KVCache(cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
+    sender = ShmTransfer(prefill_cache)
+    prefill, p_events = make_engine(
+        model, max_num_batched_tokens=budget, role="prefill", transfers={"ipc": sender}, cache=prefill_cache
+    )
+    decode, d_events = make_engine(model, role="decode", cache=decode_cache)
+    prefill.start()
+    decode.start()
+    try:
+        max_tokens = MAX_NEW
+        decode.reserve("pd", len(prompt) + max_tokens, lease_s=60.0)
+        d_events.wait(lambda: "pd" in d_events.reserved, "the reservation")
+        dest_blocks = d_events.reserved["pd"]
+        assert dest_blocks is not None and decode.blocks.num_reserved == len(dest_blocks)
+        dest = Destination(instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks)
+        prefill.add_prefill("pd", prompt, greedy(max_tokens=max_tokens), dest)
+        p_events.wait(lambda: "pd" in p_events.prefilled or "pd" in p_events.failed, "on_prefilled")
+        assert "pd" not in p_events.failed, p_events.failed
+        first, nbytes, seconds = p_events.prefilled["pd"]
+        assert first.token_ids == [reference[4][0]] == mixed_events.tokens["m"][:1]
+        n_blocks = prefill.blocks.blocks_for(len(prompt))
+        assert nbytes == 2 * cfg.num_hidden_layers * n_blocks * decode_cache.block_bytes and seconds >= 0
+        assert "pd" not in p_events.tokens  # the first token goes out only through on_prefilled
+        assert prefill.blocks.num_free == prefill.blocks.num_blocks, "prefill kept its local blocks"
+        assert not prefill.transferring
+
+        got_kv = _layer_kv(decode_cache, dest_blocks, len(prompt))
+        for layer, (got, want) in enumerate(zip(got_kv, mixed_kv)):
+            assert torch.equal(got, want), f"layer {layer}: transferred KV differs from the mixed run's"
+
+        # the decode instance continues from the transferred KV exactly as the mixed run would
+        decode.add_decode("pd", prompt, first.token_ids, greedy(max_tokens=max_tokens))
+        d_events.wait_done(["pd"])
+        assert first.token_ids + d_events.tokens["pd"] == reference[4]
+        assert d_events.finish["pd"] == "length"
+    finally:
+        prefill.stop()
+        decode.stop()
+        sender.close()
+        receiver.close()
+        decode_cache.close()
+    assert decode.blocks.num_free == decode.blocks.num_blocks and not decode.blocks.leases
+    assert prefill.blocks.num_free == prefill.blocks.num_blocks
+
+
+def test_decode_without_reservation_fails_and_leases_expire(model, prompts):
+    engine, events = make_engine(model, role="decode")
+    engine.start()
+    try:
+        engine.add_decode("ghost", prompts[2], [5], greedy())
+        events.wait(lambda: "ghost" in events.failed, "the failure")
+        assert "no reservation" in events.failed["ghost"]
+        engine.reserve("lease", 40, lease_s=0.05)
+        events.wait(lambda: "lease" in events.reserved, "the reservation")
+        assert events.reserved["lease"] is not None
+        engine.reserve("too-big", 10_000, lease_s=60.0)
+        events.wait(lambda: "too-big" in events.reserved, "the refusal")
+        assert events.reserved["too-big"] is None
+        deadline = time.monotonic() + WAIT_S
+        while engine.load().reserved_blocks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.load().reserved_blocks == 0, "the lease never expired"
+    finally:
+        engine.stop()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
