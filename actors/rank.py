@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -65,12 +66,12 @@ def pick_device(cfg: ServeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, dtype: torch.dtype, device: torch.device) -> int:
+def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device) -> int:
     from pdbus.native.kv_cache import bytes_per_token
 
     if cfg.num_gpu_blocks_override:
         return cfg.num_gpu_blocks_override
-    per_block = bytes_per_token(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, dtype)
+    per_block = bytes_per_token(model_cfg.num_hidden_layers, kv_heads, model_cfg.head_dim, dtype)
     per_block *= cfg.block_size
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -184,6 +185,7 @@ class RankServer:
         self.local: LocalBackend | None = None
         self.tokenizer = None
         self.prefill_started: dict[str, float] = {}
+        self.tp_group = None
         self.counters = {"transfer_bytes": 0, "transfer_seconds": 0.0, "prefilled": 0, "failed": 0}
         self._stop = asyncio.Event()
         self._exit_code = 0
@@ -191,35 +193,46 @@ class RankServer:
     # ----------------------------------------------------------------- startup
     def load(self) -> None:
         from pdbus.native.kv_cache import KVCache
-        from pdbus.native.model.loader import load_model
+        from pdbus.native.model.config import ErnieConfig
+        from pdbus.native.model.loader import load_model, resolve_dtype
         from pdbus.native.runner import ModelRunner
 
         cfg = self.cfg
         self.device = pick_device(cfg)
         t0 = time.monotonic()
-        self.model, self.model_cfg = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, device=self.device)
+        self.model_cfg = ErnieConfig.from_model_dir(cfg.model)
         self.model_name = cfg.served_model_name or os.path.basename(os.path.normpath(cfg.model))
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point() and p.dtype != torch.float32) \
-            if any(p.dtype != torch.float32 for p in self.model.parameters() if p.is_floating_point()) else torch.float32
+        dtype = resolve_dtype(cfg.dtype, self.model_cfg)
         self.kv_dtype = dtype
-        num_blocks = kv_blocks_for_budget(cfg, self.model_cfg, dtype, self.device)
+        tp = cfg.tensor_parallel_size
         shared = self.device.type == "cpu" and cfg.splitwise_role == "decode" and "ipc" in cfg.cache_transfer_protocol
-        self.kv_cache = KVCache(
-            self.model_cfg.num_hidden_layers,
-            num_blocks,
-            self.model_cfg.num_key_value_heads,
-            cfg.block_size,
-            self.model_cfg.head_dim,
-            dtype,
-            device=self.device,
-            shared=shared,
-        )
+        self.tp_group = None
+        if tp > 1:
+            self._load_tp(dtype, shared)
+            num_blocks = self.kv_cache.num_blocks
+        else:
+            self.model, self.model_cfg = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, device=self.device)
+            num_blocks = kv_blocks_for_budget(cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device)
+            self.kv_cache = KVCache(
+                self.model_cfg.num_hidden_layers,
+                num_blocks,
+                self.model_cfg.num_key_value_heads,
+                cfg.block_size,
+                self.model_cfg.head_dim,
+                dtype,
+                device=self.device,
+                shared=shared,
+            )
         graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill":
             from pdbus.native.graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        if self.tp_group is not None:
+            from pdbus.native.parallel.group import TPRunner
+
+            self.runner = self.tp_runner = TPRunner(self.runner, self.tp_control)
         if envs.PDBUS_FAULT_STEP_DELAY_S > 0:
             self.runner = _FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
         if not cfg.skip_tokenizer_init:
@@ -239,6 +252,41 @@ class RankServer:
             self.kv_cache.nbytes / 2**20,
             " in shared memory" if shared else "",
         )
+        if tp > 1:
+            log.info("TP%d: this process is rank 0 of %d; KV heads %s here", tp, tp, list(self.tp_split.kv_heads))
+
+    def _load_tp(self, dtype: torch.dtype, shared: bool) -> None:
+        """TP > 1: spawn ranks 1..N-1, join the group, load and shard rank 0 here."""
+        from pdbus.native.parallel.group import TPGroup, WorkerSpec, init_group
+        from pdbus.native.parallel.tp import HeadSplit
+        from pdbus.native.parallel.worker import build_shard
+
+        from pdbus.testing import free_port
+
+        cfg, mc = self.cfg, self.model_cfg
+        split = HeadSplit(0, cfg.tensor_parallel_size, mc.num_attention_heads, mc.num_key_value_heads)
+        num_blocks = kv_blocks_for_budget(cfg, mc, len(split.kv_heads), dtype, self.device)
+        spec = WorkerSpec(
+            model=cfg.model,
+            dtype=cfg.dtype,
+            quantization=cfg.quantization,
+            device=self.device.type,
+            rank=0,
+            size=cfg.tensor_parallel_size,
+            master_port=free_port(),
+            report_endpoint="",
+            num_blocks=num_blocks,
+            block_size=cfg.block_size,
+            role=cfg.splitwise_role,
+            protocols=list(cfg.cache_transfer_protocol) if cfg.splitwise_role != "mixed" else [],
+            transfer_host=cfg.transfer_host or cfg.host,
+            shared_kv=shared,
+        )
+        self.tp_group = TPGroup(spec)
+        self.tp_group.spawn()
+        world, self.tp_control = init_group(0, spec.size, spec.master_port, self.device)
+        self.model, self.model_cfg, self.tp_split, self.kv_cache = build_shard(spec, self.device, world)
+        self.tp_group.wait_ready()
 
     def _make_transfers(self) -> None:
         from pdbus.native.transfer.base import create_transfer_engine
@@ -247,10 +295,23 @@ class RankServer:
         for proto in self.cfg.cache_transfer_protocol:
             try:
                 self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
+                if self.cfg.splitwise_role == "prefill":
+                    from pdbus.native.parallel.group import TPTransfer
+                    from pdbus.native.parallel.tp import HeadSplit
+
+                    mc = self.model_cfg
+                    split = self.tp_split if self.tp_group is not None else HeadSplit(0, 1, mc.num_attention_heads, mc.num_key_value_heads)
+                    self.transfers[proto] = TPTransfer(proto, engine, self.tp_group, getattr(self, "tp_control", None), split)
                 if envs.PDBUS_FAULT_TRANSFER and self.cfg.splitwise_role == "prefill":
-                    self.transfers[proto] = _FaultTransfer(engine, envs.PDBUS_FAULT_TRANSFER)
-                # decode publishes where to write; prefill only says which host it is on
-                self.endpoints[proto] = engine.endpoint() if self.cfg.splitwise_role == "decode" else {"host_id": _host_id()}
+                    self.transfers[proto] = _FaultTransfer(self.transfers[proto], envs.PDBUS_FAULT_TRANSFER)
+                # decode publishes where to write (every TP rank's slice); prefill only its host
+                if self.cfg.splitwise_role != "decode":
+                    self.endpoints[proto] = {"host_id": _host_id()}
+                elif self.tp_group is None:
+                    self.endpoints[proto] = engine.endpoint()
+                else:
+                    ranks = [engine.endpoint()] + [self.tp_group.endpoints[r][proto] for r in range(1, self.cfg.tensor_parallel_size)]
+                    self.endpoints[proto] = {"host_id": _host_id(), "ranks": ranks}
             except Exception as exc:
                 raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc
 
@@ -339,6 +400,11 @@ class RankServer:
         except BusError as exc:
             log.warning("bus send of %s failed: %s", type(msg).__name__, exc)
 
+    def _die(self, why: str) -> None:
+        log.error("stopping %s: %s", self.instance_id, why)
+        self._exit_code = 1
+        self._stop.set()
+
     def refused(self, reason: str) -> None:
         log.error("stopping: the router refused this instance: %s", reason)
         self._exit_code = 3
@@ -400,6 +466,8 @@ class RankServer:
             name=f"engine.{self.cfg.splitwise_role}",
         )
         self.engine.start()
+        if self.tp_group is not None:
+            self.tp_group.on_dead = lambda why: loop.call_soon_threadsafe(self._die, why)
         runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -430,6 +498,10 @@ class RankServer:
             await self.bus.close()
         await runner.cleanup()
         self.engine.stop()
+        if self.tp_group is not None:
+            if self.tp_group.dead is None:
+                self.tp_runner.stop()
+            self.tp_group.close()
         for eng in self.transfers.values():
             with contextlib.suppress(Exception):
                 eng.close()
@@ -517,7 +589,13 @@ def serve(cfg: ServeConfig) -> int:
     setup_logging()
     _tune_cpu_runtime()
     torch.set_num_threads(max(1, int(os.environ.get("PDBUS_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))))
+    server = RankServer(cfg)
     try:
-        return asyncio.run(RankServer(cfg).run())
+        code = asyncio.run(server.run())
     except KeyboardInterrupt:
         return 0
+    if server.tp_group is not None and server.tp_group.dead:
+        # a broken collective may leave the engine thread stuck in C code: leave now
+        logging.shutdown()
+        os._exit(code or 1)
+    return code

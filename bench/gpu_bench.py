@@ -105,10 +105,10 @@ def ceilings():
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
     t = time_eager(lambda: b.copy_(a), iters=10)
-    bw = 2 * a.numel() * 2 / t / 1e9
+    bw = 2 * a.numel() * 2 / t / 1e6  # GB/s (t in ms)
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t2 = time_eager(lambda: m @ m, iters=10)
-    tf = 2 * 8192**3 / t2 / 1e9
+    tf = 2 * 8192**3 / t2 / 1e9  # TFLOP/s
     return bw, tf
 
 
@@ -311,7 +311,8 @@ def decode_breakdown(dec):
 
     pairs = torch.randn(B * TOPK, HID, device="cuda", dtype=torch.bfloat16)
     ops = {
-        "add_rmsnorm": (lambda: [KN.fused_add_rmsnorm(x, res, L[i]["ln_in"], EPS) for i in range(LAYERS + 1)]),
+        "add_rmsnorm": (lambda: [KN.fused_add_rmsnorm(x, res, L[i % LAYERS]["ln_in"], EPS)
+                                 for i in range(LAYERS + 1)]),
         "qkv": (lambda: [lin(x, L[i]["qkv"], db) for i in range(LAYERS)]),
         "rope+store_kv": rope_store,
         "decode_attn": attn,
@@ -366,6 +367,8 @@ MOE_SMALL = [
 
 def sweep_wlinear(model, M, name, key, act, cands):
     L = model.layers
+    if model.dense_bits == 8:
+        cands = cands + [dict(c, CVT=0) for c in cands[:3]]
     lys = range(1, LAYERS) if key in ("gu", "down") else range(LAYERS)
     bits = model.dense_bits
     w0 = L[1][key][0]
@@ -417,7 +420,9 @@ def sweep_wlinear(model, M, name, key, act, cands):
 def sweep_moe(model, T, which, cands):
     L = model.layers
     if model.exp_bits == 4:
-        cands = cands + [dict(c, MAGIC=False) for c in cands[:3]]
+        cands = cands + [dict(c, CVT=v) for c in cands[:3] for v in (0, 1)]
+    elif model.exp_bits == 8:
+        cands = cands + [dict(c, CVT=0) for c in cands[:3]]
     x = torch.randn(T, HID, device="cuda", dtype=torch.bfloat16)
     w_, ids_ = KN.moe_route(x, L[1]["gate"], TOPK, L[1]["bias"])
     bm = KN.moe_block_m(T * TOPK, E)
@@ -574,9 +579,23 @@ def main():
     ap.add_argument("--tune-modes", default="wint4", help="modes whose decode kernels are swept")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table of wint4 b1/b64 steps")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one eager wint4 b1 step between cudaProfilerStart/Stop (run under ncu "
+                         "--profile-from-start off)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_default_dtype(torch.bfloat16)
+    if args.ncu:
+        nblk = -(-args.ctx // BS)
+        kv = torch.randn(LAYERS, 2, nblk + 8, KVH, BS, HD, device="cuda", dtype=torch.bfloat16)
+        dec = Decode(Model("wint4"), 1, args.ctx, [kv[i, 0] for i in range(LAYERS)], [kv[i, 1] for i in range(LAYERS)])
+        dec.step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        dec.step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     props = torch.cuda.get_device_properties(0)
     import triton
 

@@ -60,10 +60,15 @@ def multi_serve_main(argv: list[str] | None = None) -> int:
 
 def client_main(argv: list[str] | None = None) -> int:
     from pdbus.client import add_client_args, run_client
+    from pdbus.sockets import BusError
 
     p = argparse.ArgumentParser(prog="pdbus client", description="Send a prompt over the bus and stream tokens")
     add_client_args(p)
-    return run_client(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run_client(args)
+    except (OSError, BusError, ValueError, TimeoutError) as exc:  # router unreachable, refused, bad key file
+        return _fail(f"client: {getattr(exc, 'reason', None) or exc}", 1)
 
 
 def keygen_main(argv: list[str] | None = None) -> int:
@@ -72,7 +77,10 @@ def keygen_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pdbus.security import generate_key_file
 
-    generate_key_file(args.path)
+    try:
+        generate_key_file(args.path)
+    except OSError as exc:
+        return _fail(f"keygen: {args.path}: {exc.strerror}", 1)
     print(f"wrote {args.path} (keep it secret; give it to the router and every instance)")
     return 0
 
@@ -88,10 +96,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: pdbus {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            return _fail(f"unknown command {argv[0]!r}")
+    usage = "usage: pdbus {" + ",".join(COMMANDS) + "} ..."
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        return _fail(f"unknown command {argv[0]!r} ({usage})")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stderr)
         return 0 if argv else 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -33,6 +33,20 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _check_port(flag: str, host: str, port: int, free: bool = True) -> None:
+    """A port number in range and, with ``free``, bindable on ``host`` now."""
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{flag} {port} is not a port number")
+    if not free or not port:
+        return
+    try:
+        busy = port_in_use(host, port)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"{flag} {port}: cannot bind on {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    if busy:
+        raise ConfigError(f"{flag} {port} on {host} is already in use")
+
+
 def parse_ports(value: str | None, what: str) -> list[int]:
     if not value:
         return []
@@ -118,8 +132,9 @@ class ServeConfig:
             raise ConfigError("--num-gpu-blocks-override must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
-        if check_port and self.port and port_in_use(self.host, self.port):
-            raise ConfigError(f"--port {self.port} on {self.host} is already in use")
+        if not self.heartbeat_interval > 0:
+            raise ConfigError(f"--heartbeat-interval must be positive, got {self.heartbeat_interval}")
+        _check_port("--port", self.host, self.port, free=check_port)
         return self
 
 
@@ -138,12 +153,12 @@ class RouterConfig:
     max_retries: int = 2
 
     def validate(self, check_port: bool = True) -> RouterConfig:
-        if check_port:
-            for flag, port in (("--port", self.port), ("--bus-port", self.bus_port)):
-                if port and port_in_use(self.host, port):
-                    raise ConfigError(f"{flag} {port} on {self.host} is already in use")
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
+        if not self.heartbeat_interval > 0:
+            raise ConfigError(f"--heartbeat-interval must be positive, got {self.heartbeat_interval}")
+        for flag, port in (("--port", self.port), ("--bus-port", self.bus_port)):
+            _check_port(flag, self.host, port, free=check_port)
         return self
 
 

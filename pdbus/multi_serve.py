@@ -29,15 +29,27 @@ def _arg_value(args: list[str], flag: str) -> str | None:
     return None
 
 
+def _int_arg(args: list[str], flag: str) -> int | None:
+    value = _arg_value(args, flag)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} in --args is not an integer") from None
+
+
 def plan(ports: list[int], num_servers: int, child_args: list[str], visible: str | None) -> list[tuple[list[str], dict]]:
+    if num_servers < 1:
+        raise ConfigError(f"--num-servers must be >= 1, got {num_servers}")
     if len(ports) != num_servers:
         raise ConfigError(f"--ports lists {len(ports)} ports but --num-servers is {num_servers}")
-    dp = _arg_value(child_args, "--data-parallel-size")
-    if dp is not None and int(dp) != num_servers:
+    dp = _int_arg(child_args, "--data-parallel-size")
+    if dp is not None and dp != num_servers:
         raise ConfigError(f"--data-parallel-size {dp} in --args differs from --num-servers {num_servers}")
     if _arg_value(child_args, "--port") is not None:
         raise ConfigError("--port must not be in --args: multi-serve assigns --ports to the ranks")
-    tp = int(_arg_value(child_args, "--tensor-parallel-size") or 1)
+    tp = _int_arg(child_args, "--tensor-parallel-size") or 1
     devices = [d for d in (visible or "").split(",") if d.strip()]
     if devices and len(devices) < num_servers * tp:
         raise ConfigError(
@@ -55,6 +67,17 @@ def plan(ports: list[int], num_servers: int, child_args: list[str], visible: str
     return out
 
 
+def _validate_ranks(ranks: list[tuple[list[str], dict]]) -> None:
+    """Check every rank's flags (and that its port is free) here, so that a mistake is one line
+    from multi-serve rather than one from each rank."""
+    from pdbus.config import add_serve_args, serve_config_from_args
+
+    for args, _ in ranks:
+        p = argparse.ArgumentParser(prog="pdbus multi-serve --args")
+        add_serve_args(p)
+        serve_config_from_args(p.parse_args(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdbus multi-serve", description="Spawn one rank server per DP rank")
     p.add_argument("--ports", required=True, help="comma list of HTTP ports, one per server")
@@ -64,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         ranks = plan(parse_ports(ns.ports, "--ports"), ns.num_servers, ns.args, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        _validate_ranks(ranks)
     except ConfigError as exc:
         print(f"pdbus: error: {exc}", file=sys.stderr)
         return 2

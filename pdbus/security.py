@@ -9,6 +9,7 @@ trusted network only).
 from __future__ import annotations
 
 import os
+import time
 
 import zmq
 
@@ -82,3 +83,49 @@ def start_authenticator(ctx: zmq.Context, path: str):
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=OneKey(public))
     return auth
+
+
+_HANDSHAKE_FAILED = {
+    "EVENT_HANDSHAKE_FAILED_NO_DETAIL": "CurveZMQ handshake failed",
+    "EVENT_HANDSHAKE_FAILED_PROTOCOL": "the peer does not speak CurveZMQ",
+    "EVENT_HANDSHAKE_FAILED_AUTH": "the peer's key is not this cluster's",
+}
+
+
+async def log_refused_handshakes(sock, every_s: float = 30.0) -> None:
+    """Log each kind of handshake a Curve server socket refused (at most once per ``every_s``):
+    a peer without the cluster key never reaches ZAP, so without this nothing would say why an
+    instance does not register. libzmq names the listening endpoint, not the peer. Runs until
+    cancelled."""
+    import zmq
+    from zmq.utils.monitor import parse_monitor_message
+
+    masks = {getattr(zmq, name): why for name, why in _HANDSHAKE_FAILED.items() if hasattr(zmq, name)}
+    mon = sock.get_monitor_socket(sum(masks))
+    last: dict[int, float] = {}
+    refused = 0
+    try:
+        while True:
+            event = parse_monitor_message(await mon.recv_multipart())
+            why = masks.get(event["event"])
+            if why is None:
+                continue
+            refused += 1
+            now = time.monotonic()
+            if now - last.get(event["event"], -every_s) >= every_s:
+                last[event["event"]] = now
+                where = event["endpoint"]
+                where = where.decode(errors="replace") if isinstance(where, bytes) else str(where)
+                log.warning(
+                    "refused a bus connection on %s: %s (%d refused so far); "
+                    "every instance needs the router's --bus-key-file",
+                    where,
+                    why,
+                    refused,
+                )
+    finally:
+        try:
+            sock.disable_monitor()
+        except Exception:  # the socket is already closed at shutdown
+            pass
+        mon.close(linger=0)

@@ -7,6 +7,7 @@ sends are non-blocking: a full queue surfaces as ``BusFull`` to the caller.
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import zmq
@@ -79,13 +80,16 @@ def bind(sock: zmq.Socket, host: str, port: int = 0) -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """True if ``host:port`` is taken; other bind failures (no such address) raise OSError."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
         try:
             s.bind((host, port))
-        except OSError:
-            return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
     return False
 
 

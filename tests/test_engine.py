@@ -26,6 +26,15 @@ MAX_NEW = 10
 WAIT_S = 30.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The model is tiny: a second intra-op thread only fights the other processes for the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from pdbus.native.model.loader import load_model
@@ -72,7 +81,11 @@ def greedy(
     max_tokens: int = MAX_NEW, repetition_penalty: float = PENALTY, ignore_eos: bool = True, **kw
 ) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos, repetition_penalty=repetition_penalty, **kw
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=ignore_eos,
+        repetition_penalty=repetition_penalty,
+        **kw,
     )
 
 
@@ -122,7 +135,9 @@ class Collector(EngineEvents):
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}; failed: {self.failed}")
 
     def wait_done(self, req_ids) -> None:
-        self.wait(lambda: all(r in self.finish or r in self.failed for r in req_ids), f"{list(req_ids)} to finish")
+        self.wait(
+            lambda: all(r in self.finish or r in self.failed for r in req_ids), f"{list(req_ids)} to finish"
+        )
 
 
 def make_engine(
@@ -139,13 +154,19 @@ def make_engine(
 ) -> tuple[Engine, Collector]:
     cfg = model.cfg
     if cache is None:
-        cache = KVCache(cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
+        cache = KVCache(
+            cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype
+        )
     events = events or Collector()
     engine = Engine(
         ModelRunner(model, cache, "cpu"),
         Sampler(seed=0),
         events,
-        EngineLimits(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len),
+        EngineLimits(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+        ),
         eos if eos is not None else {cfg.eos_token_id},
         role=role,
         transfer_engines=transfers,
@@ -154,7 +175,9 @@ def make_engine(
     return engine, events
 
 
-def run_batch(model, requests: list[tuple[list[int], SamplingParams]], **engine_kw) -> tuple[Collector, Engine]:
+def run_batch(
+    model, requests: list[tuple[list[int], SamplingParams]], **engine_kw
+) -> tuple[Collector, Engine]:
     """All requests queued before the engine starts, so the first step sees all of them."""
     engine, events = make_engine(model, **engine_kw)
     ids = [f"r{i}" for i in range(len(requests))]
@@ -263,7 +286,7 @@ def test_eos_ignore_eos_and_min_tokens(model, prompts, reference):
     assert got[1] == ref and events.finish["r1"] == "length"  # ignore_eos
     # eos is masked until min_tokens outputs exist
     assert len(got[2]) >= first + 3 and eos not in got[2][: first + 3]
-    assert got[2][: first] == ref[:first]
+    assert got[2][:first] == ref[:first]
     assert events.finish["r2"] == ("stop" if got[2][-1] == eos else "length")
 
 
@@ -409,7 +432,9 @@ def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, bu
         cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype, shared=True
     )
     receiver = ShmTransfer(decode_cache)
-    prefill_cache = KVCache(cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
+    prefill_cache = KVCache(
+        cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype
+    )
     sender = ShmTransfer(prefill_cache)
     prefill, p_events = make_engine(
         model, max_num_batched_tokens=budget, role="prefill", transfers={"ipc": sender}, cache=prefill_cache
@@ -423,7 +448,9 @@ def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, bu
         d_events.wait(lambda: "pd" in d_events.reserved, "the reservation")
         dest_blocks = d_events.reserved["pd"]
         assert dest_blocks is not None and decode.blocks.num_reserved == len(dest_blocks)
-        dest = Destination(instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks)
+        dest = Destination(
+            instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks
+        )
         prefill.add_prefill("pd", prompt, greedy(max_tokens=max_tokens), dest)
         p_events.wait(lambda: "pd" in p_events.prefilled or "pd" in p_events.failed, "on_prefilled")
         assert "pd" not in p_events.failed, p_events.failed
@@ -473,4 +500,60 @@ def test_decode_without_reservation_fails_and_leases_expire(model, prompts):
         assert engine.load().reserved_blocks == 0, "the lease never expired"
     finally:
         engine.stop()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_stalled_engine_waits_instead_of_spinning(model, prompts, reference):
+    # every block leased: the request cannot start until the lease expires, and meanwhile the
+    # engine thread must not busy-loop over an empty schedule
+    engine, events = make_engine(model, num_blocks=8)
+    calls = 0
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        nonlocal calls
+        calls += 1
+        return schedule()
+
+    engine.scheduler.schedule = counting_schedule
+    engine.start()
+    try:
+        engine.reserve("hold", 8 * BLOCK_SIZE, lease_s=0.5)
+        events.wait(lambda: "hold" in events.reserved, "the reservation")
+        assert engine.blocks.num_free == 0
+        engine.add_request("w", prompts[2], greedy())
+        events.wait_done(["w"])
+    finally:
+        engine.stop()
+    assert events.tokens["w"] == reference[2]
+    assert calls < 1000, f"{calls} schedule() calls while stalled for 0.5 s"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_bad_destination_fails_only_its_own_prefill(model, prompts, reference):
+    from pdbus.native.transfer.shm import ShmTransfer
+
+    cfg = model.cfg
+    cache = KVCache(cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
+    sender = ShmTransfer(cache)
+    engine, events = make_engine(model, role="prefill", transfers={"ipc": sender}, cache=cache)
+    gone = {"protocol": "ipc", "kind": "shm", "shm_name": "pdbus-kv-no-such-segment"}
+    bad = {
+        "proto": Destination(instance_id="d", protocol="rdma", endpoint={}, block_ids=list(range(8))),
+        "blocks": Destination(instance_id="d", protocol="ipc", endpoint={}, block_ids=[0]),
+        "endpoint": Destination(instance_id="d", protocol="ipc", endpoint=gone, block_ids=list(range(8))),
+    }
+    for req_id, dest in bad.items():
+        engine.add_prefill(req_id, prompts[4], greedy(), dest)
+    engine.add_request("good", prompts[4], greedy())  # in the same first step as the bad ones
+    engine.start()
+    try:
+        events.wait_done(["good", *bad])
+    finally:
+        engine.stop()
+        sender.close()
+    assert events.tokens["good"] == reference[4]
+    assert "no rdma transfer engine" in events.failed["proto"]
+    assert "reserved 1 blocks" in events.failed["blocks"]
+    assert "failed" in events.failed["endpoint"]
     assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -41,6 +41,7 @@ else:
     CTX = (1, 63, 65, 1000, 1025, 4097)
 BS = 64
 EPS = 1e-5
+CVTS = (0, 1) if DEV == "cpu" else (0, 1, 2)  # the PTX path (2) needs a GPU
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -356,11 +357,12 @@ def test_quant_round_trip_exact(bits):
     q, s, stored = ref_quant(w, bits)
     x = torch.eye(Kd, dtype=BF, device=DEV)
     ref = (q.float() * s.float()[:, None]).T.to(BF)
-    for magic in (True, False):  # int4: the bit-trick dequant and the plain conversion path
-        out = poison((Kd, N))
-        cfg = {"BM": 64, "BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "MAGIC": magic}
-        K.wlinear(x, stored, s, bits, out=out, config=cfg)
-        assert torch.equal(out, ref), magic
+    for cvt in CVTS:  # every dequantization path (see native/kernels/wlinear.py _wq_step)
+        for bm in (16, 64):
+            out = poison((Kd, N))
+            cfg = {"BM": bm, "BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "CVT": cvt}
+            K.wlinear(x, stored, s, bits, out=out, config=cfg)
+            assert torch.equal(out, ref), (cvt, bm)
     if bits == 4:
         assert stored.dtype == torch.uint8 and stored.shape == (N, Kd // 2)
         assert int(q.min()) >= -7 and int(q.max()) <= 7
@@ -474,10 +476,11 @@ def test_fused_moe(bits, T):
     bm = 64 if K.moe_block_m(T * TOPK, E) == 16 else 16
     out2 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, block_m=bm)
     assert rel_err(out2, ref - shared.float()) < 2e-2
-    if bits == 4:  # the plain int4 conversion path too
-        cfg = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "MAGIC": False}
-        out3 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, configs=(cfg, cfg))
-        assert rel_err(out3, ref - shared.float()) < 2e-2
+    if bits != 16:  # the other dequantization paths too
+        for cvt in CVTS:
+            cfg = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "CVT": cvt}
+            out3 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, configs=(cfg, cfg))
+            assert rel_err(out3, ref - shared.float()) < 2e-2, cvt
 
 
 def test_fused_moe_rejects_bad_input():

@@ -37,7 +37,9 @@ class Planned:
 
 
 class Sim:
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, chunked: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int, max_num_seqs: int, budget: int, chunked: bool = True
+    ):
         self.blocks = BlockManager(num_blocks, block_size)
         self.sched = Scheduler(self.blocks, max_num_seqs, budget, enable_chunked_prefill=chunked)
         self.finished: dict[str, Sequence] = {}

@@ -350,6 +350,42 @@ def test_tcp_send_timeout_fails_the_handle():
         dst.close()
 
 
+def test_tcp_receiver_validates_what_arrives():
+    """A crafted write outside the cache is read and dropped, and its commit is refused."""
+    import numpy as np
+    from pdbus.native.transfer import tcp
+
+    cache = make_cache(4)
+    rx = engine("tcp", cache)
+    try:
+        ep = rx.endpoint()
+        with socket.create_connection(("127.0.0.1", ep["port"]), timeout=10) as sock:
+            payload = bytes(range(256)) * (2 * BLOCK * HEAD_DIM * 2 // 256)  # one block, 2 heads
+            rid = b"bad"
+            ids = np.asarray([7], dtype="<u4").tobytes()  # block 7 of a 4-block cache
+            sock.sendall(tcp._HDR.pack(tcp._MAGIC, tcp._WRITE, 0, 0, len(rid), 0, 2, 1, len(payload)) + rid + ids)
+            sock.sendall(payload)
+            sock.sendall(tcp._HDR.pack(tcp._MAGIC, tcp._COMMIT, 0, 0, len(rid), 0, 0, 0, 0) + rid)
+            ack = b""
+            while len(ack) < tcp._ACK.size:
+                ack += sock.recv(4096)
+            _, mtype, status, req_len, err_len, _ = tcp._ACK.unpack_from(ack)
+            while len(ack) < tcp._ACK.size + req_len + err_len:
+                ack += sock.recv(4096)
+            assert (mtype, status) == (tcp._ACK_TYPE, 1)
+            assert b"block 7 outside" in ack[tcp._ACK.size + req_len :]
+            assert torch.count_nonzero(cache.buffer) == 0
+        with socket.create_connection(("127.0.0.1", ep["port"]), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:  # not our protocol: the receiver hangs up (a reset when our bytes were unread)
+                assert sock.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        rx.close()
+        cache.close()
+
+
 def test_tcp_listens_on_the_given_host_only():
     cache = make_cache(4)
     rx = engine("tcp", cache)

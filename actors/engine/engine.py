@@ -88,6 +88,7 @@ class Engine:
         self.tokens_generated = 0
         self.prompt_tokens_computed = 0
         self.last_error: str | None = None
+        self._stalled = False  # the last step had work but no blocks to run it: don't spin
 
     # ------------------------------------------------------------------ thread API
     def start(self) -> None:
@@ -142,10 +143,12 @@ class Engine:
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() and not self._stalled:
                 timeout: float | None = 0.0
             elif self.transferring:
                 timeout = 0.001
+            elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
+                timeout = 0.01
             elif self.blocks.leases:
                 timeout = 0.5
             else:
@@ -201,8 +204,30 @@ class Engine:
         if seq.num_tokens >= self.max_len:
             self.events.on_failed(seq.req_id, f"prompt of {seq.num_tokens} tokens exceeds the KV cache", False)
             return
+        if seq.dest is not None:
+            # checked here, not when the last chunk runs: a step that raises fails every request in it
+            error = self._check_destination(seq)
+            if error is not None:
+                self.events.on_failed(seq.req_id, error, True)
+                return
         self.seqs[seq.req_id] = seq
         self.scheduler.add(seq)
+
+    def _check_destination(self, seq: Sequence) -> str | None:
+        dest = seq.dest
+        engine = self.transfers.get(dest.protocol)
+        if engine is None:
+            return f"no {dest.protocol} transfer engine on this instance"
+        need = self.blocks.blocks_for(seq.num_tokens)
+        if need > len(dest.block_ids):
+            return f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {need}"
+        from pdbus.native.transfer.base import TransferError
+
+        try:
+            engine.open_peer(dest.instance_id, dest.endpoint)
+        except (TransferError, OSError) as exc:
+            return f"KV transfer to {dest.instance_id} failed: {exc}"
+        return None
 
     def _add_decode(self, req_id: str, prompt: list[int], outputs: list[int], sampling: SamplingParams) -> None:
         blocks = self.blocks.claim(req_id)
@@ -276,6 +301,7 @@ class Engine:
     def step(self) -> None:
         self._poll_transfers()
         batch = self.scheduler.schedule()
+        self._stalled = not batch and self.scheduler.has_work()
         if not batch:
             return
         self.steps += 1

@@ -263,15 +263,19 @@ class _Run:
             c.error = c.error or "stream ended without a finish reason"
 
     def _logprobs_obj(self, c: ChoiceState, start: int, end: int | None = None):
-        if not self._want_logprobs() or c.detok is None:
+        if not self._want_logprobs():
             return None
         tok = self.s.tokenizer
+
+        def piece(t: int) -> str:  # without a tokenizer (token-id prompts), tokens are named by id
+            return tok.decode([t], skip_special_tokens=False) if tok is not None else f"token_id:{t}"
+
         ids = c.token_ids[start:end]
         lps = c.logprobs[start:end]
         if len(lps) != len(ids):
             return None
-        pieces = [tok.decode([t], skip_special_tokens=False) for t in ids]
-        tops = [[(tok.decode([t.token_id], skip_special_tokens=False), t.logprob) for t in row] for row in c.top_logprobs[start:end]]
+        pieces = [piece(t) for t in ids]
+        tops = [[(piece(t.token_id), t.logprob) for t in row] for row in c.top_logprobs[start:end]]
         if self.chat:
             return P.chat_logprobs(pieces, lps, tops)
         return P.completion_logprobs(pieces, lps, tops if self.req.logprobs else None)

@@ -325,15 +325,16 @@ class RouterServer:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         if self.cfg.bus_key_file:
-            from zmq.auth.asyncio import AsyncioAuthenticator
+            from pdbus.security import start_authenticator
 
-            from pdbus.security import load_key_file
-
-            public, _ = load_key_file(self.cfg.bus_key_file)
-            self._auth = AsyncioAuthenticator(self.bus.ctx)
-            self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_OneKey(public))
+            # ZAP: only the cluster key may register; started before any peer can connect
+            self._auth = start_authenticator(self.bus.ctx, self.cfg.bus_key_file)
         self.bus.start()
+        watcher = None
+        if self.cfg.bus_key_file:
+            from pdbus.security import log_refused_handshakes
+
+            watcher = loop.create_task(log_refused_handshakes(self.bus.sock))
         runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -348,25 +349,14 @@ class RouterServer:
         for task in list(self.client_tasks.values()):
             task.cancel()
         await runner.cleanup()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await self.bus.close()
         if self._auth is not None:
             self._auth.stop()
         return 0
-
-
-class _OneKey:
-    """ZAP credentials provider: admit exactly the cluster's public key."""
-
-    def __init__(self, public_z85: bytes):
-        import zmq
-
-        self.public = zmq.utils.z85.decode(public_z85)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = key == self.public
-        if not ok:
-            log.warning("bus: refused a connection with an unknown CurveZMQ key")
-        return ok
 
 
 def serve_router(cfg: RouterConfig) -> int:

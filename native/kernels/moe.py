@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .wlinear import TUNED, _wq_step, check_weight, m_bucket, magic_view
+from .wlinear import TUNED, _wq_step, check_weight, m_bucket, weight_view
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
@@ -134,11 +134,16 @@ def moe_route(
     if T == 0:
         return wts, ids
     logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
-    BT = 1 if T == 1 else (2 if T <= 8 else 4)
-    BE = 8
+    # enough programs to spread the fp32 gate (E x H x 4 bytes) over the SMs at any T
+    if T <= 4:
+        BT, BE, BK = 1, 1, 512
+    elif T <= 64:
+        BT, BE, BK = 4, 4, 128
+    else:
+        BT, BE, BK = 8, 8, 64
     _router_logits_kernel[(triton.cdiv(T, BT), triton.cdiv(E, BE))](
         x, gate_weight, logits, T, E, H, x.stride(0), gate_weight.stride(0),
-        BT=BT, BE=BE, BK=128 if BT <= 2 else 64, num_warps=4,
+        BT=BT, BE=BE, BK=BK, num_warps=4,
     )
     EP = triton.next_power_of_2(E)
     BT2 = max(1, min(16, 2048 // EP))
@@ -152,9 +157,13 @@ def moe_route(
 # ------------------------------------------------------------------------------------ align
 
 
-@triton.jit(do_not_specialize=["num_pairs", "max_pad", "max_blocks"])
-def _align_kernel(ids_ptr, sorted_ptr, eids_ptr, npad_ptr, num_pairs, E, max_pad, max_blocks,
+@triton.jit(do_not_specialize=["num_pairs"])
+def _align_kernel(ids_ptr, sorted_ptr, eids_ptr, npad_ptr, num_pairs, E,
                   BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
+    """One program per expert: count every expert's pairs (histogram), place this expert's
+    padded range after the ranges of the experts before it, write its pairs there in order,
+    its padding (sentinel ``num_pairs``) and the expert id of each of its M tiles."""
+    e = tl.program_id(0)
     offs_c = tl.arange(0, CH)
     offs_e = tl.arange(0, EP)
     counts = tl.zeros([EP], tl.int32)
@@ -162,33 +171,30 @@ def _align_kernel(ids_ptr, sorted_ptr, eids_ptr, npad_ptr, num_pairs, E, max_pad
         m = c0 + offs_c < num_pairs
         ids = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0)
         ids = tl.minimum(tl.maximum(ids, 0), E - 1)
-        onehot = (ids[:, None] == offs_e[None, :]) & m[:, None]
-        counts += tl.sum(onehot.to(tl.int32), 0)
+        counts += tl.histogram(ids, EP, mask=m)
     padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    total = tl.sum(padded, 0)
-    tl.store(npad_ptr, total)
-    # expert of each M tile: the number of experts whose range ends at or before the tile start
-    for b0 in range(0, max_blocks, CH):
-        blk = b0 + offs_c
-        e_of = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), 1)
-        e_of = tl.minimum(e_of, E - 1)
-        tl.store(eids_ptr + blk, e_of, mask=blk < max_blocks)
-    for p0 in range(0, max_pad, CH):
-        pp = p0 + offs_c
-        tl.store(sorted_ptr + pp, tl.zeros([CH], tl.int32) + num_pairs, mask=pp < max_pad)
-    tl.debug_barrier()
-    running = tl.zeros([EP], tl.int32)
+    starts = tl.cumsum(padded, 0) - padded
+    mine = offs_e == e
+    my_start = tl.sum(tl.where(mine, starts, 0), 0)
+    my_cnt = tl.sum(tl.where(mine, counts, 0), 0)
+    my_pad = tl.sum(tl.where(mine, padded, 0), 0)
+    if e == 0:
+        tl.store(npad_ptr, tl.sum(padded, 0))
+    for b0 in range(0, my_pad // BM, CH):
+        bb = b0 + offs_c
+        tl.store(eids_ptr + my_start // BM + bb, tl.zeros([CH], tl.int32) + e, mask=bb < my_pad // BM)
+    offs_bm = tl.arange(0, BM)
+    tail = my_cnt + offs_bm
+    tl.store(sorted_ptr + my_start + tail, tl.zeros([BM], tl.int32) + num_pairs, mask=tail < my_pad)
+    running = my_start
     for c0 in range(0, num_pairs, CH):
         m = c0 + offs_c < num_pairs
         ids = tl.load(ids_ptr + c0 + offs_c, mask=m, other=0)
         ids = tl.minimum(tl.maximum(ids, 0), E - 1)
-        onehot = ((ids[:, None] == offs_e[None, :]) & m[:, None]).to(tl.int32)
-        rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
-        base = tl.sum(onehot * (starts + running)[None, :], 1)
-        tl.store(sorted_ptr + base + rank, (c0 + offs_c).to(tl.int32), mask=m)
-        running += tl.sum(onehot, 0)
+        hit = ((ids == e) & m).to(tl.int32)
+        rank = tl.cumsum(hit, 0) - 1
+        tl.store(sorted_ptr + running + rank, (c0 + offs_c).to(tl.int32), mask=hit > 0)
+        running += tl.sum(hit, 0)
 
 
 def align_bounds(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
@@ -212,10 +218,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty((max(max_pad, 1),), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((max(max_blocks, 1),), dtype=torch.int32, device=dev)
     npad = torch.empty((1,), dtype=torch.int32, device=dev)
-    _align_kernel[(1,)](
-        topk_ids, sorted_ids, expert_ids, npad, num_pairs, num_experts, max_pad, max_blocks,
-        BM=block_m, EP=triton.next_power_of_2(num_experts), CH=128 if num_experts <= 64 else 64,
-        num_warps=4,
+    _align_kernel[(num_experts,)](
+        topk_ids, sorted_ids, expert_ids, npad, num_pairs, num_experts,
+        BM=block_m, EP=triton.next_power_of_2(num_experts), CH=256, num_warps=4,
     )
     return sorted_ids, expert_ids, npad
 
@@ -229,7 +234,7 @@ def _moe_gemm_kernel(
     N_OUT, K, num_pairs, top_k,
     s_am, s_we, s_wn, s_se, s_cm,
     BITS: tl.constexpr, SWIGLU: tl.constexpr, MUL_W: tl.constexpr, A_BY_PAIR: tl.constexpr,
-    MAGIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    CVT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -260,8 +265,8 @@ def _moe_gemm_kernel(
     asum = tl.zeros([BM], tl.float32)
     for k0 in range(0, K, BK):
         acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
-                                    BITS, BK, EVEN_K, SWIGLU, MAGIC)
-    if BITS == 4 and MAGIC:
+                                    BITS, BK, EVEN_K, SWIGLU, CVT)
+    if BITS == 4 and CVT == 1:
         acc = acc - 136.0 * asum[:, None]
         if SWIGLU:
             acc_u = acc_u - 136.0 * asum[:, None]
@@ -348,7 +353,7 @@ def moe_gemm(
     cfg = config or TUNED.get(("moe", m_bucket(num_pairs), N, K, bits, swiglu)) or default_moe_config(
         block_m, n_out, K, bits, swiglu)
     BN, BK = cfg["BN"], cfg["BK"]
-    wv, s_wn, magic = magic_view(w, bits, cfg)
+    wv, s_wn, cvt = weight_view(w, bits, cfg)
     grid = (max_blocks, triton.cdiv(n_out, BN))
     _moe_gemm_kernel[grid](
         a, wv, scales if scales is not None else w, out, sorted_ids, expert_ids, npad,
@@ -356,7 +361,7 @@ def moe_gemm(
         n_out, K, num_pairs, top_k,
         a.stride(0), wv.stride(0), s_wn, scales.stride(0) if scales is not None else 0, out.stride(0),
         BITS=bits, SWIGLU=swiglu, MUL_W=topk_weights is not None, A_BY_PAIR=a_by_pair,
-        MAGIC=magic, BM=block_m, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
+        CVT=cvt, BM=block_m, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

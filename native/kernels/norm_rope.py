@@ -193,18 +193,19 @@ def rope_inv_freq(theta: float, head_dim: int, device: torch.device) -> torch.Te
 
 
 @triton.jit
-def _rope_one(base_ptr, s_tok, s_head, t, n_heads, pos_f, cosv, sinv,
-              HEADS: tl.constexpr, HALF: tl.constexpr):
-    # pairs (2i, 2i+1): even lane = x[2i], odd lane = x[2i+1]
+def _rope_tile(base_ptr, s_tok, s_head, t, n_heads, cosv, sinv, HEADS: tl.constexpr, HD: tl.constexpr,
+               DO_ROPE: tl.constexpr):
+    """Load a token's [heads, hd] tile (contiguous rows) and rotate its interleaved pairs."""
     offs_h = tl.arange(0, HEADS)
-    offs_i = tl.arange(0, HALF)
-    hmask = offs_h < n_heads
-    ptr = base_ptr + t * s_tok + offs_h[:, None] * s_head + 2 * offs_i[None, :]
-    x0 = tl.load(ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
-    x1 = tl.load(ptr + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
-    o0 = x0 * cosv[None, :] - x1 * sinv[None, :]
-    o1 = x1 * cosv[None, :] + x0 * sinv[None, :]
-    return o0, o1
+    offs_d = tl.arange(0, HD)
+    hmask = (offs_h < n_heads)[:, None]
+    x = tl.load(base_ptr + t * s_tok + offs_h[:, None] * s_head + offs_d[None, :], mask=hmask, other=0.0)
+    if DO_ROPE:
+        x0, x1 = tl.split(tl.reshape(x.to(tl.float32), [HEADS, HD // 2, 2]))
+        o0 = x0 * cosv[None, :] - x1 * sinv[None, :]
+        o1 = x1 * cosv[None, :] + x0 * sinv[None, :]
+        x = tl.reshape(tl.join(o0, o1), [HEADS, HD]).to(tl.bfloat16)
+    return x
 
 
 @triton.jit
@@ -217,47 +218,33 @@ def _rope_store_kernel(
     DO_ROPE: tl.constexpr, ROPE_K_INPLACE: tl.constexpr, DO_STORE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    offs_i = tl.arange(0, HALF)
+    HD: tl.constexpr = 2 * HALF
+    offs_d = tl.arange(0, HD)
     if DO_ROPE:
-        pos_f = tl.load(pos_ptr + t).to(tl.float32)
-        ang = pos_f * tl.load(inv_freq_ptr + offs_i)
+        ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + tl.arange(0, HALF))
         cosv = tl.cos(ang)
         sinv = tl.sin(ang)
-        # q: rotate in place
-        q0, q1 = _rope_one(q_ptr, s_qt, s_qh, t, n_qh, pos_f, cosv, sinv, QH, HALF)
+        q = _rope_tile(q_ptr, s_qt, s_qh, t, n_qh, cosv, sinv, QH, HD, True)
         offs_qh = tl.arange(0, QH)
-        qptr = q_ptr + t * s_qt + offs_qh[:, None] * s_qh + 2 * offs_i[None, :]
-        qm = (offs_qh < n_qh)[:, None]
-        tl.store(qptr, q0.to(tl.bfloat16), mask=qm)
-        tl.store(qptr + 1, q1.to(tl.bfloat16), mask=qm)
-        k0, k1 = _rope_one(k_ptr, s_kt, s_kh, t, n_kh, pos_f, cosv, sinv, KH, HALF)
+        tl.store(q_ptr + t * s_qt + offs_qh[:, None] * s_qh + offs_d[None, :], q,
+                 mask=(offs_qh < n_qh)[:, None])
     else:
-        offs_kh0 = tl.arange(0, KH)
-        kptr0 = k_ptr + t * s_kt + offs_kh0[:, None] * s_kh + 2 * offs_i[None, :]
-        km0 = (offs_kh0 < n_kh)[:, None]
-        k0 = tl.load(kptr0, mask=km0, other=0.0).to(tl.float32)
-        k1 = tl.load(kptr0 + 1, mask=km0, other=0.0).to(tl.float32)
+        cosv = tl.zeros([HALF], tl.float32)
+        sinv = cosv
+    k = _rope_tile(k_ptr, s_kt, s_kh, t, n_kh, cosv, sinv, KH, HD, DO_ROPE)
     offs_kh = tl.arange(0, KH)
     km = (offs_kh < n_kh)[:, None]
-    k0b = k0.to(tl.bfloat16)
-    k1b = k1.to(tl.bfloat16)
     if ROPE_K_INPLACE:
-        kptr = k_ptr + t * s_kt + offs_kh[:, None] * s_kh + 2 * offs_i[None, :]
-        tl.store(kptr, k0b, mask=km)
-        tl.store(kptr + 1, k1b, mask=km)
+        tl.store(k_ptr + t * s_kt + offs_kh[:, None] * s_kh + offs_d[None, :], k, mask=km)
     if DO_STORE:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             blk = slot // block_size
             off = slot % block_size
-            cbase = blk * s_cb + off * s_cs + offs_kh[:, None] * s_ch + 2 * offs_i[None, :]
-            tl.store(kc_ptr + cbase, k0b, mask=km)
-            tl.store(kc_ptr + cbase + 1, k1b, mask=km)
-            vptr = v_ptr + t * s_vt + offs_kh[:, None] * s_vh + 2 * offs_i[None, :]
-            v0 = tl.load(vptr, mask=km, other=0.0)
-            v1 = tl.load(vptr + 1, mask=km, other=0.0)
-            tl.store(vc_ptr + cbase, v0, mask=km)
-            tl.store(vc_ptr + cbase + 1, v1, mask=km)
+            cbase = blk * s_cb + off * s_cs + offs_kh[:, None] * s_ch + offs_d[None, :]
+            tl.store(kc_ptr + cbase, k, mask=km)
+            v = tl.load(v_ptr + t * s_vt + offs_kh[:, None] * s_vh + offs_d[None, :], mask=km, other=0.0)
+            tl.store(vc_ptr + cbase, v, mask=km)
 
 
 def _check_heads(name: str, t: torch.Tensor, T: int | None, hd: int | None) -> None:

@@ -25,8 +25,10 @@ _BF16 = torch.bfloat16
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WDTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.uint8}
 
-# (kind, m_bucket, N, K, bits) -> config dict; filled by tuning (bench/gpu_bench.py) or by hand.
+# (kind, m_bucket, N, K, bits, swiglu) -> config dict; filled by tuning (bench/gpu_bench.py).
 TUNED: dict[tuple, dict] = {}
+# Dequantization path (see _wq_step); the PTX one does not run under TRITON_INTERPRET.
+DEFAULT_CVT = 0 if _INTERPRET else 2
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -41,20 +43,86 @@ def m_bucket(m: int) -> int:
     return 1024
 
 
+# int4 -> bf16 without integer-to-float conversions: for each byte, ``nib | 0x4300`` is the bf16
+# number 128 + nib; one fma.bf16x2 takes 136 off two values at once (exact: the results are
+# the integers -8..7). Four bytes in, (low nibbles, high nibbles) out, two bf16 per register.
+_I4_ASM = tl.constexpr("""
+{
+.reg .b32 t, u, one, off;
+mov.b32 one, 0x3F803F80;
+mov.b32 off, 0xC308C308;
+prmt.b32 t, $4, $4, 0x3120;
+lop3.b32 u, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, u, one, off;
+shr.u32 u, t, 8;
+lop3.b32 u, u, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $1, u, one, off;
+shr.u32 u, t, 4;
+lop3.b32 u, u, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $2, u, one, off;
+shr.u32 u, t, 12;
+lop3.b32 u, u, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $3, u, one, off;
+}
+""")
+
+# int8 -> bf16: byte ^ 0x80 placed under the fp32 exponent of 2^23 is 2^23 + x + 128 exactly;
+# subtract, then pack two floats per cvt.
+_I8_ASM = tl.constexpr("""
+{
+.reg .b32 r, m, f0, f1, f2, f3;
+xor.b32 r, $2, 0x80808080;
+mov.b32 m, 0x4B000000;
+prmt.b32 f0, r, m, 0x7650;
+prmt.b32 f1, r, m, 0x7651;
+prmt.b32 f2, r, m, 0x7652;
+prmt.b32 f3, r, m, 0x7653;
+sub.f32 f0, f0, 0f4B000080;
+sub.f32 f1, f1, 0f4B000080;
+sub.f32 f2, f2, 0f4B000080;
+sub.f32 f3, f3, 0f4B000080;
+cvt.rn.bf16x2.f32 $0, f1, f0;
+cvt.rn.bf16x2.f32 $1, f3, f2;
+}
+""")
+
+
+@triton.jit
+def _i4_unpack(p, CVT: tl.constexpr):
+    """uint8 tile -> (low nibbles - 8, high nibbles - 8) as bf16 tiles of the same shape."""
+    if CVT == 2:
+        lo, hi = tl.inline_asm_elementwise(_I4_ASM, "=r,=r,=r,=r,r", [p], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=4)
+    else:
+        lo = ((p & 0xF).to(tl.int8) - 8).to(tl.bfloat16)
+        hi = ((p >> 4).to(tl.int8) - 8).to(tl.bfloat16)
+    return lo, hi
+
+
+@triton.jit
+def _i8_to_bf16(w, CVT: tl.constexpr):
+    if CVT == 2:
+        out = tl.inline_asm_elementwise(_I8_ASM, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        out = w.to(tl.bfloat16)
+    return out
+
+
 @triton.jit
 def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
              BITS: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
-             MAGIC: tl.constexpr):
+             CVT: tl.constexpr):
     """One K step: acc (+ acc_u, the up rows, with SWIGLU) += A[:, k0:k0+BK] @ W[:, k0:k0+BK].T,
     without the per-channel scale. a_rows [BM, 1] / w_rows, u_rows [BN, 1] are row pointers,
     a_mask / w_mask row masks.
 
-    int4 with MAGIC: W is read as int16 words of four nibbles; ``nib | 0x4300`` is the bf16
-    number 128 + nib, so no integer-to-float conversion is issued (those run at a quarter of the
-    ALU rate and bound the plain path); the caller subtracts ``136 * sum_k a`` (kept in asum)
-    once at the end. Without MAGIC the nibbles go through int8 -> bf16 conversions."""
+    Dequantization (CVT): 0 = Triton's integer-to-float casts (a quarter of the ALU rate; they
+    bound the small-batch kernels); 1 (int4) = W read as int16 words of four nibbles and
+    ``nib | 0x4300`` bit-cast to bf16 (= 128 + nib), the caller subtracting ``136 * sum_k a``
+    (kept in asum) at the end; 2 = PTX bit tricks, two values per instruction (_I4_ASM,
+    _I8_ASM)."""
     if BITS == 4:
-        if MAGIC:
+        if CVT == 1:
             offs = k0 // 4 + tl.arange(0, BK // 4)
             if EVEN_K:
                 am = a_mask
@@ -86,14 +154,12 @@ def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
             a_e = tl.load(a_rows + 2 * offs[None, :], mask=am, other=0.0)
             a_o = tl.load(a_rows + 2 * offs[None, :] + 1, mask=am, other=0.0)
             p = tl.load(w_rows + offs[None, :], mask=wm, other=0x88)
-            lo = ((p & 0xF).to(tl.int8) - 8).to(tl.bfloat16)
-            hi = ((p >> 4).to(tl.int8) - 8).to(tl.bfloat16)
+            lo, hi = _i4_unpack(p, CVT)
             acc = tl.dot(a_e, tl.trans(lo), acc)
             acc = tl.dot(a_o, tl.trans(hi), acc)
             if SWIGLU:
                 pu = tl.load(u_rows + offs[None, :], mask=wm, other=0x88)
-                lo_u = ((pu & 0xF).to(tl.int8) - 8).to(tl.bfloat16)
-                hi_u = ((pu >> 4).to(tl.int8) - 8).to(tl.bfloat16)
+                lo_u, hi_u = _i4_unpack(pu, CVT)
                 acc_u = tl.dot(a_e, tl.trans(lo_u), acc_u)
                 acc_u = tl.dot(a_o, tl.trans(hi_u), acc_u)
     else:
@@ -107,10 +173,18 @@ def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
             wm = w_mask & kin
         a = tl.load(a_rows + offs[None, :], mask=am, other=0.0)
         w = tl.load(w_rows + offs[None, :], mask=wm, other=0)
-        acc = tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
+        if BITS == 8:
+            wb = _i8_to_bf16(w, CVT)
+        else:
+            wb = w
+        acc = tl.dot(a, tl.trans(wb), acc)
         if SWIGLU:
             u = tl.load(u_rows + offs[None, :], mask=wm, other=0)
-            acc_u = tl.dot(a, tl.trans(u.to(tl.bfloat16)), acc_u)
+            if BITS == 8:
+                ub = _i8_to_bf16(u, CVT)
+            else:
+                ub = u
+            acc_u = tl.dot(a, tl.trans(ub), acc_u)
     return acc, acc_u, asum
 
 
@@ -118,7 +192,7 @@ def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
 def _wlinear_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr,
     M, N_OUT, K, s_am, s_wn, s_cm,
-    BITS: tl.constexpr, SWIGLU: tl.constexpr, MAGIC: tl.constexpr,
+    BITS: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -138,9 +212,9 @@ def _wlinear_kernel(
     asum = tl.zeros([BM], tl.float32)
     for k0 in range(0, K, BK):
         acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
-                                    BITS, BK, EVEN_K, SWIGLU, MAGIC)
+                                    BITS, BK, EVEN_K, SWIGLU, CVT)
     nvalid = offs_n < N_OUT
-    if BITS == 4 and MAGIC:
+    if BITS == 4 and CVT == 1:
         acc = acc - 136.0 * asum[:, None]
         if SWIGLU:
             acc_u = acc_u - 136.0 * asum[:, None]
@@ -154,15 +228,19 @@ def _wlinear_kernel(
     tl.store(c, acc.to(tl.bfloat16), mask=m_mask & nvalid[None, :])
 
 
-def magic_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, int, bool]:
-    """The int4 weight as int16 words (for the MAGIC path) when its layout allows, with the row
-    stride in elements of the returned view."""
-    magic = bits == 4 and cfg.get("MAGIC", True)
-    if magic and w.shape[-1] % 2 == 0 and w.stride(-2) % 2 == 0 and w.storage_offset() % 2 == 0 \
-            and (w.dim() == 2 or w.stride(0) % 2 == 0):
-        v = w.view(torch.int16)
-        return v, v.stride(-2), True
-    return w, w.stride(-2), False
+def weight_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, int, int]:
+    """(weight tensor as the kernel reads it, its row stride in those elements, CVT mode).
+    CVT 1 reads int4 weights as int16 words, which needs even byte strides."""
+    cvt = int(cfg.get("CVT", DEFAULT_CVT)) if bits != 16 else 0
+    if bits == 8 and cvt == 1:
+        cvt = 0
+    if cvt == 1:
+        if w.shape[-1] % 2 == 0 and w.stride(-2) % 2 == 0 and w.storage_offset() % 2 == 0 \
+                and (w.dim() == 2 or w.stride(0) % 2 == 0):
+            v = w.view(torch.int16)
+            return v, v.stride(-2), 1
+        cvt = 0
+    return w, w.stride(-2), cvt
 
 
 def default_config(M: int, N_out: int, K: int, bits: int, swiglu: bool) -> dict:
@@ -244,12 +322,12 @@ def wlinear(
         return out
     cfg = config or TUNED.get(("wlinear", m_bucket(M), N, K, bits, swiglu)) or default_config(M, n_out, K, bits, swiglu)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    w, s_wn, magic = magic_view(qweight, bits, cfg)
+    w, s_wn, cvt = weight_view(qweight, bits, cfg)
     grid = (triton.cdiv(M, BM), triton.cdiv(n_out, BN))
     _wlinear_kernel[grid](
         x, w, scales if scales is not None else qweight, out,
         M, n_out, K, x.stride(0), s_wn, out.stride(0),
-        BITS=bits, SWIGLU=swiglu, MAGIC=magic, BM=BM, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
+        BITS=bits, SWIGLU=swiglu, CVT=cvt, BM=BM, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -246,6 +246,9 @@ class ErnieForCausalLM(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         )
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        # None: the Triton kernel path whenever it supports the weights and cache (CUDA bf16);
+        # True / False force it (True on CPU tensors needs TRITON_INTERPRET=1)
+        self.use_kernels: bool | None = None
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -280,7 +283,12 @@ class ErnieForCausalLM(nn.Module):
 
         Stores each layer's K/V at ``meta.slot_mapping`` and calls ``layer_done(i)`` as soon as
         layer ``i`` has stored its K/V (so a KV transfer of layer i overlaps later layers).
+        On CUDA the step runs on the Triton kernels (native/model/gpu_ops.py).
         """
+        if self.kernel_path(kv_cache):
+            from . import gpu_ops
+
+            return gpu_ops.forward(self, input_ids, positions, kv_cache, meta, layer_done)
         plan = plan_attention(meta)
         cis = self.rotary.cis(positions, meta.max_context_len)
         h = self.model.embed_tokens(input_ids)
@@ -291,6 +299,16 @@ class ErnieForCausalLM(nn.Module):
                 layer_done(i)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.norm(h)
+
+    def kernel_path(self, kv_cache: KVCache) -> bool:
+        """Whether forward runs on the Triton kernels (see ``use_kernels``)."""
+        if self.use_kernels is not None:
+            return self.use_kernels
+        if not self.model.embed_tokens.weight.is_cuda:
+            return False
+        from . import gpu_ops
+
+        return gpu_ops.kernels_supported(self, kv_cache) is None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in fp32."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import os
 import queue
 import socket
 import threading
@@ -127,7 +128,12 @@ class TransferEngine(abc.ABC):
 
 
 def host_id() -> str:
-    """Identifies this machine (boot id): ``ipc`` peers must share it."""
+    """Identifies this machine (boot id): ``ipc`` peers must share it. ``PDBUS_HOST_ID``
+    overrides it, so that processes in different network namespaces of one machine count as
+    different hosts (cross-node tests and ``./run.sh cross-node demo``)."""
+    override = os.environ.get("PDBUS_HOST_ID", "").strip()
+    if override:
+        return override
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -238,8 +244,22 @@ def region_spans(
     return spans
 
 
-def copy_blocks(src: torch.Tensor, dst: torch.Tensor, op: ResolvedOp) -> int:
-    """Copy K and V of ``op``'s blocks from one cache buffer into another; returns bytes."""
+def block_index(op: ResolvedOp, src_device: torch.device, dst_device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``op``'s source and destination block ids as index tensors on each side's device."""
+    idx = torch.tensor([op.src_blocks, op.dst_blocks], dtype=torch.long)
+    if src_device.type == "cuda":  # a pinned, asynchronous upload: a pageable one would wait for the stream
+        idx = idx.pin_memory()
+    return idx[0].to(src_device, non_blocking=True), idx[1].to(dst_device, non_blocking=True)
+
+
+def copy_blocks(
+    src: torch.Tensor, dst: torch.Tensor, op: ResolvedOp, index: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> int:
+    """Copy K and V of ``op``'s blocks from one cache buffer into another; returns bytes.
+
+    A few runs of consecutive blocks are copied as slices; otherwise one gather and one
+    scatter (K and V together), with ``index`` from ``block_index`` when the caller reuses it.
+    """
     (s0, s1), (d0, d1) = op.src_heads, op.dst_heads
     src_layer = src[op.layer][:, :, s0:s1]  # [2, blocks, heads, block_size, head_dim]
     dst_layer = dst[op.layer][:, :, d0:d1]
@@ -248,8 +268,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, op: ResolvedOp) -> int:
         for s, d, n in runs:
             dst_layer[:, d : d + n].copy_(src_layer[:, s : s + n])
     else:
-        src_idx = torch.tensor(op.src_blocks, dtype=torch.long, device=src.device)
-        dst_idx = torch.tensor(op.dst_blocks, dtype=torch.long, device=dst.device)
+        src_idx, dst_idx = index if index is not None else block_index(op, src.device, dst.device)
         gathered = src_layer.index_select(1, src_idx)
         if gathered.device != dst.device:  # another GPU of this host: one peer copy, then scatter
             gathered = gathered.to(dst.device, non_blocking=True)

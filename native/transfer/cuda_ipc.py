@@ -30,6 +30,7 @@ from pdbus.native.transfer.base import (
     TransferError,
     TransferHandle,
     WriteOp,
+    block_index,
     check_compatible,
     copy_blocks,
     host_id,
@@ -107,6 +108,8 @@ class CudaIpcTransfer(TransferEngine):
         self._peers: dict[str, _Mapped] = {}
         self._lock = threading.Lock()
         self._endpoint: dict | None = None
+        self._index_key: tuple | None = None
+        self._block_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (event, entry); None stops
         self._waiter: threading.Thread | None = None
         self._closed = False
@@ -178,7 +181,11 @@ class CudaIpcTransfer(TransferEngine):
         compute = torch.cuda.current_stream(self._index)
         self._stream.wait_stream(compute)  # the layer was produced on the compute stream
         with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
-            entry.nbytes += copy_blocks(self.cache.buffer, peer.buffer, resolved)
+            key = (peer_id, resolved.src_blocks, resolved.dst_blocks)
+            if key != self._index_key:  # every layer of a request uses the same blocks: upload once
+                self._index_key = key
+                self._block_index = block_index(resolved, self.cache.buffer.device, peer.buffer.device)
+            entry.nbytes += copy_blocks(self.cache.buffer, peer.buffer, resolved, self._block_index)
             if peer.buffer.device.index != self._index:
                 # the scatter ran on the peer GPU's current stream: keep commit's event after it
                 self._stream.wait_stream(torch.cuda.current_stream(peer.buffer.device))
@@ -232,6 +239,7 @@ class CudaIpcTransfer(TransferEngine):
 
     def _unmap(self, peer: _Mapped) -> None:
         peer.closed = True
+        self._index_key = self._block_index = None
         self._stream.synchronize()  # no copy into it may still be running
         if peer.buffer.device.index != self._index:
             torch.cuda.current_stream(peer.buffer.device).synchronize()

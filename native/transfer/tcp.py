@@ -60,6 +60,8 @@ _ACK = struct.Struct("!4sBBHHQ")
 _WRITE, _COMMIT, _ABORT, _ACK_TYPE = 1, 2, 3, 16
 _IOV = 256  # buffers per sendmsg / recvmsg_into call (IOV_MAX is 1024 on Linux)
 _SCRATCH = 1 << 20  # where the payload of a refused write is read and dropped
+_MAX_REQ_ID = 1024  # bytes
+_READS_PER_EVENT = 64
 
 
 class _FlatCache:
@@ -205,7 +207,7 @@ class _Incoming:
             self._read()
 
     def _read(self) -> None:
-        while True:
+        for _ in range(_READS_PER_EVENT):  # then back to select: other connections get a turn
             try:
                 if self.phase == "payload":
                     n = self._recv_payload()
@@ -244,8 +246,11 @@ class _Incoming:
         """A header or its extra part is complete; returns False when the connection closed."""
         if self.phase == "hdr":
             magic, mtype, kind, layer, req_len, h0, h1, nblocks, payload = _HDR.unpack(self._hdr)
-            if magic != _MAGIC:
-                self._close("bad magic: not a pdbus tcp transfer stream")
+            if magic != _MAGIC or mtype not in (_WRITE, _COMMIT, _ABORT):
+                self._close("sent a malformed header: not a pdbus tcp transfer stream", malformed=True)
+                return False
+            if req_len > _MAX_REQ_ID or nblocks > self.layout.num_blocks:
+                self._close(f"sent a header with {nblocks} blocks and a {req_len}-byte request id", malformed=True)
                 return False
             self.msg = (mtype, kind, layer, h0, h1, nblocks, payload)
             self.phase, self.buf, self.pos = "extra", memoryview(bytearray(req_len + 4 * nblocks)), 0
@@ -314,8 +319,10 @@ class _Incoming:
         except (KeyError, ValueError):
             pass
 
-    def _close(self, why: str) -> None:
-        if self.requests:
+    def _close(self, why: str, malformed: bool = False) -> None:
+        if malformed:
+            log.warning("tcp transfer: dropping the connection from %s: it %s", self.addr, why)
+        elif self.requests:
             log.info("tcp transfer: connection from %s %s with %d partial requests", self.addr, why, len(self.requests))
         self.requests.clear()
         self.engine._incoming.discard(self)

@@ -1,0 +1,127 @@
+"""A TP worker process (rank 1..N-1): load and shard the model, hold its KV head slice, follow
+the leader's broadcast commands until told to stop (or the group breaks)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import msgspec
+import torch
+import zmq
+from pdbus.native.parallel.group import (
+    AbortCmd,
+    StepCmd,
+    StopCmd,
+    TransferCmd,
+    WorkerSpec,
+    init_group,
+    recv_cmd,
+    split_writes,
+)
+from pdbus.native.transfer.base import TransferError, WriteOp
+
+from pdbus.log import get_logger, setup_logging
+
+
+def build_shard(spec: WorkerSpec, device: torch.device, group):
+    """Model shard + KV cache slice for ``spec.rank`` (shared by leader and workers)."""
+    from pdbus.native.kv_cache import KVCache
+    from pdbus.native.model.loader import load_model
+    from pdbus.native.parallel.tp import shard_model_
+
+    model, cfg = load_model(spec.model, dtype=spec.dtype, quantization=spec.quantization, device=device)
+    split = shard_model_(model, spec.rank, spec.size, group)
+    kv_dtype = model.dtype
+    heads = split.kv_heads
+    cache = KVCache(
+        cfg.num_hidden_layers,
+        spec.num_blocks,
+        len(heads),
+        spec.block_size,
+        cfg.head_dim,
+        kv_dtype,
+        device=device,
+        shared=spec.shared_kv,
+        total_kv_heads=cfg.num_key_value_heads,
+        head_start=heads.start,
+    )
+    return model, cfg, split, cache
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    spec = msgspec.json.decode(argv[0].encode(), type=WorkerSpec)
+    log = get_logger(f"tp.worker{spec.rank}")
+    torch.set_num_threads(1)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(spec.rank % max(1, torch.cuda.device_count()))
+        device = torch.device("cuda", torch.cuda.current_device())
+    world, control = init_group(spec.rank, spec.size, spec.master_port, device)
+    from pdbus.native.runner import ModelRunner
+    from pdbus.native.transfer.base import create_transfer_engine
+
+    model, cfg, split, cache = build_shard(spec, device, world)
+    runner = ModelRunner(model, cache, device)
+    transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
+    layout = msgspec.structs.asdict(cache.layout())
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(spec.report_endpoint)
+    lock = threading.Lock()
+
+    def report(msg: dict) -> None:
+        with lock:
+            push.send(msgspec.msgpack.encode(msg))
+
+    endpoints = {p: e.endpoint() for p, e in transfers.items()} if spec.role == "decode" else {}
+    report({"rank": spec.rank, "endpoints": endpoints})
+    log.info("TP rank %d/%d ready: %d query heads, KV heads %s", spec.rank, spec.size, len(split.q_heads), list(split.kv_heads))
+
+    def finish(req_id: str, handles) -> None:
+        error, nbytes = None, 0
+        for h in handles:
+            try:
+                h.wait(None)
+                nbytes += h.nbytes
+            except TransferError as exc:
+                error = error or str(exc)
+        report({"rank": spec.rank, "req_id": req_id, "error": error, "nbytes": nbytes})
+
+    while True:
+        cmd = recv_cmd(control)
+        if isinstance(cmd, StopCmd):
+            break
+        if isinstance(cmd, StepCmd):
+            with torch.inference_mode():
+                logits = runner.execute(cmd.token_chunks, cmd.start_positions, cmd.block_tables, cmd.sample_rows)
+            del logits
+        elif isinstance(cmd, TransferCmd):
+            engine = transfers[cmd.protocol]
+            handles = []
+            try:
+                for i, ep, src_heads, dst_heads in split_writes(split, layout, cmd.endpoint):
+                    peer = f"{cmd.peer}#{i}"
+                    engine.open_peer(peer, ep)
+                    for layer in range(cfg.num_hidden_layers):
+                        engine.write(cmd.req_id, peer, WriteOp(layer, cmd.src_blocks, cmd.dst_blocks, src_heads, dst_heads))
+                    handles.append(engine.commit(cmd.req_id, peer))
+            except TransferError as exc:
+                report({"rank": spec.rank, "req_id": cmd.req_id, "error": str(exc), "nbytes": 0})
+                continue
+            threading.Thread(target=finish, args=(cmd.req_id, handles), daemon=True).start()
+        elif isinstance(cmd, AbortCmd):
+            for engine in transfers.values():
+                engine.abort(cmd.req_id)
+    for engine in transfers.values():
+        engine.close()
+    cache.close()
+    push.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

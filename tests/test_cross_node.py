@@ -1,0 +1,313 @@
+"""Cross-node PD on one machine: two network namespaces ("hosts") joined by a veth pair.
+
+Host A (10.200.X.1) runs the router and a prefill, host B (10.200.X.2) a decode; each process
+has its own PDBUS_HOST_ID, so the router must pick a cross-host protocol. Every request and
+every /stats read is sent from inside the namespace that owns the address (``TwoHosts.call``);
+nothing here talks to a 10.x address from the machine's own network namespace.
+
+Skipped, with the reason, where ``ip netns add`` is not permitted. The namespaces, and every
+process in them, are removed by the fixtures whatever happens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from test_pd import COMMON, complete, prompts
+
+from pdbus.netns import NetnsPair, TwoHosts, unsupported
+from pdbus.security import generate_key_file
+from pdbus.testing import http_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+HAVE_MOONCAKE = importlib.util.find_spec("mooncake") is not None
+ROUTER_PORT, BUS_PORT, PREFILL_PORT, DECODE_PORT = 8109, 8110, 8188, 8200
+N_PROMPTS = 12
+
+
+@pytest.fixture(scope="module")
+def netns_ok():
+    reason = unsupported()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+
+
+@pytest.fixture
+def pair(netns_ok):
+    p = NetnsPair()
+    try:
+        p.create()
+        yield p
+    finally:
+        p.close()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert p.a not in left and p.b not in left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def hosts(pair, tmp_path):
+    h = TwoHosts(pair, tmp_path / "hosts")
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """Mixed role on one host (loopback), each prompt alone, greedy."""
+    from pdbus.testing import Cluster
+
+    with Cluster(tmp_path_factory.mktemp("mixed")) as c:
+        server = c.serve(tiny_model_dir, "mixed", None, *COMMON)
+        c.wait_health(server.url)
+        ps = prompts(N_PROMPTS)
+        return ps, [complete(server.url, p) for p in ps]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _protocol_args(protocol: str) -> tuple[list[str], dict]:
+    if protocol == "rdma-tcp":  # the Mooncake adapter, over Mooncake's own TCP transport
+        return ["--cache-transfer-protocol", "rdma"], {"PDBUS_MOONCAKE_TCP": "1"}
+    return ["--cache-transfer-protocol", protocol], {}
+
+
+def start_cross(hosts: TwoHosts, model: str, protocol: str, *, router_extra=(), serve_extra=(), prefill_env=None, decode_env=None, decode_extra=()):
+    pair = hosts.pair
+    proto_args, proto_env = _protocol_args(protocol)
+    router = hosts.router(*router_extra, port=ROUTER_PORT, bus_port=BUS_PORT)
+    prefill = hosts.serve(pair.a, model, "prefill", router, *COMMON, *proto_args, *serve_extra, port=PREFILL_PORT, env={**proto_env, **(prefill_env or {})})
+    decode = hosts.serve(pair.b, model, "decode", router, *COMMON, *proto_args, *serve_extra, *decode_extra, port=DECODE_PORT, env={**proto_env, **(decode_env or {})})
+    hosts.wait_health(router)
+    wait_registered(hosts, router, prefill=1, decode=1)
+    return router, prefill, decode
+
+
+def wait_registered(hosts: TwoHosts, router, prefill: int, decode: int, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            _, body = hosts.call(hosts.pair.a, http_json, router.url + "/instances", None, 5)
+        except OSError:
+            body = {}
+        alive = [i for i in body.get("instances", []) if i["alive"]]
+        roles = [i["role"] for i in alive]
+        if roles.count("prefill") == prefill and roles.count("decode") == decode:
+            return alive
+        time.sleep(0.1)
+    raise TimeoutError(f"instances did not register ({prefill} prefill, {decode} decode): {body}")
+
+
+def stats(hosts: TwoHosts, proc) -> dict:
+    """A rank's /stats, read from inside its own namespace (reachable even with the link cut)."""
+    return hosts.call(hosts.ns_of(proc), http_json, proc.url + "/stats", None, 5)[1]
+
+
+def wait_all_blocks_free(hosts: TwoHosts, ranks, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = [stats(hosts, p) for p in ranks]
+        if all(s["free_blocks"] == s["total_blocks"] and s["running"] == 0 and s["reserved_blocks"] == 0 for s in last):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"blocks not all free after {timeout}s: {last}")
+
+
+def listeners(pair: NetnsPair, ns: str) -> list[tuple[str, int, str]]:
+    """(local address, port, process) of every listening TCP socket inside ``ns``."""
+    out = pair.run(ns, ["ss", "-H", "-ltnp"]).stdout
+    found = []
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) < 4:
+            continue
+        addr, _, port = cols[3].rpartition(":")
+        found.append((addr.strip("[]"), int(port), cols[-1] if "users:" in cols[-1] else ""))
+    return found
+
+
+def connections(pair: NetnsPair, ns: str) -> list[tuple[str, str]]:
+    """(local, peer) of every established TCP connection inside ``ns``."""
+    out = pair.run(ns, ["ss", "-H", "-tn", "state", "established"]).stdout
+    return [(cols[2], cols[3]) for cols in (line.split() for line in out.splitlines()) if len(cols) >= 4]
+
+
+def post(url: str, body: dict, timeout: float = 90.0) -> tuple[int, dict | str]:
+    """One completion, streamed: (HTTP status, the error it ended with or the token ids)."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(dict(body, stream=True)).encode(), headers={"Content-Type": "application/json"})
+    ids: list[int] = []
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line == "data: [DONE]":
+                    return resp.status, {"ids": ids}
+                if line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return resp.status, {"error": chunk["error"], "ids": ids}
+                    for choice in chunk["choices"]:
+                        ids += choice.get("completion_token_ids") or []
+            return resp.status, {"error": "stream ended without [DONE]", "ids": ids}
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")}
+
+
+# --------------------------------------------------------------------------- tests
+
+
+PROTOCOLS = [
+    "tcp",
+    pytest.param("rdma-tcp", marks=pytest.mark.skipif(not HAVE_MOONCAKE, reason="mooncake-transfer-engine is not installed")),
+]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_pd_across_hosts_equals_mixed(hosts, tiny_model_dir, reference, protocol):
+    pair = hosts.pair
+    ps, ref = reference
+    # "ipc" offered first on both sides: the router must see two hosts and skip it
+    proto = "ipc,tcp" if protocol == "tcp" else protocol
+    router, prefill, decode = start_cross(hosts, tiny_model_dir, proto)
+    with ThreadPoolExecutor(N_PROMPTS) as pool:
+        got = list(pool.map(lambda ip: hosts.call(pair.a, complete, router.url, ip[1], stream=ip[0] % 2 == 1), enumerate(ps)))
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g == r, f"prompt {i} (len {len(ps[i])}) over {protocol} across hosts: {g} != {r}"
+    wait_all_blocks_free(hosts, [prefill, decode])
+    assert stats(hosts, prefill)["transfer_bytes"] > 0
+    # the KV really crossed the veth: a connection from A's address into B's
+    assert any(local.startswith(pair.ip_b + ":") and peer.startswith(pair.ip_a + ":") for local, peer in connections(pair, pair.b))
+    # everything that listens is bound to its host's own address, never to all interfaces
+    for ns in (pair.a, pair.b):
+        for addr, port, proc in listeners(pair, ns):
+            if protocol == "rdma-tcp" and addr in ("0.0.0.0", "*", "::"):
+                continue  # Mooncake binds its handshake and data ports to all interfaces (docs/CROSS_NODE.md)
+            assert addr == pair.ip(ns), f"{proc} listens on {addr}:{port} in {ns}"
+
+
+def test_instance_without_the_bus_key_is_refused(hosts, tiny_model_dir, reference, tmp_path):
+    pair = hosts.pair
+    ps, ref = reference
+    key, other = tmp_path / "bus.key", tmp_path / "other.key"
+    generate_key_file(str(key))
+    generate_key_file(str(other))
+    proto_args = ["--cache-transfer-protocol", "tcp"]
+    router = hosts.router("--bus-key-file", str(key), "--heartbeat-interval", "0.5", port=ROUTER_PORT, bus_port=BUS_PORT)
+    prefill = hosts.serve(pair.a, tiny_model_dir, "prefill", router, *COMMON, *proto_args, "--bus-key-file", str(key), port=PREFILL_PORT)
+    # on host B: one instance with no key at all, one with another cluster's key
+    plain = hosts.serve(pair.b, tiny_model_dir, "decode", router, *COMMON, *proto_args, port=DECODE_PORT)
+    intruder = hosts.serve(pair.b, tiny_model_dir, "decode", router, *COMMON, *proto_args, "--bus-key-file", str(other), port=DECODE_PORT + 1)
+    for p in (plain, intruder):
+        hosts.wait_health(p, expect=503)  # up, but not registered
+    wait_registered(hosts, router, prefill=1, decode=0)
+    time.sleep(3)  # several Hellos of each
+    alive = wait_registered(hosts, router, prefill=1, decode=0)
+    assert [i["role"] for i in alive] == ["prefill"]
+    for p in (plain, intruder):
+        status, body = hosts.call(pair.b, http_json, p.url + "/health", None, 5)
+        assert status == 503 and body["status"] == "starting", body
+    status, body = hosts.call(pair.a, http_json, router.url + "/health", None, 5)
+    assert status == 503 and body["decode"] == 0
+    assert "refused a bus connection" in router.tail(200) and "--bus-key-file" in router.tail(200)
+    # the key holder on host B is admitted, and PD works across the hosts
+    holder = hosts.serve(pair.b, tiny_model_dir, "decode", router, *COMMON, *proto_args, "--bus-key-file", str(key), port=DECODE_PORT + 2)
+    hosts.wait_health(holder)
+    wait_registered(hosts, router, prefill=1, decode=1)
+    assert hosts.call(pair.a, complete, router.url, ps[3]) == ref[3]
+    assert all(p.alive() for p in (prefill, plain, intruder, holder))
+
+
+def test_link_cut_mid_transfer_fails_cleanly_and_recovers(hosts, tiny_model_dir, reference):
+    """Prefill steps slowed (the cut finds requests being prefilled and transferred) and decode
+    steps slowed (it finds streams being decoded). Every in-flight request must end with an
+    error, promptly; every block on both hosts comes back; after the link returns, serving
+    resumes with the exact greedy outputs."""
+    pair = hosts.pair
+    ps, ref = reference
+    router, prefill, decode = start_cross(
+        hosts,
+        tiny_model_dir,
+        "tcp",
+        router_extra=("--heartbeat-interval", "0.5", "--reserve-timeout-s", "2", "--max-retries", "1"),
+        prefill_env={"PDBUS_FAULT_STEP_DELAY_MS": "400", "PDBUS_TRANSFER_TIMEOUT_S": "3"},
+        decode_env={"PDBUS_FAULT_STEP_DELAY_MS": "100"},
+    )
+    assert hosts.call(pair.a, complete, router.url, ps[2]) == ref[2]
+    wait_all_blocks_free(hosts, [prefill, decode])
+
+    long_prompt = [(j % 90) + 3 for j in range(400)]
+    bodies = [{"prompt": long_prompt[: 200 + 20 * i], "max_tokens": 60, "temperature": 0, "ignore_eos": True, "return_token_ids": True} for i in range(6)]
+    results: list = [None] * len(bodies)
+
+    def run(i: int) -> None:
+        results[i] = hosts.call(pair.a, post, router.url, bodies[i], 90)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for i, t in enumerate(threads):
+        t.start()
+        if i == 2:  # stagger: some reach decode, some are still in prefill / transfer at the cut
+            time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while stats(hosts, decode)["running"] == 0:
+        assert time.monotonic() < deadline, "no request reached the decode"
+        time.sleep(0.02)
+    assert stats(hosts, prefill)["running"] + stats(hosts, prefill)["waiting"] > 0, "nothing left in prefill at the cut"
+    t_cut = time.monotonic()
+    pair.cut()
+    try:
+        for t in threads:
+            t.join(60)
+        ended = time.monotonic() - t_cut
+        assert not any(t.is_alive() for t in threads), "a request hangs after the link was cut"
+        errors = [r for r in results if "error" in r[1]]
+        assert len(errors) >= 2, results
+        for status, body in results:
+            if "error" in body:
+                assert status in (200, 502, 503, 504), (status, body)  # an SSE error event or an HTTP error
+                assert body["error"], body
+            else:
+                assert status == 200 and len(body["ids"]) == 60  # finished before the cut
+        assert ended < 45, f"requests took {ended:.1f}s to fail after the cut"
+        # every block on both sides of the cut comes back (each read inside its own namespace)
+        wait_all_blocks_free(hosts, [prefill, decode], timeout=60)
+    finally:
+        pair.restore()
+    wait_registered(hosts, router, prefill=1, decode=1, timeout=60)
+    hosts.wait_health(router)
+    assert hosts.call(pair.a, complete, router.url, ps[4]) == ref[4]
+    assert hosts.call(pair.a, complete, router.url, ps[7], stream=True) == ref[7]
+    wait_all_blocks_free(hosts, [prefill, decode])
+    assert prefill.alive() and decode.alive() and router.alive()
+
+
+def test_rdma_forced_without_a_nic_fails_at_start(pair, tiny_model_dir, tmp_path):
+    """On host B, with no RDMA NIC and no test mode: one clear line, exit 1, nothing served."""
+    import os
+
+    if os.path.isdir("/sys/class/infiniband") and os.listdir("/sys/class/infiniband"):
+        pytest.skip("this machine has an RDMA NIC")
+    env = {k: v for k, v in os.environ.items() if k not in ("PDBUS_MOONCAKE_TCP", "KVCACHE_RDMA_NICS", "MC_FORCE_HCA")}
+    argv = [sys.executable, "-m", "pdbus", "serve", "--model", tiny_model_dir, "--host", pair.ip_b, "--port", str(DECODE_PORT),
+            "--splitwise-role", "decode", "--router", f"{pair.ip_a}:{ROUTER_PORT}", *COMMON, "--cache-transfer-protocol", "rdma"]
+    for extra_env, needle in (({}, "no RDMA NIC on this host"), ({"KVCACHE_RDMA_NICS": "mlx5_7"}, "NIC mlx5_7 not found")):
+        res = pair.run(pair.b, argv, env={**env, **extra_env}, timeout=120)
+        assert res.returncode == 1, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert needle in last and "KVCACHE_RDMA_NICS" in last and "--cache-transfer-protocol tcp" in last, res.stderr[-2000:]
+        assert last.startswith("pdbus: error:"), last
+        assert "Traceback" not in res.stderr
+        assert not listeners(pair, pair.b)  # it never served anything
