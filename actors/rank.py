@@ -30,10 +30,10 @@ import uuid
 
 import torch
 from aiohttp import web
-from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
 
 from pdbus import envs
 from pdbus.actor import BusMember
+from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
 from pdbus.config import ServeConfig
 from pdbus.log import get_logger
 from pdbus.messages import (
@@ -69,7 +69,13 @@ def pick_device(cfg: ServeConfig) -> torch.device:
 def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device) -> int:
     from pdbus.native.kv_cache import bytes_per_token
 
+    needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
     if cfg.num_gpu_blocks_override:
+        if cfg.num_gpu_blocks_override < needed:
+            raise RuntimeError(
+                f"--num-gpu-blocks-override {cfg.num_gpu_blocks_override} is fewer than the {needed} blocks one "
+                f"--max-model-len {cfg.max_model_len} sequence needs"
+            )
         return cfg.num_gpu_blocks_override
     per_block = bytes_per_token(model_cfg.num_hidden_layers, kv_heads, model_cfg.head_dim, dtype)
     per_block *= cfg.block_size
@@ -79,7 +85,6 @@ def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torc
     else:
         budget = cfg.kv_cache_memory_gb * (1 << 30)
     blocks = int(budget // per_block)
-    needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
     if blocks < needed:
         raise RuntimeError(
             f"KV cache budget holds {blocks} blocks, one max-length sequence needs {needed}: "
@@ -223,6 +228,16 @@ class RankServer:
                 device=self.device,
                 shared=shared,
             )
+        self.ep = None
+        if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
+            from pdbus.native.parallel.ep import EPCoordinator
+
+            master = os.environ.get("PDBUS_EP_MASTER")
+            if not master:
+                raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
+            self.ep = EPCoordinator(self.model, cfg.data_parallel_rank, cfg.data_parallel_size, master)
+            log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", cfg.data_parallel_size, cfg.data_parallel_rank,
+                     self.ep.moes[0].ep_lo if self.ep.moes else 0, (self.ep.moes[0].ep_hi - 1) if self.ep.moes else 0)
         graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill":
             from pdbus.native.graphs import DecodeGraphs
@@ -260,7 +275,6 @@ class RankServer:
         from pdbus.native.parallel.group import TPGroup, WorkerSpec, init_group
         from pdbus.native.parallel.tp import HeadSplit
         from pdbus.native.parallel.worker import build_shard
-
         from pdbus.testing import free_port
 
         cfg, mc = self.cfg, self.model_cfg
@@ -432,6 +446,7 @@ class RankServer:
                 self.cfg.max_model_len,
                 api_key=self.cfg.api_key,
                 eos_token_ids=self.eos_ids,
+                vocab_size=self.model_cfg.vocab_size,
             )
             self.frontend.add_routes(app)
         else:
@@ -465,6 +480,8 @@ class RankServer:
             transfer_engines=self.transfers,
             name=f"engine.{self.cfg.splitwise_role}",
         )
+        if self.ep is not None:
+            self.engine.ep = self.ep
         self.engine.start()
         if self.tp_group is not None:
             self.tp_group.on_dead = lambda why: loop.call_soon_threadsafe(self._die, why)

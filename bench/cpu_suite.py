@@ -25,7 +25,6 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -82,21 +81,53 @@ def start_servers(systems: peers.Systems, keys: list[str], model: str, args) -> 
 # --------------------------------------------------------------------------- measuring
 
 
+def group_cpu_seconds(pgids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process group (a server and its children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    want = {pgid: name for name, pgid in pgids.items()}
+    out = dict.fromkeys(pgids, 0.0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = want.get(int(fields[2]))  # fields[0] is the state; [2] the process group
+        if name is not None:
+            out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def measure_servers(servers: dict[str, dict], load_args: dict, concurrencies: list[int], rounds: int) -> dict:
-    """Interleaved rounds; returns {key: {conc: measure() result}}."""
+    """Interleaved rounds; returns {key: {conc: {"rounds", "summary"}}}. Each round also records
+    the CPU seconds its server processes used, so a cost per token survives a shared machine."""
     up = {k: v for k, v in servers.items() if "url" in v}
     res: dict[str, dict] = {k: {} for k in up}
     for conc in concurrencies:
         n = conc if conc > 1 else load_args["single_prompts"]
-        load = sb.Load(n, load_args["input_len"], load_args["output_len"], 0.0, load_args["vocab"], seed=load_args["seed"])
-        for key, srv in up.items():  # warm-up round each
+        load = sb.Load(
+            n,
+            load_args["input_len"],
+            load_args["output_len"],
+            0.0,
+            load_args["vocab"],
+            seed=load_args["seed"],
+        )
+        for srv in up.values():  # warm-up round each
             sb.measure(srv["url"], None, load, float("inf"), conc, 1, warmup=0, round_offset=10_000)
         per_round: dict[str, list] = {k: [] for k in up}
         for r in range(rounds):
             for key, srv in up.items():
-                m = sb.measure(srv["url"], None, load, float("inf"), conc, 1, round_offset=r)
-                per_round[key].append(m["rounds"][0])
-            log(f"concurrency {conc}: round {r + 1}/{rounds} done")
+                cpu0 = group_cpu_seconds(srv["pids"])
+                s = sb.measure(srv["url"], None, load, float("inf"), conc, 1, round_offset=r)["rounds"][0]
+                cpu = {k: v - cpu0[k] for k, v in group_cpu_seconds(srv["pids"]).items()}
+                s["server_cpu_s"] = cpu
+                s["cpu_ms_per_token"] = 1e3 * sum(cpu.values()) / max(1, s["total_output_tokens"])
+                s["server_cores_busy"] = sum(cpu.values()) / s["duration_s"]
+                per_round[key].append(s)
+            log(f"concurrency {conc}: round {r + 1}/{rounds} done (load average {os.getloadavg()[0]:.1f})")
         for key in up:
             res[key][conc] = {"rounds": per_round[key], "summary": sb.median_summary(per_round[key])}
     return res
@@ -108,7 +139,9 @@ def profile_servers(servers: dict[str, dict], load_args: dict, conc: int, rounds
     if not pyspy.exists():
         return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    load = sb.Load(conc, load_args["input_len"], load_args["output_len"], 0.0, load_args["vocab"], seed=load_args["seed"])
+    load = sb.Load(
+        conc, load_args["input_len"], load_args["output_len"], 0.0, load_args["vocab"], seed=load_args["seed"]
+    )
     report = {}
     for key, srv in servers.items():
         if "url" not in srv:
@@ -116,9 +149,11 @@ def profile_servers(servers: dict[str, dict], load_args: dict, conc: int, rounds
         recorders = []
         for name, pid in srv["pids"].items():
             path = out_dir / f"{key}-{name}.txt"
-            cmd = [str(pyspy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(path),
+            cmd = [str(pyspy), "record", "--pid", str(pid), "--rate", str(PROFILE_HZ), "--format", "raw", "--output", str(path),
                    "--subprocesses", "--nonblocking"]  # fmt: skip
-            recorders.append((name, path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            recorders.append(
+                (name, path, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            )
         time.sleep(1.5)  # let py-spy attach
         t0 = time.monotonic()
         m = sb.measure(srv["url"], None, load, float("inf"), conc, rounds, round_offset=20_000)
@@ -131,20 +166,29 @@ def profile_servers(servers: dict[str, dict], load_args: dict, conc: int, rounds
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            procs[name] = summarize_profile(path, wall + 1.5, 250)
-        report[key] = {"wall_s": wall, "output_throughput": m["summary"]["output_throughput"], "processes": procs}
+            procs[name] = summarize_profile(path, wall + 1.5, PROFILE_HZ)
+        report[key] = {
+            "wall_s": wall,
+            "output_throughput": m["summary"]["output_throughput"],
+            "processes": procs,
+        }
         log(f"profiled {SERVERS[key]}")
     return report
 
 
-BUCKETS = (  # (label, substring of a frame) — first match from the leaf up wins
-    ("model forward (native/model, attention, kernels)", ("native/model", "native/attention", "native/kernels", "torch/nn/")),
+PROFILE_HZ = 100
+BUCKETS = (  # (label, substring of a frame) — first match from the leaf up wins; asyncio only if none
+    ("engine -> I/O thread handoff (call_soon_threadsafe)", ("call_soon_threadsafe",)),
+    (
+        "model forward (native/model, attention, kernels)",
+        ("native/model", "native/attention", "native/kernels", "torch/nn/"),
+    ),
     ("sampler", ("native/sampler",)),
     ("KV transfer", ("native/transfer",)),
     ("engine scheduling / block manager", ("actors/engine",)),
     ("bus: zmq / msgspec", ("zmq/", "msgspec", "pdbus/wire", "pdbus/sockets", "pdbus/actor")),
     ("HTTP / SSE (aiohttp, frontend)", ("aiohttp", "actors/frontend", "actors/router")),
-    ("asyncio loop", ("asyncio/",)),
+    ("rank server glue (actors/rank)", ("actors/rank",)),
     ("vLLM model", ("vllm/model_executor", "vllm/v1/attention", "vllm/v1/worker")),
     ("vLLM engine / scheduler", ("vllm/v1/core", "vllm/v1/engine")),
     ("vLLM API server", ("vllm/entrypoints",)),
@@ -159,6 +203,7 @@ def summarize_profile(path: Path, wall: float, rate: int) -> dict:
     per_proc: Counter = Counter()
     leaf: Counter = Counter()
     bucket: Counter = Counter()
+    thread: Counter = Counter()
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -169,18 +214,30 @@ def summarize_profile(path: Path, wall: float, rate: int) -> dict:
         proc = frames[0] if frames[0].startswith("process ") else "main"
         per_proc[proc.split(":")[0]] += n
         leaf[_short(frames[-1])] += n
-        label = "other"
+        label = (
+            "asyncio loop, sockets"
+            if any("asyncio/" in f or "selectors.py" in f for f in frames)
+            else "other"
+        )
         for frame in reversed(frames):
             hit = next((lab for lab, keys in BUCKETS if any(k in frame for k in keys)), None)
             if hit:
                 label = hit
                 break
         bucket[label] += n
+        thread[
+            "engine thread"
+            if any("Engine._loop" in f for f in frames)
+            else "I/O thread(s)"
+            if any("asyncio/" in f or "selectors.py" in f or "aiohttp" in f for f in frames)
+            else "other threads"
+        ] += n
     expected = wall * rate
     return {
         "samples": total,
         "busy_cores": total / expected if expected else None,  # py-spy skips idle threads
         "by_process": {k: v / expected for k, v in per_proc.most_common(6)},
+        "by_thread": {k: v / expected for k, v in thread.most_common()},
         "buckets": {k: v / total for k, v in bucket.most_common()} if total else {},
         "top_leaf": [(k, v / total) for k, v in leaf.most_common(12)] if total else [],
     }
@@ -202,7 +259,9 @@ def run_hf(model: str, args) -> dict:
     out = {}
     for batch in (args.concurrency, 1):
         try:
-            r = peers.run_hf_subprocess(model, batch, args.input_len, args.output_len, args.rounds, args.hf_threads, args.seed)
+            r = peers.run_hf_subprocess(
+                model, batch, args.input_len, args.output_len, args.rounds, args.hf_threads, args.seed
+            )
             out[batch] = {"rounds": r["rounds"], "summary": sb.median_summary(r["rounds"])}
         except Exception as exc:  # noqa: BLE001 - reported in the table
             out[batch] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -244,7 +303,7 @@ def rows(result: dict) -> list[dict]:
             out.append({"system": label, "conc": c, "ttft": (s["ttft_ms"]["p50"], s["ttft_ms"]["p99"]),
                         "itl": (s["itl_ms"]["p50"], s["itl_ms"]["p99"]), "tpot": s["tpot_ms"]["p50"],
                         "tps": s["output_throughput"], "tps_range": (min(tps), max(tps)),
-                        "failed": sum(r["failed"] for r in m["rounds"])})  # fmt: skip
+                        "failed": sum(r["failed"] for r in m["rounds"]), "cpu": s.get("cpu_ms_per_token")})  # fmt: skip
     for batch, h in (result.get("transformers") or {}).items():
         label = f"transformers generate, batch {batch}"
         if "error" in h:
@@ -253,7 +312,8 @@ def rows(result: dict) -> list[dict]:
         s = h["summary"]
         tps = [r["output_throughput"] for r in h["rounds"]]
         out.append({"system": label, "conc": int(batch), "ttft": (s["ttft_ms"], None), "itl": (s["itl_ms"]["p50"], s["itl_ms"]["p99"]),
-                    "tpot": s["itl_ms"]["mean"], "tps": s["output_throughput"], "tps_range": (min(tps), max(tps)), "failed": 0})  # fmt: skip
+                    "tpot": s["itl_ms"]["mean"], "tps": s["output_throughput"], "tps_range": (min(tps), max(tps)), "failed": 0,
+                    "cpu": None})  # fmt: skip
     return out
 
 
@@ -265,17 +325,18 @@ def _f(x, digits: int = 1) -> str:
 
 def markdown_table(result: dict) -> str:
     lines = [
-        "| system | concurrency | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) | output tok/s (min–max) | failed |",
-        "|---|---:|---|---|---:|---|---:|",
+        "| system | concurrency | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT p50 (ms) | output tok/s (min–max) "
+        "| server CPU ms / token | failed |",
+        "|---|---:|---|---|---:|---|---:|---:|",
     ]
     for r in rows(result):
         if "note" in r:
-            lines.append(f"| {r['system']} | {r['conc']} | not run: {r['note']} | | | | |")
+            lines.append(f"| {r['system']} | {r['conc']} | not run: {r['note']} | | | | | |")
             continue
         ttft = _f(r["ttft"][0], 1) + (f" / {_f(r['ttft'][1], 1)}" if r["ttft"][1] is not None else "")
         lines.append(
             f"| {r['system']} | {r['conc']} | {ttft} | {_f(r['itl'][0], 2)} / {_f(r['itl'][1], 2)} | {_f(r['tpot'], 2)} "
-            f"| {r['tps']:,.0f} ({r['tps_range'][0]:,.0f}–{r['tps_range'][1]:,.0f}) | {r['failed']} |"
+            f"| {r['tps']:,.0f} ({r['tps_range'][0]:,.0f}–{r['tps_range'][1]:,.0f}) | {_f(r['cpu'], 2)} | {r['failed']} |"
         )
     return "\n".join(lines)
 
@@ -290,9 +351,13 @@ def ratios(result: dict) -> list[str]:
     out = []
     for pd in ("pd-ipc", "pd-tcp"):
         if pd in tps and "mixed" in tps:
-            out.append(f"{SERVERS[pd]} / mixed output tok/s at {conc} concurrent: {tps[pd] / tps['mixed']:.0%} (aim ≥ 80%)")
+            out.append(
+                f"{SERVERS[pd]} / mixed output tok/s at {conc} concurrent: {tps[pd] / tps['mixed']:.0%} (aim ≥ 80%)"
+            )
     if "mixed" in tps and "vllm" in tps:
-        out.append(f"pdbus mixed / vLLM-CPU output tok/s at {conc} concurrent: {tps['mixed'] / tps['vllm']:.0%} (aim > 100%)")
+        out.append(
+            f"pdbus mixed / vLLM-CPU output tok/s at {conc} concurrent: {tps['mixed'] / tps['vllm']:.0%} (aim > 100%)"
+        )
     return out
 
 
@@ -324,7 +389,8 @@ def profile_text(prof: dict | None) -> str:
                 lines.append(f"  - {name}: {s['error']}")
                 continue
             top = ", ".join(f"{k} {v:.0%}" for k, v in list(s["buckets"].items())[:5])
-            lines.append(f"  - {name}: {s['busy_cores']:.2f} cores busy; {top}")
+            threads = ", ".join(f"{k} {v:.2f}" for k, v in s["by_thread"].items())
+            lines.append(f"  - {name}: {s['busy_cores']:.2f} cores busy ({threads}); {top}")
     return "\n".join(lines)
 
 
@@ -346,7 +412,12 @@ def markdown(result: dict) -> str:
         *[f"- {x}" for x in ratios(result)],
     ]
     if result.get("profile"):
-        parts += ["", "py-spy (extra rounds, not the measured ones; share of samples):", "", profile_text(result["profile"])]
+        parts += [
+            "",
+            "py-spy (extra rounds, not the measured ones; share of samples):",
+            "",
+            profile_text(result["profile"]),
+        ]
     if result.get("transfer"):
         parts += ["", "KV transfer (bench/transfer_bench.py):", "", transfer_table(result["transfer"])]
     if result.get("notes"):
@@ -358,25 +429,34 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out-dir", default=str(HERE / "out" / "cpu-suite"))
-    p.add_argument("--model-dir", default=None, help="checkpoint to serve (default: build PEERS.md's into --out-dir/..)")
-    p.add_argument("--systems", default="mixed,pd-ipc,pd-tcp,vllm,hf", help="subset of mixed,pd-ipc,pd-tcp,vllm,hf")
+    p.add_argument(
+        "--model-dir", default=None, help="checkpoint to serve (default: build PEERS.md's into --out-dir/..)"
+    )
+    p.add_argument(
+        "--systems", default="mixed,pd-ipc,pd-tcp,vllm,hf", help="subset of mixed,pd-ipc,pd-tcp,vllm,hf"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--single-prompts", type=int, default=4, help="requests per round at concurrency 1")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-threads", type=int, default=2, help="PDBUS_TORCH_THREADS for the mixed server")
+    p.add_argument("--mixed-threads", type=int, default=1, help="PDBUS_TORCH_THREADS for the mixed server")
     p.add_argument("--pd-threads", type=int, default=1, help="PDBUS_TORCH_THREADS for each PD rank")
     p.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--vllm-venv", default=str(peers.DEFAULT_VLLM_VENV))
-    p.add_argument("--vllm-timeout", type=float, default=420.0, help="seconds vLLM may take to become healthy")
+    p.add_argument(
+        "--vllm-timeout", type=float, default=420.0, help="seconds vLLM may take to become healthy"
+    )
     p.add_argument("--py-spy", action="store_true", help="profile every server during extra rounds")
     p.add_argument("--profile-rounds", type=int, default=3)
     p.add_argument("--transfer-reps", type=int, default=3, help="bench/transfer_bench.py --reps (0: skip it)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: stop every server
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -390,11 +470,20 @@ def main(argv: list[str] | None = None) -> None:
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
-        "command": "python bench/serve_bench.py --suite cpu" + (f" --suite-args {shlex.quote(shlex.join(argv))}" if argv else ""),
+        "command": "python bench/serve_bench.py --suite cpu"
+        + (f" --suite-args {shlex.quote(shlex.join(argv))}" if argv else ""),
         "model": model,
-        "load": {"concurrency": args.concurrency, "single_prompts": args.single_prompts, "input_len": args.input_len,
-                 "output_len": args.output_len, "rounds": args.rounds, "vocab": cfg["vocab_size"],
-                 "layers": cfg["num_hidden_layers"], "mixed_threads": args.mixed_threads, "pd_threads": args.pd_threads},  # fmt: skip
+        "load": {
+            "concurrency": args.concurrency,
+            "single_prompts": args.single_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "rounds": args.rounds,
+            "vocab": cfg["vocab_size"],
+            "layers": cfg["num_hidden_layers"],
+            "mixed_threads": args.mixed_threads,
+            "pd_threads": args.pd_threads,
+        },  # fmt: skip
         "notes": [],
     }
     load_args = {"input_len": args.input_len, "output_len": args.output_len, "vocab": cfg["vocab_size"], "seed": args.seed,
@@ -409,7 +498,9 @@ def main(argv: list[str] | None = None) -> None:
         result["measured"] = measure_servers(servers, load_args, [args.concurrency, 1], args.rounds)
         result["load_average_after"] = os.getloadavg()
         if args.py_spy:
-            result["profile"] = profile_servers(servers, load_args, args.concurrency, args.profile_rounds, out_dir / "py-spy")
+            result["profile"] = profile_servers(
+                servers, load_args, args.concurrency, args.profile_rounds, out_dir / "py-spy"
+            )
     finally:
         systems.close()
     if "hf" in keys:
@@ -431,7 +522,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=str(ROOT), timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=str(ROOT), timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -23,6 +23,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
 from pdbus.native import kernels as KN
 
 KW = importlib.import_module("pdbus.native.kernels.wlinear")

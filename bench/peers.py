@@ -87,7 +87,9 @@ def build_checkpoint(out_dir: str | os.PathLike, dtype: str = "float32", seed: i
 # --------------------------------------------------------------------------- transformers generate
 
 
-def hf_generate(model_dir: str, batch: int, input_len: int, output_len: int, rounds: int, threads: int, seed: int) -> dict:
+def hf_generate(
+    model_dir: str, batch: int, input_len: int, output_len: int, rounds: int, threads: int, seed: int
+) -> dict:
     """Greedy ``generate`` of ``output_len`` tokens for ``batch`` random prompts; per-step times
     come from a streamer's ``put`` (called once with the prompt, then once per decode step)."""
     import random
@@ -135,7 +137,11 @@ def hf_generate(model_dir: str, batch: int, input_len: int, output_len: int, rou
         per_round.append(
             {
                 "ttft_ms": (clock.times[1] - t0) * 1e3,
-                "itl_ms": {"p50": _pct(steps, 50) * 1e3, "p99": _pct(steps, 99) * 1e3, "mean": sum(steps) / len(steps) * 1e3},
+                "itl_ms": {
+                    "p50": _pct(steps, 50) * 1e3,
+                    "p99": _pct(steps, 99) * 1e3,
+                    "mean": sum(steps) / len(steps) * 1e3,
+                },
                 "output_throughput": batch * output_len / (t1 - t0),
                 "duration_s": t1 - t0,
             }
@@ -151,7 +157,9 @@ def _pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def run_hf_subprocess(model_dir: str, batch: int, input_len: int, output_len: int, rounds: int, threads: int, seed: int) -> dict:
+def run_hf_subprocess(
+    model_dir: str, batch: int, input_len: int, output_len: int, rounds: int, threads: int, seed: int
+) -> dict:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "hf", "--model", model_dir, "--batch", str(batch),
         "--input-len", str(input_len), "--output-len", str(output_len), "--rounds", str(rounds),
@@ -193,7 +201,9 @@ class Systems:
         env = {"PDBUS_TORCH_THREADS": str(threads)}
         router = self.cluster.router()
         for role in ("prefill", "decode"):
-            self.cluster.serve(model, role, router, *PDBUS_COMMON, "--cache-transfer-protocol", protocol, *extra, env=env)
+            self.cluster.serve(
+                model, role, router, *PDBUS_COMMON, "--cache-transfer-protocol", protocol, *extra, env=env
+            )
         self.cluster.wait_health(router.url)
         deadline = time.monotonic() + 60
         body: dict = {}
@@ -213,7 +223,9 @@ class Systems:
         return out
 
     # -- vLLM
-    def vllm_server(self, model: str, venv: str | os.PathLike = DEFAULT_VLLM_VENV, timeout: float = 240.0) -> str:
+    def vllm_server(
+        self, model: str, venv: str | os.PathLike = DEFAULT_VLLM_VENV, timeout: float = 240.0
+    ) -> str:
         from pdbus.testing import free_port, http_json
 
         python = Path(venv) / "bin" / "python"
@@ -228,7 +240,9 @@ class Systems:
         ]  # fmt: skip
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1")
         with open(self.vllm_log, "wb") as log:
-            self.vllm = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.vllm = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -282,7 +296,9 @@ def main() -> None:
     if args.cmd == "build":
         print(build_checkpoint(args.out, args.dtype))
     else:
-        res = hf_generate(args.model, args.batch, args.input_len, args.output_len, args.rounds, args.threads, args.seed)
+        res = hf_generate(
+            args.model, args.batch, args.input_len, args.output_len, args.rounds, args.threads, args.seed
+        )
         print(json.dumps(res))
 
 

@@ -24,7 +24,9 @@ def _x_positions(rates: list[float]) -> tuple[list[float], list[float], list[str
     return xs, ticks, labels
 
 
-def plot_sweep(points: list[tuple[float, dict]] | dict[str, list[tuple[float, dict]]], path: str, title: str = "") -> None:
+def plot_sweep(
+    points: list[tuple[float, dict]] | dict[str, list[tuple[float, dict]]], path: str, title: str = ""
+) -> None:
     """``points``: [(rate, summary)] for one system, or {label: [(rate, summary)]} for several."""
     import matplotlib
 
@@ -75,7 +77,9 @@ def main() -> None:
     for path in args.results:
         with open(path) as f:
             data = json.load(f)
-        series[path if len(args.results) > 1 else ""] = [(p["request_rate"], p["summary"]) for p in data["points"]]
+        series[path if len(args.results) > 1 else ""] = [
+            (p["request_rate"], p["summary"]) for p in data["points"]
+        ]
     plot_sweep(series if len(series) > 1 else series[""], args.out, args.title)
 
 

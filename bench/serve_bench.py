@@ -170,7 +170,9 @@ async def run_load(
     rng = random.Random(seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
         if model is None:
             model = await _first_model(session, base_url)
 
@@ -307,10 +309,17 @@ def measure(base_url: str, model: str | None, load: Load, rate: float, max_concu
     per_round = []
     for i in range(warmup + rounds):
         reqs = load.requests(round_offset + i)
-        results = _run(run_load(base_url, model, reqs, rate, max_concurrency, load.seed + i, timeout, extra_body))
+        results = _run(
+            run_load(base_url, model, reqs, rate, max_concurrency, load.seed + i, timeout, extra_body)
+        )
         if i >= warmup:
             per_round.append(summarize(results, slos))
-    return {"request_rate": rate, "max_concurrency": max_concurrency, "rounds": per_round, "summary": median_summary(per_round)}
+    return {
+        "request_rate": rate,
+        "max_concurrency": max_concurrency,
+        "rounds": per_round,
+        "summary": median_summary(per_round),
+    }
 
 
 def _run(coro):
@@ -367,27 +376,55 @@ def vocab_from_model_dir(path: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["cpu"], help="run a whole side-by-side suite instead (see bench/cpu_suite.py)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8188", help="server root (the tool adds /v1/completions)")
-    p.add_argument("--model", default=None, help="model name in the request (default: the first of /v1/models)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--suite", choices=["cpu"], help="run a whole side-by-side suite instead (see bench/cpu_suite.py)"
+    )
+    p.add_argument(
+        "--base-url", default="http://127.0.0.1:8188", help="server root (the tool adds /v1/completions)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model name in the request (default: the first of /v1/models)"
+    )
     p.add_argument("--model-dir", default=None, help="checkpoint dir: read vocab_size from its config.json")
-    p.add_argument("--vocab-size", type=int, default=None, help="prompt ids are uniform in [3, vocab) (default 96, or --model-dir's)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="prompt ids are uniform in [3, vocab) (default 96, or --model-dir's)",
+    )
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]")
-    p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="requests/s, Poisson arrivals; inf = all at once")
+    p.add_argument(
+        "--request-rate",
+        type=parse_rate,
+        default=math.inf,
+        help="requests/s, Poisson arrivals; inf = all at once",
+    )
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    p.add_argument("--sweep-rates", default=None, help="comma list of request rates (inf allowed): one run each")
-    p.add_argument("--rounds", type=int, default=1, help="measured rounds per point; the report is their median")
+    p.add_argument(
+        "--sweep-rates", default=None, help="comma list of request rates (inf allowed): one run each"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measured rounds per point; the report is their median"
+    )
     p.add_argument("--warmup-rounds", type=int, default=0, help="discarded rounds before measuring")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:1000 tpot:50 e2el:5000")
+    p.add_argument(
+        "--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:1000 tpot:50 e2el:5000"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     p.add_argument("--extra-body", default=None, help="JSON merged into every request body")
-    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full result here")
-    p.add_argument("--plot", default=None, metavar="PNG", help="with --sweep-rates: TTFT/TPOT/ITL p50/p99 against rate")
+    p.add_argument(
+        "--json", dest="json_path", default=None, metavar="PATH", help="write the full result here"
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="with --sweep-rates: TTFT/TPOT/ITL p50/p99 against rate"
+    )
     p.add_argument("--out-dir", default=None, help="--suite: where results, logs and the checkpoint go")
     p.add_argument("--suite-args", default="", help="--suite: extra options for bench/cpu_suite.py (quoted)")
     return p
@@ -416,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
         point = measure(args.base_url, args.model, load, rate, args.max_concurrency, args.rounds, slos,
                         args.warmup_rounds, timeout=args.timeout, extra_body=extra_body)  # fmt: skip
         points.append(point)
-        title = f"rate {rate:g} req/s" + (f", max concurrency {args.max_concurrency}" if args.max_concurrency else "")
+        title = f"rate {rate:g} req/s" + (
+            f", max concurrency {args.max_concurrency}" if args.max_concurrency else ""
+        )
         print(format_summary(point["summary"], title), flush=True)
     result = {
         "base_url": args.base_url,
@@ -435,8 +474,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from plot import plot_sweep
 
-        plot_sweep([(p["request_rate"], p["summary"]) for p in points], args.plot, title=args.base_url)
+        plot_sweep([(p["request_rate"], p["summary"]) for p in points], args.plot, title=plot_title(args))
         print(f"wrote {args.plot}")
+
+
+def plot_title(args) -> str:
+    ratio = f" ±{args.range_ratio:.0%}" if args.range_ratio else ""
+    conc = f", max concurrency {args.max_concurrency}" if args.max_concurrency else ""
+    return f"{args.base_url}: prompt {args.input_len}{ratio}, output {args.output_len}{ratio}, {args.num_prompts} requests{conc}"
 
 
 def json_safe(obj):

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import ResolvedOp, WriteOp, copy_blocks, create_transfer_engine
 

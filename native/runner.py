@@ -3,6 +3,8 @@
 It knows nothing of requests: each entry of a step is (tokens to compute, position of the first
 of them, block table). Rows listed in ``sample_rows`` get the logits of their last token.
 On a GPU, decode-only steps replay CUDA graphs (pdbus.native.graphs) when enabled.
+:func:`profile_activation_peak` measures what a step needs beyond the weights and the KV cache,
+so that the cache can be sized from ``--gpu-memory-utilization``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from pdbus.native.attn_meta import AttnMeta
 from pdbus.native.kv_cache import KVCache
 
@@ -53,3 +56,63 @@ class ModelRunner:
         last = meta.query_start_loc[1:] - 1
         rows = last[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
         return self.model.compute_logits(hidden[rows])
+
+
+@torch.inference_mode()
+def profile_activation_peak(model, cfg, device: torch.device | str | None = None) -> int:
+    """Peak bytes a step allocates on the GPU beyond the weights and the KV cache.
+
+    Runs eagerly, on dummy tokens, the largest prefill step the scheduler can form
+    (``cfg.max_num_batched_tokens`` tokens in sequences of at most ``cfg.max_model_len``) and the
+    largest decode step (``cfg.max_num_seqs`` rows), each followed by the logits of
+    ``cfg.max_num_seqs`` rows, over a temporary cache just large enough, and returns the larger
+    peak of ``torch.cuda.max_memory_allocated`` above what was allocated before, plus the decode
+    step's peak again for the CUDA graphs' private pool. Frees everything (``empty_cache``)
+    before it returns, so ``torch.cuda.mem_get_info`` then shows the memory left for the cache.
+    Also compiles the prefill kernels, so the first real step starts warm.
+    """
+    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
+    if device.type != "cuda":
+        raise ValueError(f"profile_activation_peak needs a CUDA device, got {device}")
+    mcfg = model.cfg
+    bs = cfg.block_size
+    tokens = max(1, min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len))
+    prefill = [min(cfg.max_model_len, tokens - start) for start in range(0, tokens, cfg.max_model_len)]
+    decode_rows = cfg.max_num_seqs
+    blocks_per_seq = [-(-n // bs) for n in prefill]
+    num_blocks = max(sum(blocks_per_seq), decode_rows) + 1
+    cache = KVCache(
+        mcfg.num_hidden_layers, num_blocks, mcfg.num_key_value_heads, bs, mcfg.head_dim,
+        next(p.dtype for p in model.parameters() if p.dtype != torch.float32), device=device,
+    )
+    gen = torch.Generator().manual_seed(0)
+    peaks = []
+    try:
+        tables, first = [], 1
+        for n in blocks_per_seq:
+            tables.append(list(range(first, first + n)))
+            first += n
+        steps = [
+            (prefill, [0] * len(prefill), tables),
+            ([1] * decode_rows, [0] * decode_rows, [[1 + i % (num_blocks - 1)] for i in range(decode_rows)]),
+        ]
+        for qlens, starts, step_tables in steps:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            ids = torch.randint(3, mcfg.vocab_size, (sum(qlens),), generator=gen).to(device)
+            pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, qlens)]).to(device)
+            ctx = [s + n for s, n in zip(starts, qlens)]
+            meta = AttnMeta.build(qlens, ctx, step_tables, bs, device)
+            hidden = model(ids, pos, cache, meta)
+            rows = torch.arange(decode_rows, device=device) % hidden.shape[0]
+            logits = model.compute_logits(hidden[rows])
+            torch.softmax(logits, dim=-1)  # the sampler's working copy of the logits
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            del hidden, logits, meta, ids, pos
+    finally:
+        cache.close()
+        del cache
+        torch.cuda.empty_cache()
+    return max(peaks) + peaks[-1]

@@ -55,9 +55,16 @@ def plan(ports: list[int], num_servers: int, child_args: list[str], visible: str
         raise ConfigError(
             f"{num_servers} servers x TP{tp} need {num_servers * tp} GPUs, CUDA_VISIBLE_DEVICES has {len(devices)}"
         )
+    ep_master = None
+    if "--enable-expert-parallel" in child_args:
+        from pdbus.testing import free_port
+
+        ep_master = f"127.0.0.1:{free_port()}"  # rendezvous of the EP group (all ranks on this host)
     out = []
     for i, port in enumerate(ports):
         env = dict(os.environ)
+        if ep_master:
+            env["PDBUS_EP_MASTER"] = ep_master
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
         args = [*child_args, "--port", str(port), "--data-parallel-rank", str(i)]

@@ -10,6 +10,7 @@ import os
 import random
 
 import torch
+
 from pdbus.native.attn_meta import AttnMeta
 from pdbus.native.kv_cache import KVCache
 

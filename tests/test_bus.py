@@ -25,7 +25,13 @@ import zmq.asyncio
 from pdbus import messages as m
 from pdbus import wire
 from pdbus.actor import BusMember, BusServer
-from pdbus.security import client_curve_keys, generate_key_file, load_key_file, server_secret, start_authenticator
+from pdbus.security import (
+    client_curve_keys,
+    generate_key_file,
+    load_key_file,
+    server_secret,
+    start_authenticator,
+)
 from pdbus.sockets import BusError, BusFull, PeerUnreachable, bind, make_socket, send_nowait, tcp_endpoint
 
 PEER_SCRIPT = Path(__file__).with_name("bus_peer.py")

@@ -13,12 +13,12 @@ import time
 
 import pytest
 import torch
+
 from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
+from pdbus.messages import Destination, SamplingParams, TokenOut
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.runner import ModelRunner
 from pdbus.native.sampler import Sampler
-
-from pdbus.messages import Destination, SamplingParams, TokenOut
 
 BLOCK_SIZE = 8
 PROMPT_LENS = (1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 2)

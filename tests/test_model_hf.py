@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import TINY_CONFIGS, PagedRunner, build_hf, greedy_paged, rel_err, save_hf  # noqa: E402
+
 from pdbus.native.attention import store_kv  # noqa: E402
 from pdbus.native.model.loader import load_model  # noqa: E402
 

@@ -3,8 +3,8 @@ import json
 import openai.types as oa
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pdbus.actors.frontend import protocol as p
 
+from pdbus.actors.frontend import protocol as p
 from pdbus.messages import FinishReason
 
 MODELS = ["ernie", "other"]

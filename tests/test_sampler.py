@@ -3,9 +3,9 @@ import time
 
 import pytest
 import torch
-from pdbus.native.sampler import Sampler, hash64
 
 from pdbus.messages import SamplingParams
+from pdbus.native.sampler import Sampler, hash64
 
 V = 64
 

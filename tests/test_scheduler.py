@@ -13,10 +13,10 @@ import zlib
 from dataclasses import dataclass
 
 import pytest
+
 from pdbus.actors.engine.block_manager import BlockManager
 from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
 from pdbus.actors.engine.sequence import Sequence, Status
-
 from pdbus.messages import SamplingParams
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import sentencepiece as spm
+
 from pdbus.actors.frontend.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,

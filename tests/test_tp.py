@@ -19,6 +19,7 @@ CFGS = ["moe_shared", "dense_hd"]
 
 def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out: str) -> None:
     import torch.distributed as dist
+
     from pdbus.native.attn_meta import AttnMeta
     from pdbus.native.kv_cache import KVCache
     from pdbus.native.model.loader import load_model

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import TransferError, WriteOp, create_transfer_engine
 
@@ -353,6 +354,7 @@ def test_tcp_send_timeout_fails_the_handle():
 def test_tcp_receiver_validates_what_arrives():
     """A crafted write outside the cache is read and dropped, and its commit is refused."""
     import numpy as np
+
     from pdbus.native.transfer import tcp
 
     cache = make_cache(4)

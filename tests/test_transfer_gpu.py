@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import TransferError, WriteOp, create_transfer_engine
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pdbus.actors.engine.block_manager import BlockManager
 from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
 from pdbus.actors.engine.sequence import Sequence, Status
-
 from pdbus.log import get_logger
 from pdbus.messages import Destination, FinishReason, SamplingParams, TokenLogprob, TokenOut
 
@@ -81,6 +80,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.transferring: list[Sequence] = []
+        self.ep = None  # EPCoordinator when experts are sharded over the DP group
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,6 +149,8 @@ class Engine:
                 timeout = 0.001
             elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
                 timeout = 0.01
+            elif self.ep is not None:
+                timeout = 0.01  # EP ranks must meet in ep.sync even when idle
             elif self.blocks.leases:
                 timeout = 0.5
             else:
@@ -167,6 +169,8 @@ class Engine:
             if self._stop.is_set():
                 break
             self._expire_leases()
+            if self.ep is not None and not self.ep.sync(self.scheduler.has_work() or bool(self.transferring)):
+                continue  # no EP rank has work: nobody steps
             try:
                 self.step()
             except Exception as exc:  # a failed step fails its requests, not the rank
@@ -303,6 +307,8 @@ class Engine:
         batch = self.scheduler.schedule()
         self._stalled = not batch and self.scheduler.has_work()
         if not batch:
+            if self.ep is not None:
+                self.ep.idle_step()  # another EP rank steps: join its MoE collectives
             return
         self.steps += 1
         finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]

@@ -19,10 +19,10 @@ import time
 import uuid
 
 from aiohttp import web
-from pdbus.actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
-from pdbus.actors.router.pd import PDBackend
 
 from pdbus.actor import BusServer, Peer
+from pdbus.actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
+from pdbus.actors.router.pd import PDBackend
 from pdbus.config import RouterConfig
 from pdbus.log import get_logger
 from pdbus.messages import Busy, Failed, Generate, Hello, Prefilled, Reserved, TextOut, Tokens

@@ -309,14 +309,22 @@ def moe_block_m(num_pairs: int, num_experts: int) -> int:
     return 128
 
 
-def default_moe_config(block_m: int, n_out: int, K: int, bits: int, swiglu: bool) -> dict:
+def default_moe_config(block_m: int, n_out: int, K: int, bits: int, swiglu: bool, num_pairs: int) -> dict:
+    """Tiles from the H100 sweeps (bench/gpu_bench.py --tune, 2026-11-25; int4 decode and bf16
+    prefill were swept, the other cases are the first guesses that ran in the same bench)."""
     if block_m <= 16:
-        return {"BN": 32, "BK": 256 if bits == 4 else 128, "num_warps": 4, "num_stages": 4}
+        if bits == 4:
+            if num_pairs <= 64:
+                if swiglu:
+                    return {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
+                return {"BN": 64, "BK": 256, "num_warps": 8, "num_stages": 3}
+            return {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
+        return {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 4}
     if block_m <= 32:
         return {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
     if block_m <= 64:
         return {"BN": 64 if swiglu else 128, "BK": 64, "num_warps": 4, "num_stages": 3}
-    return {"BN": 64 if swiglu else 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+    return {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def moe_gemm(
@@ -351,7 +359,7 @@ def moe_gemm(
     if num_pairs == 0:
         return out
     cfg = config or TUNED.get(("moe", m_bucket(num_pairs), N, K, bits, swiglu)) or default_moe_config(
-        block_m, n_out, K, bits, swiglu)
+        block_m, n_out, K, bits, swiglu, num_pairs)
     BN, BK = cfg["BN"], cfg["BK"]
     wv, s_wn, cvt = weight_view(w, bits, cfg)
     grid = (max_blocks, triton.cdiv(n_out, BN))

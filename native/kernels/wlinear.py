@@ -27,8 +27,10 @@ _WDTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.uint8}
 
 # (kind, m_bucket, N, K, bits, swiglu) -> config dict; filled by tuning (bench/gpu_bench.py).
 TUNED: dict[tuple, dict] = {}
-# Dequantization path (see _wq_step); the PTX one does not run under TRITON_INTERPRET.
-DEFAULT_CVT = 0 if _INTERPRET else 2
+# Dequantization path per weight bits (see _wq_step), from the H100 sweeps: the PTX path (2)
+# made the int4 MoE GEMMs 1.3-2x faster than plain casts (0); for int8 the plain cast was ~5%
+# faster. The PTX path does not run under TRITON_INTERPRET.
+DEFAULT_CVT = {4: 0 if _INTERPRET else 2, 8: 0}
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -231,7 +233,7 @@ def _wlinear_kernel(
 def weight_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, int, int]:
     """(weight tensor as the kernel reads it, its row stride in those elements, CVT mode).
     CVT 1 reads int4 weights as int16 words, which needs even byte strides."""
-    cvt = int(cfg.get("CVT", DEFAULT_CVT)) if bits != 16 else 0
+    cvt = int(cfg.get("CVT", DEFAULT_CVT[bits])) if bits != 16 else 0
     if bits == 8 and cvt == 1:
         cvt = 0
     if cvt == 1:
@@ -244,18 +246,13 @@ def weight_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, in
 
 
 def default_config(M: int, N_out: int, K: int, bits: int, swiglu: bool) -> dict:
-    """Heuristic tiles: GEMV-shaped (many thin N tiles, long K steps) for small M, square tiles for
-    large M."""
-    if M <= 16:
-        bn = 32 if N_out >= 4096 else 16
-        if swiglu:
-            bn = 16
-        return {"BM": 16, "BN": bn, "BK": 256, "num_warps": 4, "num_stages": 4}
+    """Tiles from the H100 sweeps (bench/gpu_bench.py --tune, 2026-11-25): GEMV-shaped (thin N
+    tiles, long K steps) up to M=64, square tiles for large M."""
     if M <= 64:
-        return {"BM": 16 if M <= 32 else 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
+        return {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
     if M <= 256:
         return {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}
-    return {"BM": 128, "BN": 128 if not swiglu else 64, "BK": 64, "num_warps": 8, "num_stages": 3}
+    return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def check_weight(name: str, w: torch.Tensor, scales: torch.Tensor | None, bits: int,

@@ -23,10 +23,10 @@ import msgspec
 import torch
 import torch.distributed as dist
 import zmq
-from pdbus.native.parallel.tp import HeadSplit, head_overlaps
-from pdbus.native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 
 from pdbus.log import get_logger
+from pdbus.native.parallel.tp import HeadSplit, head_overlaps
+from pdbus.native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 
 log = get_logger("tp")
 

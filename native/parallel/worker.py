@@ -9,6 +9,8 @@ import threading
 import msgspec
 import torch
 import zmq
+
+from pdbus.log import get_logger, setup_logging
 from pdbus.native.parallel.group import (
     AbortCmd,
     StepCmd,
@@ -20,8 +22,6 @@ from pdbus.native.parallel.group import (
     split_writes,
 )
 from pdbus.native.transfer.base import TransferError, WriteOp
-
-from pdbus.log import get_logger, setup_logging
 
 
 def build_shard(spec: WorkerSpec, device: torch.device, group):

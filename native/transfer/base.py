@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 import torch
-from pdbus.native.kv_cache import KVCache
 
 from pdbus.messages import KVLayout
+from pdbus.native.kv_cache import KVCache
 
 # Up to this many runs of consecutive blocks are copied slice by slice (no temporary); longer
 # block lists use one gather and one scatter.

@@ -23,6 +23,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from pdbus.messages import KVLayout
 from pdbus.native.kv_cache import DTYPES, KVCache
 from pdbus.native.transfer.base import (
     RequestTable,
@@ -38,8 +40,6 @@ from pdbus.native.transfer.base import (
     peer_layout,
     resolve_op,
 )
-
-from pdbus.messages import KVLayout
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pdbus.messages import KVLayout
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import (
     ResolvedOp,
@@ -26,8 +27,6 @@ from pdbus.native.transfer.base import (
     layout_to_dict,
     region_spans,
 )
-
-from pdbus.messages import KVLayout
 
 _IB_SYSFS = "/sys/class/infiniband"
 _HINT = "set KVCACHE_RDMA_NICS=<device,...> (e.g. mlx5_0) or use --cache-transfer-protocol tcp"

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from pdbus.messages import KVLayout
 from pdbus.native.kv_cache import DTYPES, KVCache
 from pdbus.native.transfer.base import (
     ResolvedOp,
@@ -22,8 +24,6 @@ from pdbus.native.transfer.base import (
     host_id,
     layout_to_dict,
 )
-
-from pdbus.messages import KVLayout
 
 _SHM_DIR = "/dev/shm"
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from pdbus.messages import KVLayout
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import (
     PendingTransfer,
@@ -50,8 +52,6 @@ from pdbus.native.transfer.base import (
     resolve_op,
 )
 
-from pdbus.messages import KVLayout
-
 log = logging.getLogger(__name__)
 
 _MAGIC = b"PDKV"
@@ -60,6 +60,7 @@ _ACK = struct.Struct("!4sBBHHQ")
 _WRITE, _COMMIT, _ABORT, _ACK_TYPE = 1, 2, 3, 16
 _IOV = 256  # buffers per sendmsg / recvmsg_into call (IOV_MAX is 1024 on Linux)
 _SCRATCH = 1 << 20  # where the payload of a refused write is read and dropped
+_LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, unsent bytes dropped
 _MAX_REQ_ID = 1024  # bytes
 _READS_PER_EVENT = 64
 
@@ -538,6 +539,10 @@ class TcpTransfer(TransferEngine):
             self._requests.fail_peer(link.peer_id, reason)
         if sock is not None:
             try:
+                # abortive close: the kernel drops what is still queued (bytes of failed
+                # requests) instead of delivering it once the link is back, maybe after the
+                # decode has given those blocks to another request
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked in sendmsg
             except OSError:
                 pass

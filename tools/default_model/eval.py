@@ -13,6 +13,7 @@ import os
 import sys
 
 import torch
+
 from pdbus.actors.frontend.tokenizer import Tokenizer
 from pdbus.native.model.ernie import ErnieForCausalLM
 

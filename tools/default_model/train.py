@@ -27,6 +27,7 @@ import time
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+
 from pdbus.actors.frontend.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from pdbus.native.model.config import ErnieConfig
 from pdbus.native.model.ernie import ErnieForCausalLM, MoE
