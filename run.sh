@@ -38,10 +38,27 @@ ensure_env() {
       log "installing PyTorch 2.13.0 (CPU)"; "$PY" -m pip install -q torch==2.13.0
     fi
   fi
+  # system libraries: libibverbs for Mooncake (rdma), iproute2 for the network-namespace tests
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    local missing=()
+    ldconfig -p 2>/dev/null | grep -q libibverbs.so.1 || missing+=(libibverbs1)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+      log "apt-get install ${missing[*]}"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+        || log "could not install ${missing[*]} (rdma / namespace tests will skip)"
+    fi
+  fi
   local extras="test,bench"
-  have_cuda && extras="$extras,gpu"
+  if have_cuda; then extras="$extras,gpu,rdma"; else extras="$extras,rdma-cpu"; fi
   log "installing pdbus[$extras] (editable)"
   "$PY" -m pip install -q -e ".[$extras]"
+  if have_cuda && ! "$PY" -c "import cupy" 2>/dev/null; then
+    local cuda_major
+    cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -1)"
+    log "installing cupy-cuda${cuda_major:-12}x (CUDA IPC)"; "$PY" -m pip install -q "cupy-cuda${cuda_major:-12}x"
+  fi
   echo "$want" > "$stamp"
 }
 

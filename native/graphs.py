@@ -53,6 +53,7 @@ class DecodeGraphs:
         self.block_size = kv_cache.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.buckets: list[int] = []
+        self.replays = 0
         reason = gpu_ops.kernels_supported(model, kv_cache) if model.use_kernels is not False else "use_kernels=False"
         if reason is not None:
             log.warning("decode CUDA graphs disabled (steps run eagerly): %s", reason)
@@ -111,6 +112,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
+    @torch.inference_mode()
     def run(
         self,
         token_ids: list[int],
@@ -141,4 +143,5 @@ class DecodeGraphs:
         self.block_tables[:B, :width].copy_(torch.tensor(flat, dtype=torch.int64).view(B, width))
         graph, out = self.graphs[bs]
         graph.replay()
+        self.replays += 1
         return out[:B]

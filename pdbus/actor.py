@@ -341,15 +341,17 @@ class BusMember(Actor):
         assert self.sock is not None
         send_nowait(self.sock, [wire.encode(msg), *frames])
 
-    def _say_hello(self) -> None:
+    def _say_hello(self) -> bool:
         hello = self._hello()
         files = self._files() if self._files else {}
         if files:
             hello.has_tokenizer = True
         try:
             self.send(hello, *wire.pack_files(files))
+            return True
         except BusError as exc:
             self.log.debug("hello not sent: %s", exc)
+            return False
 
     async def dispatch(self, peer: bytes | None, msg: Message, frames: list) -> None:
         self.last_from_router = time.monotonic()
@@ -388,8 +390,11 @@ class BusMember(Actor):
                 await asyncio.sleep(self.heartbeat_interval)
                 continue
             if not self.registered.is_set():
-                self._say_hello()
-                await asyncio.sleep(hello_every)
+                if self._say_hello():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.registered.wait(), hello_every)
+                else:  # not connected yet (IMMEDIATE): writable means connected, so say it then
+                    await self.sock.poll(int(hello_every * 1000), zmq.POLLOUT)
                 continue
             if time.monotonic() - self.last_from_router > timeout:
                 self.log.warning("router silent for %.1fs: registering again", time.monotonic() - self.last_from_router)

@@ -14,6 +14,7 @@ sees it go if it dies, and aborts its requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import urllib.request
@@ -22,6 +23,7 @@ import uuid
 from pdbus.actor import BusMember
 from pdbus.messages import PROTOCOL_VERSION, Abort, Generate, Hello, Role, SamplingParams, TextOut
 from pdbus.security import client_curve_keys
+from pdbus.sockets import BusError
 
 
 class BusClient(BusMember):
@@ -93,11 +95,9 @@ class BusClient(BusMember):
                     return
         finally:
             self.streams.pop(req_id, None)
-            if not done:
-                try:
+            if not done and self.sock is not None:
+                with contextlib.suppress(BusError):
                     self.send(Abort(req_id=req_id, reason="client stopped reading"))
-                except Exception:
-                    pass
 
 
 def _get_json(url: str, timeout: float) -> dict:

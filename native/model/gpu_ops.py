@@ -36,6 +36,9 @@ from .quant import QuantExperts, WeightOnlyLinear
 
 # flash-decoding partition length; partitions never depend on the batch
 DECODE_PARTITION_TOKENS = 256
+# prefill attention query tile, fixed so that a sequence's rows do not depend on the rest of the
+# batch (the kernel's own default follows the longest query of the step)
+PREFILL_BLOCK_M = 64
 
 
 def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
@@ -153,7 +156,7 @@ def attention(
     else:
         o = K.prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.context_lens_t, meta.block_tables,
-            attn.scale, max_query_len=meta.max_query_len,
+            attn.scale, max_query_len=meta.max_query_len, block_m=PREFILL_BLOCK_M,
         )
     return linear(attn.o_proj, o.view(T, nh * hd))
 
