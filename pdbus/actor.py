@@ -225,7 +225,7 @@ class BusServer(Actor):
             return
         if isinstance(msg, Bye):
             if known is not None:
-                self.mark_dead(peer, f"said bye ({msg.reason})" if msg.reason else "said bye")
+                self.mark_dead(peer, f"said bye ({msg.reason})" if msg.reason else "said bye", clean=True)
             return
         if known is None or not known.alive:
             if isinstance(msg, Heartbeat) or self.needs_registration(msg):
@@ -286,11 +286,12 @@ class BusServer(Actor):
     def peer_lost(self, peer: Peer, reason: str) -> None:
         """Hook: a peer was declared dead."""
 
-    def mark_dead(self, identity: bytes, reason: str) -> None:
+    def mark_dead(self, identity: bytes, reason: str, clean: bool = False) -> None:
+        """Forget a peer (``clean``: it said Bye) and call ``peer_lost``."""
         peer = self.peers.pop(identity, None)
         if peer is not None and peer.alive:
             peer.alive = False
-            self.log.warning("instance %s lost: %s", peer.name, reason)
+            (self.log.info if clean else self.log.warning)("instance %s %s: %s", peer.name, "left" if clean else "lost", reason)
             self.peer_lost(peer, reason)
 
     async def _purge_loop(self) -> None:
@@ -385,16 +386,19 @@ class BusMember(Actor):
     async def _heartbeat_loop(self) -> None:
         timeout = DEAD_AFTER_INTERVALS * self.heartbeat_interval
         hello_every = max(self.heartbeat_interval / 2, 0.05)
+        retry = 0.01
         while True:
             if self.refused is not None:
                 await asyncio.sleep(self.heartbeat_interval)
                 continue
             if not self.registered.is_set():
                 if self._say_hello():
+                    retry = 0.01
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self.registered.wait(), hello_every)
-                else:  # not connected yet (IMMEDIATE): writable means connected, so say it then
-                    await self.sock.poll(int(hello_every * 1000), zmq.POLLOUT)
+                else:  # not connected yet (IMMEDIATE): try again soon, backing off to hello_every
+                    await asyncio.sleep(retry)
+                    retry = min(2 * retry, hello_every)
                 continue
             if time.monotonic() - self.last_from_router > timeout:
                 self.log.warning("router silent for %.1fs: registering again", time.monotonic() - self.last_from_router)

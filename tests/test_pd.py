@@ -209,3 +209,33 @@ def test_no_decode_room_gives_503(cluster, tiny_model_dir):
     assert "no decode instance has room" in body["error"]["message"]
     assert 0.9 <= waited < 10
     wait_all_blocks_free(cluster)
+
+
+def test_bus_client_script_and_api(cluster, tiny_model_dir, mixed_outputs):
+    """The zmq client: `pdbus client` and the Python BusClient stream the same tokens as HTTP."""
+    import asyncio
+    import sys
+
+    ps, ref, _ = mixed_outputs
+    router = start_pd(cluster, tiny_model_dir, "ipc")
+    ids = ",".join(map(str, ps[7]))
+    out = subprocess.run(
+        [sys.executable, "-m", "pdbus", "client", ids, "--token-ids", "--router", router.addr, "--max-tokens", "12"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = [int(t) for t in out.stdout.split()]
+    # the client script does not set ignore_eos: compare the prefix it produced
+    assert printed == ref[7][: len(printed)] and printed
+
+    from pdbus.client import BusClient
+
+    async def run():
+        async with BusClient(router.addr) as client:
+            got = []
+            async for chunk in client.generate(ps[8], max_tokens=12, temperature=0, ignore_eos=True):
+                assert chunk.error is None
+                got += chunk.token_ids
+            return got
+
+    assert asyncio.run(run()) == ref[8]
