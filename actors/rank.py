@@ -34,6 +34,14 @@ from aiohttp import web
 from pdbus import envs
 from pdbus.actor import BusMember
 from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
+from pdbus.actors.rank_setup import (
+    FaultSlowRunner,
+    FaultTransfer,
+    as_set,
+    kv_blocks_for_budget,
+    pick_device,
+    tune_cpu_runtime,
+)
 from pdbus.config import ServeConfig
 from pdbus.log import get_logger
 from pdbus.messages import (
@@ -52,45 +60,13 @@ from pdbus.messages import (
     TokenOut,
     Tokens,
 )
+from pdbus.native.transfer.base import host_id
 from pdbus.sockets import BusError
 
 log = get_logger("rank")
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def pick_device(cfg: ServeConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device) -> int:
-    from pdbus.native.kv_cache import bytes_per_token
-
-    needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
-    if cfg.num_gpu_blocks_override:
-        if cfg.num_gpu_blocks_override < needed:
-            raise RuntimeError(
-                f"--num-gpu-blocks-override {cfg.num_gpu_blocks_override} is fewer than the {needed} blocks one "
-                f"--max-model-len {cfg.max_model_len} sequence needs"
-            )
-        return cfg.num_gpu_blocks_override
-    per_block = bytes_per_token(model_cfg.num_hidden_layers, kv_heads, model_cfg.head_dim, dtype)
-    per_block *= cfg.block_size
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cfg.gpu_memory_utilization) * total
-    else:
-        budget = cfg.kv_cache_memory_gb * (1 << 30)
-    blocks = int(budget // per_block)
-    if blocks < needed:
-        raise RuntimeError(
-            f"KV cache budget holds {blocks} blocks, one max-length sequence needs {needed}: "
-            "raise --kv-cache-memory-gb / --gpu-memory-utilization or lower --max-model-len"
-        )
-    return blocks
 
 
 class _LoopEvents(EngineEvents):
@@ -249,12 +225,12 @@ class RankServer:
 
             self.runner = self.tp_runner = TPRunner(self.runner, self.tp_control)
         if envs.PDBUS_FAULT_STEP_DELAY_S > 0:
-            self.runner = _FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
+            self.runner = FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
         if not cfg.skip_tokenizer_init:
             from pdbus.actors.frontend.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(cfg.model)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else _as_set(self.model_cfg.eos_token_id)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else as_set(self.model_cfg.eos_token_id)
         log.info(
             "loaded %s (%s, %s, %s) in %.1fs; KV cache %d blocks x %d tokens (%.1f MiB)%s",
             self.model_name,
@@ -317,15 +293,15 @@ class RankServer:
                     split = self.tp_split if self.tp_group is not None else HeadSplit(0, 1, mc.num_attention_heads, mc.num_key_value_heads)
                     self.transfers[proto] = TPTransfer(proto, engine, self.tp_group, getattr(self, "tp_control", None), split)
                 if envs.PDBUS_FAULT_TRANSFER and self.cfg.splitwise_role == "prefill":
-                    self.transfers[proto] = _FaultTransfer(self.transfers[proto], envs.PDBUS_FAULT_TRANSFER)
+                    self.transfers[proto] = FaultTransfer(self.transfers[proto], envs.PDBUS_FAULT_TRANSFER)
                 # decode publishes where to write (every TP rank's slice); prefill only its host
                 if self.cfg.splitwise_role != "decode":
-                    self.endpoints[proto] = {"host_id": _host_id()}
+                    self.endpoints[proto] = {"host_id": host_id()}
                 elif self.tp_group is None:
                     self.endpoints[proto] = engine.endpoint()
                 else:
                     ranks = [engine.endpoint()] + [self.tp_group.endpoints[r][proto] for r in range(1, self.cfg.tensor_parallel_size)]
-                    self.endpoints[proto] = {"host_id": _host_id(), "ranks": ranks}
+                    self.endpoints[proto] = {"host_id": host_id(), "ranks": ranks}
             except Exception as exc:
                 raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc
 
@@ -541,60 +517,6 @@ class RankServer:
         raise RuntimeError(f"router at {url} not reachable within 120s")
 
 
-class _FaultSlowRunner:
-    """Fault injection (tests): every step takes ``delay`` longer."""
-
-    def __init__(self, runner, delay: float):
-        self.inner, self.delay, self.kv_cache = runner, delay, runner.kv_cache
-
-    def execute(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.inner.execute(*args, **kwargs)
-
-
-class _FaultTransfer:
-    """Fault injection (tests): every commit fails, or never completes ("hang")."""
-
-    def __init__(self, engine, mode: str):
-        self.inner, self.mode = engine, mode
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def commit(self, req_id: str, peer_id: str):
-        from pdbus.native.transfer.base import TransferHandle
-
-        handle = TransferHandle(req_id)
-        self.inner.abort(req_id)
-        if self.mode == "fail":
-            handle.set_failed("injected transfer failure (PDBUS_FAULT_TRANSFER=fail)")
-        return handle
-
-
-def _tune_cpu_runtime() -> None:
-    """Denormals flushed (paged attention over stale cache rows is 5x slower otherwise) and glibc
-    kept from mmap-ing each step's large temporaries (halves the CPU decode step)."""
-    torch.set_flush_denormal(True)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _host_id() -> str:
-    from pdbus.native.transfer.base import host_id
-
-    return host_id()
-
-
-def _as_set(value) -> set[int]:
-    return set(value) if isinstance(value, (list, tuple)) else {int(value)}
-
-
 def _http_get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
@@ -604,7 +526,7 @@ def serve(cfg: ServeConfig) -> int:
     from pdbus.log import setup_logging
 
     setup_logging()
-    _tune_cpu_runtime()
+    tune_cpu_runtime()
     torch.set_num_threads(max(1, int(os.environ.get("PDBUS_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))))
     server = RankServer(cfg)
     try:

@@ -3,7 +3,7 @@
     python bench/cross_node_bench.py [--reps 5] [--only transfer,ttft] [--model DIR] [--json FILE]
 
 transfer  GB/s of one request's KV (ERNIE-4.5-21B-A3B-like: 28 layers, 4 KV heads, head_dim 128,
-          bf16, a 2K-token prompt = 32 blocks of 64, scattered destination blocks: 58.7 MB) from
+          bf16, a 2K-token prompt = 32 blocks of 64, scattered destination blocks: 117.4 MB) from
           a sender in namespace A to a receiver in namespace B, for
             socket    sendall / recv_into of the same bytes (the ceiling, measured in this run)
             tcp       the project's tcp backend
@@ -44,6 +44,7 @@ PROMPT_LEN = 2048
 
 def _cache(num_blocks: int):
     import torch
+
     from pdbus.native.kv_cache import KVCache
 
     return KVCache(LAYERS, num_blocks, KV_HEADS, BLOCK, HEAD_DIM, torch.bfloat16, "cpu", False)
@@ -101,6 +102,7 @@ def role_send(protocol: str, endpoint: dict, reps: int) -> None:
         print(json.dumps(times), flush=True)
         return
     import torch
+
     from pdbus.native.transfer.base import WriteOp, create_transfer_engine
 
     cache = _cache(BLOCKS)

@@ -54,7 +54,11 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.buckets: list[int] = []
         self.replays = 0
-        reason = gpu_ops.kernels_supported(model, kv_cache) if model.use_kernels is not False else "use_kernels=False"
+        reason = (
+            gpu_ops.kernels_supported(model, kv_cache)
+            if model.use_kernels is not False
+            else "use_kernels=False"
+        )
         if reason is not None:
             log.warning("decode CUDA graphs disabled (steps run eagerly): %s", reason)
             return

@@ -82,8 +82,13 @@ def profile_activation_peak(model, cfg, device: torch.device | str | None = None
     blocks_per_seq = [-(-n // bs) for n in prefill]
     num_blocks = max(sum(blocks_per_seq), decode_rows) + 1
     cache = KVCache(
-        mcfg.num_hidden_layers, num_blocks, mcfg.num_key_value_heads, bs, mcfg.head_dim,
-        next(p.dtype for p in model.parameters() if p.dtype != torch.float32), device=device,
+        mcfg.num_hidden_layers,
+        num_blocks,
+        mcfg.num_key_value_heads,
+        bs,
+        mcfg.head_dim,
+        next(p.dtype for p in model.parameters() if p.dtype != torch.float32),
+        device=device,
     )
     gen = torch.Generator().manual_seed(0)
     peaks = []

@@ -360,6 +360,8 @@ class BusMember(Actor):
             if not self.registered.is_set():
                 self.log.info("registered with %s as %s", self.router_endpoint, self.identity)
             self.refused = None
+            if msg.heartbeat_interval > 0:  # the router's clock decides when this member is dead
+                self.heartbeat_interval = msg.heartbeat_interval
             self.registered.set()
             self._answered.set()
             return
@@ -384,10 +386,10 @@ class BusMember(Actor):
         """Hook: registration refused (wrong model, protocol...)."""
 
     async def _heartbeat_loop(self) -> None:
-        timeout = DEAD_AFTER_INTERVALS * self.heartbeat_interval
-        hello_every = max(self.heartbeat_interval / 2, 0.05)
         retry = 0.01
         while True:
+            timeout = DEAD_AFTER_INTERVALS * self.heartbeat_interval
+            hello_every = max(self.heartbeat_interval / 2, 0.05)
             if self.refused is not None:
                 await asyncio.sleep(self.heartbeat_interval)
                 continue

@@ -26,7 +26,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-class EchoMember(BusMember):
+class ReportingMember(BusMember):
     """Reports registration events; nothing else."""
 
     name = "peer"
@@ -46,7 +46,7 @@ class EchoMember(BusMember):
 
 async def main(args) -> int:
     ctx = zmq.asyncio.Context()
-    member = EchoMember(
+    member = ReportingMember(
         args.endpoint,
         identity=args.identity,
         hello=lambda: Hello(

@@ -659,3 +659,15 @@ def test_curve_admits_only_the_cluster_key(tmp_path):
             assert not any(member.registered.is_set() for member in members)
 
     run(body)
+
+
+def test_member_adopts_the_router_heartbeat_interval():
+    async def body(ctx):
+        async with contextlib.AsyncExitStack() as stack:
+            server = await start_server(stack, ctx)  # HB
+            member = await start_member(stack, ctx, server, "rank-slow", heartbeat_interval=30.0)
+            assert member.heartbeat_interval == HB
+            with pytest.raises(asyncio.TimeoutError):  # heartbeats at the router's pace: never declared dead
+                await asyncio.wait_for(server.lost.get(), 5 * HB)
+
+    run(body)

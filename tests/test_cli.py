@@ -64,31 +64,30 @@ def model_dir(tmp_path):
 # --------------------------------------------------------------------------- serve
 
 
-@pytest.mark.parametrize(
-    "args, needles",
-    [
-        (["--enable-expert-parallel", "--tensor-parallel-size", "2"], ["--enable-expert-parallel", "tensor-parallel-size 1"]),
-        (["--cache-transfer-protocol", "foo"], ["--cache-transfer-protocol", "foo", "ipc, tcp, rdma"]),
-        (["--cache-transfer-protocol", "ipc,foo"], ["unknown foo"]),
-        (["--splitwise-role", "prefill"], ["--splitwise-role prefill needs --router"]),
-        (["--splitwise-role", "decode"], ["--splitwise-role decode needs --router"]),
-        (["--splitwise-role", "boss"], ["--splitwise-role", "boss"]),
-        (["--splitwise-role", "decode", "--router", "localhost"], ["--router must be HOST:PORT", "localhost"]),
-        (["--router", "127.0.0.1:99999"], ["--router must be HOST:PORT"]),
-        (["--router", "127.0.0.1:http"], ["--router must be HOST:PORT"]),
-        (["--model", "/nonexistent/model"], ["--model", "/nonexistent/model", "not a directory"]),
-        (["--quantization", "int3"], ["--quantization", "int3", "wint4"]),
-        (["--block-size", "48"], ["--block-size", "power of two"]),
-        (["--max-num-seqs", "many"], ["--max-num-seqs", "many"]),
-        (["--max-model-len", "0"], ["--max-model-len must be positive"]),
-        (["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization"]),
-        (["--data-parallel-rank", "2", "--data-parallel-size", "2"], ["--data-parallel-rank 2"]),
-        (["--heartbeat-interval", "0"], ["--heartbeat-interval must be positive"]),
-        (["--port", "70000"], ["--port 70000 is not a port number"]),
-        (["--host", "203.0.113.7"], ["cannot bind on 203.0.113.7"]),  # an address this host does not have
-    ],
-    ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else "",
-)
+SERVE_CASES = [
+    (["--enable-expert-parallel", "--tensor-parallel-size", "2"], ["--enable-expert-parallel", "tensor-parallel-size 1"]),
+    (["--cache-transfer-protocol", "foo"], ["--cache-transfer-protocol", "foo", "ipc, tcp, rdma"]),
+    (["--cache-transfer-protocol", "ipc,foo"], ["unknown foo"]),
+    (["--splitwise-role", "prefill"], ["--splitwise-role prefill needs --router"]),
+    (["--splitwise-role", "decode"], ["--splitwise-role decode needs --router"]),
+    (["--splitwise-role", "boss"], ["--splitwise-role", "boss"]),
+    (["--splitwise-role", "decode", "--router", "localhost"], ["--router must be HOST:PORT", "localhost"]),
+    (["--router", "127.0.0.1:99999"], ["--router must be HOST:PORT"]),
+    (["--router", "127.0.0.1:http"], ["--router must be HOST:PORT"]),
+    (["--model", "/nonexistent/model"], ["--model", "/nonexistent/model", "not a directory"]),
+    (["--quantization", "int3"], ["--quantization", "int3", "wint4"]),
+    (["--block-size", "48"], ["--block-size", "power of two"]),
+    (["--max-num-seqs", "many"], ["--max-num-seqs", "many"]),
+    (["--max-model-len", "0"], ["--max-model-len must be positive"]),
+    (["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization"]),
+    (["--data-parallel-rank", "2", "--data-parallel-size", "2"], ["--data-parallel-rank 2"]),
+    (["--heartbeat-interval", "0"], ["--heartbeat-interval must be positive"]),
+    (["--port", "70000"], ["--port 70000 is not a port number"]),
+    (["--host", "203.0.113.7"], ["cannot bind on 203.0.113.7"]),  # an address this host does not have
+]
+
+
+@pytest.mark.parametrize("args, needles", SERVE_CASES, ids=[" ".join(args) for args, _ in SERVE_CASES])
 def test_serve_rejects(model_dir, args, needles):
     fails_with(pdbus("serve", "--model", model_dir, "--port", str(free_port()), *args), *needles)
 

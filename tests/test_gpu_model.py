@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import rel_err, save_hf  # noqa: E402
+
 from pdbus.native.kv_cache import KVCache  # noqa: E402
 from pdbus.native.model.loader import load_model  # noqa: E402
 
@@ -55,25 +56,49 @@ GPU_CONFIGS: dict[str, tuple[str, dict]] = {
     "moe_shared_hd64": (
         "ernie4_5_moe",
         dict(
-            _BASE, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-            moe_num_experts=8, moe_k=2, moe_intermediate_size=128, moe_num_shared_experts=1,
-            moe_layer_start_index=1, moe_layer_interval=1, tie_word_embeddings=True,
+            _BASE,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_intermediate_size=128,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            moe_layer_interval=1,
+            tie_word_embeddings=True,
         ),
     ),
     # the 300B pattern: no shared expert, GQA 4:1, untied head; head_dim 128 (q_size != hidden)
     "moe_noshared_hd128": (
         "ernie4_5_moe",
         dict(
-            _BASE, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-            moe_num_experts=6, moe_k=3, moe_intermediate_size=96, moe_num_shared_experts=0,
-            moe_layer_start_index=0, moe_layer_interval=1, tie_word_embeddings=False,
+            _BASE,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=128,
+            moe_num_experts=6,
+            moe_k=3,
+            moe_intermediate_size=96,
+            moe_num_shared_experts=0,
+            moe_layer_start_index=0,
+            moe_layer_interval=1,
+            tie_word_embeddings=False,
         ),
     ),
     # dense, MHA, untied
     "dense_hd64": (
         "ernie4_5",
-        dict(_BASE, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-             tie_word_embeddings=False),
+        dict(
+            _BASE,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=64,
+            tie_word_embeddings=False,
+        ),
     ),
 }
 
@@ -128,7 +153,12 @@ class Stepper:
         self.model = model
         self.device = model.model.embed_tokens.weight.device
         self.cache = KVCache(
-            cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK, cfg.head_dim, model.dtype,
+            cfg.num_hidden_layers,
+            num_blocks,
+            cfg.num_key_value_heads,
+            BLOCK,
+            cfg.head_dim,
+            model.dtype,
             device=self.device,
         )
         self.free = list(range(num_blocks))
@@ -212,7 +242,9 @@ def test_prefill_and_decode_match_transformers_and_cpu(checkpoints, name):
     cpu = prefill_then_decode(load(path, device="cpu"), ids, 23) if DEV == "cuda" else None
     err_hf = rel_err(got, ref)
     err_cpu = rel_err(got, cpu) if cpu is not None else 0.0
-    print(f"MEASURE {name}: gpu vs transformers-bf16 {err_hf:.4f}, vs cpu-bf16 {err_cpu:.4f}, bound {bound:.4f}")
+    print(
+        f"MEASURE {name}: gpu vs transformers-bf16 {err_hf:.4f}, vs cpu-bf16 {err_cpu:.4f}, bound {bound:.4f}"
+    )
     assert torch.isfinite(got).all()
     assert err_hf <= bound
     assert err_cpu <= bound
@@ -261,7 +293,9 @@ def test_quantized_matches_cpu_and_bf16(checkpoints, quantization):
     err_bf16 = rel_err(got, bf16)
     cpu = prefill_then_decode(load(path, quantization, device="cpu"), ids, 20) if DEV == "cuda" else None
     err_cpu = rel_err(got, cpu) if cpu is not None else 0.0
-    print(f"MEASURE {quantization}: gpu vs cpu-{quantization} {err_cpu:.4f} (bound {bound:.4f}), vs bf16 {err_bf16:.4f}")
+    print(
+        f"MEASURE {quantization}: gpu vs cpu-{quantization} {err_cpu:.4f} (bound {bound:.4f}), vs bf16 {err_bf16:.4f}"
+    )
     assert torch.isfinite(got).all()
     assert err_cpu <= bound
     assert err_bf16 <= QUANT_VS_BF16[quantization]
@@ -293,8 +327,15 @@ def test_graph_replay_equals_eager(tmp_path):
     num_blocks, max_len, steps = 128, 256, 32
 
     def cache():
-        return KVCache(cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK, cfg.head_dim,
-                       torch.bfloat16, device=DEV)
+        return KVCache(
+            cfg.num_hidden_layers,
+            num_blocks,
+            cfg.num_key_value_heads,
+            BLOCK,
+            cfg.head_dim,
+            torch.bfloat16,
+            device=DEV,
+        )
 
     graph_cache, eager_cache = cache(), cache()
     graphs = DecodeGraphs(model, graph_cache, max_batch=16, max_model_len=max_len)

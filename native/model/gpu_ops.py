@@ -50,6 +50,10 @@ def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
         return f"the weights are on {weight.device}, not a CUDA device"
     if model.dtype != torch.bfloat16:
         return f"the kernels need bfloat16 weights, the model is {model.dtype}"
+    if getattr(getattr(model, "tp_split", None), "size", 1) > 1 or getattr(model, "ep_moes", None):
+        # tp.py / ep.py add their collectives through module hooks and forwards, which the
+        # kernel path does not call
+        return "tensor / expert parallel shards run the torch path (the kernel path has no collectives)"
     hd = model.cfg.head_dim
     if hd < 16 or hd & (hd - 1):
         return f"head_dim {hd} is not a power of two >= 16"
@@ -123,8 +127,15 @@ def moe(module, x: torch.Tensor) -> MoEPairs:
     else:
         w13, w2, s13, s2 = experts.w13, experts.w2, None, None
     pairs = K.fused_moe(
-        x, module.gate.weight, w13, w2, module.top_k, module.e_score_correction_bias,
-        w13_scales=s13, w2_scales=s2, return_pairs=True,
+        x,
+        module.gate.weight,
+        w13,
+        w2,
+        module.top_k,
+        module.e_score_correction_bias,
+        w13_scales=s13,
+        w2_scales=s2,
+        return_pairs=True,
     )
     shared = mlp(module.shared_experts, x) if module.shared_experts is not None else None
     return MoEPairs(pairs, module.top_k, shared)
@@ -155,8 +166,15 @@ def attention(
         )
     else:
         o = K.prefill_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.context_lens_t, meta.block_tables,
-            attn.scale, max_query_len=meta.max_query_len, block_m=PREFILL_BLOCK_M,
+            q,
+            k_cache,
+            v_cache,
+            meta.query_start_loc,
+            meta.context_lens_t,
+            meta.block_tables,
+            attn.scale,
+            max_query_len=meta.max_query_len,
+            block_m=PREFILL_BLOCK_M,
         )
     return linear(attn.o_proj, o.view(T, nh * hd))
 

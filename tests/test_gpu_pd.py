@@ -1,0 +1,95 @@
+"""PD on ONE GPU, end to end: router + prefill + decode processes, KV over CUDA IPC.
+
+Greedy outputs through PD must equal a mixed instance's (each prompt alone) token for token,
+for 20 concurrent requests of mixed lengths (half of them streamed), with the decode instance
+replaying CUDA graphs, and again with ``--enforce-eager``. The model is a tiny random
+ERNIE-4.5-MoE with kernel-friendly shapes (tests/test_gpu_model.py), in bf16, block size 16.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_gpu_model import save_gpu_model  # noqa: E402
+from test_pd import complete, start_pd, wait_all_blocks_free  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.timeout(600)]
+
+BLOCK = 16
+# each process takes its own few blocks: several servers share the one GPU
+GPU_ARGS = (
+    "--block-size",
+    str(BLOCK),
+    "--dtype",
+    "bfloat16",
+    "--num-gpu-blocks-override",
+    "512",
+    "--max-num-seqs",
+    "32",
+)
+LENGTHS = [1, 3, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK + 5, 9 * BLOCK, 13 * BLOCK + 3, 20 * BLOCK]
+NUM_REQUESTS = 20
+MAX_TOKENS = 16
+
+
+def gpu_prompts(n: int) -> list[list[int]]:
+    return [[(7 * i + 13 * j) % 250 + 3 for j in range(LENGTHS[i % len(LENGTHS)])] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dir(tmp_path_factory) -> str:
+    return save_gpu_model("moe_shared_hd64", str(tmp_path_factory.mktemp("gpu-moe")), seed=3)
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(gpu_model_dir, tmp_path_factory):
+    """The mixed role (decode CUDA graphs on), each prompt alone, greedy."""
+    from test_pd import COMMON
+
+    from pdbus.testing import Cluster
+
+    with Cluster(tmp_path_factory.mktemp("gpu-mixed")) as c:
+        server = c.serve(gpu_model_dir, "mixed", None, *COMMON, *GPU_ARGS)
+        c.wait_health(server.url, timeout=300)
+        ps = gpu_prompts(NUM_REQUESTS)
+        ref = [complete(server.url, p, max_tokens=MAX_TOKENS) for p in ps]
+        log = server.log.read_text(errors="replace")
+    assert "captured decode CUDA graphs" in log
+    return ps, ref
+
+
+def _pd_equals_mixed(cluster, model_dir, reference, *extra: str) -> str:
+    ps, ref = reference
+    router = start_pd(cluster, model_dir, "ipc", serve_extra=(*GPU_ARGS, *extra))
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        got = list(
+            pool.map(
+                lambda ip: complete(router.url, ip[1], max_tokens=MAX_TOKENS, stream=ip[0] % 2 == 1),
+                enumerate(ps),
+            )
+        )
+    bad = [(i, len(ps[i]), g, r) for i, (g, r) in enumerate(zip(got, ref)) if g != r]
+    for i, n, g, r in bad:
+        first = next(j for j, (a, b) in enumerate(zip(g, r)) if a != b) if len(g) == len(r) else -1
+        print(f"MEASURE PD{' '.join(extra)} prompt {i} (len {n}) differs from token {first}: {g} != {r}")
+    print(
+        f"MEASURE PD{' '.join(extra)}: {NUM_REQUESTS - len(bad)}/{NUM_REQUESTS} requests equal the mixed instance"
+    )
+    assert not bad
+    wait_all_blocks_free(cluster)
+    return next(p for p in cluster.procs if p.name == "decode").log.read_text(errors="replace")
+
+
+def test_gpu_pd_ipc_with_decode_graphs_equals_mixed(cluster, gpu_model_dir, mixed_reference):
+    log = _pd_equals_mixed(cluster, gpu_model_dir, mixed_reference)
+    assert "captured decode CUDA graphs" in log
+
+
+def test_gpu_pd_ipc_enforce_eager_equals_mixed(cluster, gpu_model_dir, mixed_reference):
+    log = _pd_equals_mixed(cluster, gpu_model_dir, mixed_reference, "--enforce-eager")
+    assert "captured decode CUDA graphs" not in log
