@@ -86,8 +86,11 @@ async def send_request(session, url: str, body: dict, res: RequestResult) -> Req
             buf = b""
             async for data in resp.content.iter_any():
                 now = time.perf_counter()
-                buf += data
+                buf += data.replace(b"\r\n", b"\n")
                 *events, buf = buf.split(b"\n\n")
+                if buf.rstrip() == b"data: [DONE]":  # the last event, whatever its line ending
+                    events.append(buf)
+                    buf = b""
                 for event in events:
                     for line in event.split(b"\n"):
                         if not line.startswith(b"data:"):

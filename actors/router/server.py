@@ -18,6 +18,7 @@ import signal
 import time
 import uuid
 
+import zmq.asyncio
 from aiohttp import web
 
 from pdbus.actor import BusServer, Peer
@@ -107,8 +108,16 @@ class RouterServer:
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        ctx = zmq.asyncio.Context.instance()
+        self._auth = None
+        if cfg.bus_key_file:
+            from pdbus.security import start_authenticator
+
+            # ZAP first: the bus socket must never accept a peer before the key check is in place
+            self._auth = start_authenticator(ctx, cfg.bus_key_file)
         self.bus = RouterBus(
             self,
+            ctx=ctx,
             host=cfg.host,
             port=cfg.bus_port,
             heartbeat_interval=cfg.heartbeat_interval,
@@ -120,7 +129,6 @@ class RouterServer:
         self.model_name: str | None = None
         self.client_tasks: dict[tuple[bytes, str], asyncio.Task] = {}
         self._stop = asyncio.Event()
-        self._auth = None
 
     # ----------------------------------------------------------------- registry
     def instance_joined(self, peer: Peer) -> None:
@@ -324,11 +332,6 @@ class RouterServer:
     # ----------------------------------------------------------------- run
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        if self.cfg.bus_key_file:
-            from pdbus.security import start_authenticator
-
-            # ZAP: only the cluster key may register; started before any peer can connect
-            self._auth = start_authenticator(self.bus.ctx, self.cfg.bus_key_file)
         self.bus.start()
         watcher = None
         if self.cfg.bus_key_file:
@@ -363,7 +366,10 @@ def serve_router(cfg: RouterConfig) -> int:
     from pdbus.log import setup_logging
 
     setup_logging()
+    async def main() -> int:
+        return await RouterServer(cfg).run()  # built inside the loop (the ZAP handler needs it)
+
     try:
-        return asyncio.run(RouterServer(cfg).run())
+        return asyncio.run(main())
     except KeyboardInterrupt:
         return 0
