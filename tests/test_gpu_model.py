@@ -1,14 +1,17 @@
 """ERNIE-4.5 on the GPU path (Triton kernels, decode CUDA graphs) against transformers and the CPU path.
 
 Tiny random checkpoints with kernel-friendly shapes (head_dim 64 and 128, block size 16).
-Logit tolerances, relative ``max |diff| / max |ref|``:
+Logits are compared token by token: ``err[t] = max |got[t] - ref[t]| / max |ref|``.
 
 * bf16 on the GPU against transformers-bf16 on the GPU, and against our CPU path in bf16 on the
-  same weights: ``max(3e-2, 2 x transformers-bf16's own error against its fp32)`` — 3e-2 is the
-  CPU path's bf16 tolerance (tests/test_model_hf.py); the second term covers a checkpoint on
-  which bf16 rounding flips a router near-tie (transformers then moves as much as we do).
-* wint8 / wint4 on the GPU against our CPU path with the same quantized weights: the bf16 bound
-  above; against the bf16 model: 0.1 (wint8) and 0.6 (wint4, 4-bit per-channel on random weights).
+  same weights: every token within 3e-2 for the dense model (the CPU path's own bf16 tolerance,
+  tests/test_model_hf.py); for MoE models 90% of the tokens within 3e-2 — in bf16 a router
+  near-tie picks another expert now and then, in transformers as in us (transformers-bf16 is
+  itself up to tens of percent off its fp32 on such tokens of these random checkpoints).
+* wint8 / wint4 on the GPU against our CPU path with the same quantized weights: as above;
+  against the bf16 model: median token error under 0.1 (wint8) and 0.6 (wint4: 4-bit
+  per-channel weights of random checkpoints).
+* a mixed batch against each sequence run alone on the same path: as above.
 * CUDA graph replay against the eager step: equal greedy tokens for 32 steps at batch sizes
   1, 3, 8 and 13 (padded buckets included).
 
@@ -27,7 +30,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest_model import rel_err, save_hf  # noqa: E402
+from conftest_model import save_hf  # noqa: E402
 
 from pdbus.native.kv_cache import KVCache  # noqa: E402
 from pdbus.native.model.loader import load_model  # noqa: E402
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.gpu
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_TOL = 3e-2
+MOE_WITHIN = 0.9  # share of tokens of a MoE model that must be within BF16_TOL
 QUANT_VS_BF16 = {"wint8": 0.1, "wint4": 0.6}
 BLOCK = 16
 
@@ -221,84 +225,35 @@ def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids], device=dev)).logits[0].float().cpu()
 
 
-def _bound(hf_fp32, path: str, ids: list[int]) -> tuple[float, torch.Tensor]:
-    """(the bf16 bound for these ids, transformers-bf16 logits on DEV)."""
-    from transformers import AutoModelForCausalLM
-
-    hf_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEV).eval()
-    ref = _hf_logits(hf_bf16, ids)
-    hf_err = rel_err(ref, _hf_logits(hf_fp32, ids))
-    return max(BF16_TOL, 2 * hf_err), ref
+def token_errors(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-token ``max_v |got[t] - ref[t]| / max |ref|`` of logits ``[T, V]`` (the max of these is
+    conftest_model.rel_err, the CPU tests' metric)."""
+    got, ref = got.float(), ref.float()
+    return (got - ref).abs().amax(-1) / ref.abs().max().clamp(min=1e-12)
 
 
-@pytest.mark.parametrize("name", list(GPU_CONFIGS))
-def test_prefill_and_decode_match_transformers_and_cpu(checkpoints, name):
-    hf, path = checkpoints(name)
-    ids = tokens(40, 1)
-    bound, ref = _bound(hf, path, ids)
-    model = load(path)
-    assert model.kernel_path(Stepper(model, num_blocks=4).cache)
-    got = prefill_then_decode(model, ids, 23)  # 23: a block and a half, then decode across blocks
-    cpu = prefill_then_decode(load(path, device="cpu"), ids, 23) if DEV == "cuda" else None
-    err_hf = rel_err(got, ref)
-    err_cpu = rel_err(got, cpu) if cpu is not None else 0.0
+def check_close(what: str, got: torch.Tensor, ref: torch.Tensor, moe: bool) -> None:
+    err = token_errors(got, ref)
+    within = float((err <= BF16_TOL).float().mean())
     print(
-        f"MEASURE {name}: gpu vs transformers-bf16 {err_hf:.4f}, vs cpu-bf16 {err_cpu:.4f}, bound {bound:.4f}"
+        f"MEASURE {what}: token error median {float(err.median()):.4f} max {float(err.max()):.4f}, "
+        f"{within:.0%} within {BF16_TOL}"
     )
     assert torch.isfinite(got).all()
-    assert err_hf <= bound
-    assert err_cpu <= bound
+    if moe:
+        assert within >= MOE_WITHIN, what
+    else:
+        assert float(err.max()) <= BF16_TOL, what
 
 
-@pytest.mark.parametrize("name", ["moe_shared_hd64", "moe_noshared_hd128"])
-def test_mixed_batch_matches_transformers(checkpoints, name):
-    """Decode rows, a chunk continuation and fresh prompts (1, 16, 17, 50 tokens) in one step,
-    then a decode step over all of them."""
-    hf, path = checkpoints(name)
-    full = {
-        0: tokens(17, 10),  # prefilled 16, then decodes 1 in the mixed step
-        1: tokens(40, 11),  # prefilled 17, then a chunk of 23
-        2: tokens(1, 12),
-        3: tokens(16, 13),
-        4: tokens(50, 14),
-        5: tokens(17, 15),
-    }
-    bound, _ = _bound(hf, path, full[4])
+def is_moe(name: str) -> bool:
+    return GPU_CONFIGS[name][0] == "ernie4_5_moe"
+
+
+def hf_bf16(path: str):
     from transformers import AutoModelForCausalLM
 
-    hf_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEV).eval()
-    s = Stepper(load(path))
-    first = s.step({0: full[0][:16], 1: full[1][:17]})
-    mixed = s.step({0: full[0][16:], 1: full[1][17:], 2: full[2], 3: full[3], 4: full[4], 5: full[5]})
-    nxt = {sid: [int(mixed[sid][-1].argmax())] for sid in full}
-    dec = s.step(nxt)
-    worst = 0.0
-    for sid, toks in full.items():
-        ref = _hf_logits(hf_bf16, toks + nxt[sid])
-        got = torch.cat([first.get(sid, ref[:0]), mixed[sid], dec[sid]])
-        worst = max(worst, rel_err(got, ref[-got.shape[0] :]))
-    print(f"MEASURE {name} mixed batch: worst {worst:.4f}, bound {bound:.4f}")
-    assert worst <= bound
-
-
-@pytest.mark.parametrize("quantization", ["wint8", "wint4"])
-def test_quantized_matches_cpu_and_bf16(checkpoints, quantization):
-    name = "moe_shared_hd64"  # dense layer, shared expert and routed experts: every quantized path
-    hf, path = checkpoints(name)
-    ids = tokens(30, 2)
-    bound, _ = _bound(hf, path, ids)
-    q = load(path, quantization)
-    got = prefill_then_decode(q, ids, 20)
-    bf16 = prefill_then_decode(load(path), ids, 20)
-    err_bf16 = rel_err(got, bf16)
-    cpu = prefill_then_decode(load(path, quantization, device="cpu"), ids, 20) if DEV == "cuda" else None
-    err_cpu = rel_err(got, cpu) if cpu is not None else 0.0
-    print(
-        f"MEASURE {quantization}: gpu vs cpu-{quantization} {err_cpu:.4f} (bound {bound:.4f}), vs bf16 {err_bf16:.4f}"
-    )
-    assert torch.isfinite(got).all()
-    assert err_cpu <= bound
-    assert err_bf16 <= QUANT_VS_BF16[quantization]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEV).eval()
 
 
 def _greedy_runs(model, runner, prompts: list[list[int]], tables: list[list[int]], steps: int):
@@ -324,7 +279,7 @@ def test_graph_replay_equals_eager(tmp_path):
     path = save_gpu_model("moe_shared_hd64", str(tmp_path), seed=7)
     model = load(path)
     cfg = model.cfg
-    num_blocks, max_len, steps = 128, 256, 32
+    num_blocks, max_len, steps = 400, 512, 32
 
     def cache():
         return KVCache(
@@ -344,7 +299,7 @@ def test_graph_replay_equals_eager(tmp_path):
     eager = ModelRunner(model, eager_cache, DEV)
     rng = random.Random(0)
     for B in (1, 3, 8, 13):
-        prompts = [tokens(rng.randint(2, 60), 100 * B + i) for i in range(B)]
+        prompts = [tokens(rng.randint(2, 300), 100 * B + i) for i in range(B)]
         free = list(range(num_blocks))
         rng.shuffle(free)
         tables = [[free.pop() for _ in range(-(-(len(p) + steps) // BLOCK))] for p in prompts]
@@ -357,6 +312,71 @@ def test_graph_replay_equals_eager(tmp_path):
         assert got == want, f"B={B}"
     # a batch beyond the largest bucket runs eagerly
     assert graphs.run([5] * 17, [3] * 17, [[0]] * 17, [4] * 17) is None
+
+
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_prefill_and_decode_match_transformers_and_cpu(checkpoints, name):
+    hf, path = checkpoints(name)
+    ids = tokens(40, 1)
+    model = load(path)
+    assert model.kernel_path(Stepper(model, num_blocks=4).cache)
+    got = prefill_then_decode(model, ids, 23)  # 23: a block and a half, then decode across blocks
+    ref = _hf_logits(hf_bf16(path), ids)
+    hf_err = float(token_errors(ref, _hf_logits(hf, ids)).max())
+    print(f"MEASURE {name}: transformers-bf16 vs its fp32, worst token {hf_err:.4f}")
+    check_close(f"{name} gpu vs transformers-bf16", got, ref, is_moe(name))
+    if DEV == "cuda":
+        cpu = prefill_then_decode(load(path, device="cpu"), ids, 23)
+        check_close(f"{name} gpu vs cpu-bf16", got, cpu, is_moe(name))
+
+
+@pytest.mark.parametrize("name", ["moe_shared_hd64", "dense_hd64"])
+def test_mixed_batch_matches_transformers_and_alone(checkpoints, name):
+    """Decode rows, a chunk continuation and fresh prompts (1, 16, 17, 50 tokens) in one step,
+    then a decode step over all of them: against transformers and against each sequence alone."""
+    hf, path = checkpoints(name)
+    full = {
+        0: tokens(17, 10),  # prefilled 16, then decodes 1 in the mixed step
+        1: tokens(40, 11),  # prefilled 17, then a chunk of 23
+        2: tokens(1, 12),
+        3: tokens(16, 13),
+        4: tokens(50, 14),
+        5: tokens(17, 15),
+    }
+    model = load(path)
+    s = Stepper(model)
+    first = s.step({0: full[0][:16], 1: full[1][:17]})
+    mixed = s.step({0: full[0][16:], 1: full[1][17:], 2: full[2], 3: full[3], 4: full[4], 5: full[5]})
+    nxt = {sid: [int(mixed[sid][-1].argmax())] for sid in full}
+    dec = s.step(nxt)
+    ref_hf = hf_bf16(path)
+    got, want_hf, want_alone = [], [], []
+    for sid, toks in full.items():
+        rows = torch.cat([first.get(sid, mixed[sid][:0]), mixed[sid], dec[sid]])
+        got.append(rows)
+        want_hf.append(_hf_logits(ref_hf, toks + nxt[sid])[-rows.shape[0] :])
+        want_alone.append(prefill_then_decode(model, toks + nxt[sid], len(toks))[-rows.shape[0] :])
+    got = torch.cat(got)
+    check_close(f"{name} mixed batch vs transformers-bf16", got, torch.cat(want_hf), is_moe(name))
+    check_close(f"{name} mixed batch vs each sequence alone", got, torch.cat(want_alone), is_moe(name))
+
+
+@pytest.mark.parametrize("quantization", ["wint8", "wint4"])
+def test_quantized_matches_cpu_and_bf16(checkpoints, quantization):
+    name = "moe_shared_hd64"  # dense layer, shared expert and routed experts: every quantized path
+    _, path = checkpoints(name)
+    ids = tokens(30, 2)
+    got = prefill_then_decode(load(path, quantization), ids, 20)
+    bf16 = prefill_then_decode(load(path), ids, 20)
+    err = token_errors(got, bf16)
+    print(
+        f"MEASURE {quantization} vs bf16: token error median {float(err.median()):.4f} max {float(err.max()):.4f}"
+    )
+    assert torch.isfinite(got).all()
+    assert float(err.median()) <= QUANT_VS_BF16[quantization]
+    if DEV == "cuda":
+        cpu = prefill_then_decode(load(path, quantization, device="cpu"), ids, 20)
+        check_close(f"{quantization} gpu vs cpu-{quantization}", got, cpu, moe=True)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="compares batched and single decode on the GPU")
@@ -386,9 +406,10 @@ def test_profile_activation_peak(checkpoints):
 
     _, path = checkpoints("moe_shared_hd64")
     model = load(path)
+    cfg = SimpleNamespace(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=256, block_size=BLOCK)
+    profile_activation_peak(model, cfg)  # first call: lazy workspaces and tables
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    cfg = SimpleNamespace(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=256, block_size=BLOCK)
     peak = profile_activation_peak(model, cfg)
     assert torch.cuda.memory_allocated() == before
     # at least the logits of 16 rows and one [512, H] activation

@@ -198,7 +198,8 @@ class RouterServer:
 
     # ----------------------------------------------------------------- HTTP
     async def handle_bus(self, request: web.Request) -> web.Response:
-        return web.json_response({"endpoint": self.bus.endpoint, "heartbeat_interval": self.cfg.heartbeat_interval, "router_id": self.router_id})
+        # "curve": the bus speaks CurveZMQ only; an instance without --bus-key-file cannot join
+        return web.json_response({"endpoint": self.bus.endpoint, "heartbeat_interval": self.cfg.heartbeat_interval, "router_id": self.router_id, "curve": bool(self.cfg.bus_key_file)})
 
     async def handle_instances(self, request: web.Request) -> web.Response:
         return web.json_response({"instances": self.instances()})

@@ -63,8 +63,8 @@ def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
             return f"block_size {bs} is not a power of two >= 16"
         if kv_cache.dtype != torch.bfloat16:
             return f"the KV cache is {kv_cache.dtype}, the kernels need bfloat16"
-        if kv_cache.device != weight.device:
-            return f"the KV cache is on {kv_cache.device}, the weights on {weight.device}"
+        if kv_cache.buffer.device != weight.device:  # tensor devices carry the index ("cuda:0")
+            return f"the KV cache is on {kv_cache.buffer.device}, the weights on {weight.device}"
     return None
 
 

@@ -14,9 +14,11 @@ TCP transport: that is how machines without a NIC (and CI) exercise it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
+from pdbus import envs
 from pdbus.messages import KVLayout
 from pdbus.native.kv_cache import KVCache
 from pdbus.native.transfer.base import (
@@ -85,6 +87,10 @@ class MooncakeTransfer(SerialCopyEngine):
         self.protocol, devices = choose_protocol(use_tcp, nics)
         if self.protocol == "rdma":
             os.environ.setdefault("MC_FORCE_HCA", "1")  # a missing NIC must fail, not degrade
+        # Mooncake's own per-transfer timeout (30 s by default) bounds how long a write to an
+        # unreachable peer blocks the copy worker, and with it an abort on the engine thread:
+        # keep it within pdbus's transfer timeout
+        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, math.ceil(envs.PDBUS_TRANSFER_TIMEOUT_S))))
         engine_cls = _import_engine()
         self._engine = engine_cls()
         rc = self._engine.initialize(host, "P2PHANDSHAKE", self.protocol, devices)
