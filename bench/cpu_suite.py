@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
-        "command": "python bench/serve_bench.py --suite cpu"
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "")
+        + ".venv/bin/python bench/serve_bench.py --suite cpu"
         + (f" --suite-args {shlex.quote(shlex.join(argv))}" if argv else ""),
         "model": model,
         "load": {

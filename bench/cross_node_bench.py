@@ -10,7 +10,8 @@ transfer  GB/s of one request's KV (ERNIE-4.5-21B-A3B-like: 28 layers, 4 KV head
             rdma-tcp  the Mooncake adapter over Mooncake's own TCP transport
           and the same three with both ends inside A (loopback), for comparison.
 ttft      time to the first token of a 2048-token prompt (streamed, token ids) through the router:
-          on one host (loopback; ipc, and tcp) and across the two hosts (tcp, rdma-tcp).
+          on one host (loopback; ipc, and tcp) and across the two hosts (tcp, rdma-tcp); all four
+          clusters run at once and are measured round-robin, one prompt each in turn.
           Model: --model, else a generated random ERNIE-4.5-MoE whose KV per token matches the
           transfer shape's heads (8 layers, 4 KV heads, head_dim 128, bf16: 16 KiB per token).
 
@@ -229,35 +230,35 @@ def _prompts(reps: int) -> list[list[int]]:
     return [[(7 * j + 13 * i) % 90 + 3 for j in range(PROMPT_LEN)] for i in range(reps + 1)]
 
 
-def ttft_one_host(model: str, protocol: str, reps: int, workdir: Path) -> list[float]:
+def one_host(stack, model: str, protocol: str, workdir: Path):
+    """Router, prefill and decode on loopback; returns a function timing one prompt."""
     from pdbus.testing import Cluster, http_json
 
-    with Cluster(workdir / f"one-{protocol}") as c:
-        router = c.router()
-        args = [*SERVE, "--cache-transfer-protocol", protocol]
-        c.serve(model, "prefill", router, *args)
-        c.serve(model, "decode", router, *args)
-        c.wait_health(router.url, timeout=300)
-        _wait_instances(lambda: http_json(router.url + "/instances")[1])
-        times = [first_token_s(router.url, p) for p in _prompts(reps)]
-    return times[1:]
+    c = stack.enter_context(Cluster(workdir / f"one-{protocol}"))
+    router = c.router()
+    args = [*SERVE, "--cache-transfer-protocol", protocol]
+    c.serve(model, "prefill", router, *args)
+    c.serve(model, "decode", router, *args)
+    c.wait_health(router.url, timeout=300)
+    _wait_instances(lambda: http_json(router.url + "/instances")[1])
+    return lambda prompt: first_token_s(router.url, prompt)
 
 
-def ttft_two_hosts(pair, model: str, protocol: str, reps: int, workdir: Path) -> list[float]:
+def two_hosts(stack, pair, model: str, protocol: str, workdir: Path, port_base: int):
+    """Router and prefill in A, decode in B; returns a function timing one prompt from inside A."""
     from pdbus.netns import TwoHosts
     from pdbus.testing import http_json
 
     mooncake = protocol == "rdma-tcp"
     args = [*SERVE, "--cache-transfer-protocol", "rdma" if mooncake else protocol]
     env = {"PDBUS_MOONCAKE_TCP": "1"} if mooncake else None
-    with TwoHosts(pair, workdir / f"two-{protocol}") as hosts:
-        router = hosts.router()
-        hosts.serve(pair.a, model, "prefill", router, *args, port=8188, env=env)
-        hosts.serve(pair.b, model, "decode", router, *args, port=8200, env=env)
-        hosts.wait_health(router, timeout=300)
-        _wait_instances(lambda: hosts.call(pair.a, http_json, router.url + "/instances")[1])
-        times = [hosts.call(pair.a, first_token_s, router.url, p) for p in _prompts(reps)]
-    return times[1:]
+    hosts = stack.enter_context(TwoHosts(pair, workdir / f"two-{protocol}"))
+    router = hosts.router(port=port_base, bus_port=port_base + 1)
+    hosts.serve(pair.a, model, "prefill", router, *args, port=port_base + 2, env=env)
+    hosts.serve(pair.b, model, "decode", router, *args, port=port_base + 3, env=env)
+    hosts.wait_health(router, timeout=300)
+    _wait_instances(lambda: hosts.call(pair.a, http_json, router.url + "/instances")[1])
+    return lambda prompt: hosts.call(pair.a, first_token_s, router.url, prompt)
 
 
 def _wait_instances(get, timeout: float = 120) -> None:
@@ -271,17 +272,30 @@ def _wait_instances(get, timeout: float = 120) -> None:
 
 
 def bench_ttft(pair, model: str, reps: int, have_mooncake: bool, workdir: Path) -> list[dict]:
-    rows = []
+    """Every placement up at once, measured round-robin (one prompt each in turn), so that
+    other load on the machine weighs on all of them alike."""
+    import contextlib
+
     cases = [("one host", "ipc"), ("one host", "tcp"), ("two hosts (veth)", "tcp")]
     if have_mooncake:
         cases.append(("two hosts (veth)", "rdma-tcp"))
-    for where, proto in cases:
-        if where == "one host":
-            times = ttft_one_host(model, proto, reps, workdir)
-        else:
-            times = ttft_two_hosts(pair, model, proto, reps, workdir)
-        rows.append({"placement": where, "protocol": proto, "median_s": statistics.median(times), "best_s": min(times)})
-        print(f"  ttft {where:17s} {proto:9s} {statistics.median(times) * 1e3:8.1f} ms (best {min(times) * 1e3:.1f})", flush=True)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        timers = []
+        for i, (where, proto) in enumerate(cases):
+            if where == "one host":
+                timers.append(one_host(stack, model, proto, workdir))
+            else:
+                timers.append(two_hosts(stack, pair, model, proto, workdir, 9000 + 10 * i))
+        times: list[list[float]] = [[] for _ in cases]
+        for rep, prompt in enumerate(_prompts(reps)):
+            for k, timer in enumerate(timers):
+                t = timer(prompt)
+                if rep:  # the first round warms up
+                    times[k].append(t)
+    for (where, proto), ts in zip(cases, times):
+        rows.append({"placement": where, "protocol": proto, "median_s": statistics.median(ts), "best_s": min(ts)})
+        print(f"  ttft {where:17s} {proto:9s} {statistics.median(ts) * 1e3:8.1f} ms (best {min(ts) * 1e3:.1f})", flush=True)
     return rows
 
 
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if "ttft" in only:
             model = args.model or kv_heavy_model(os.path.join(tmp, "bench-kv"))
             result["ttft_model"] = "generated KV-heavy tiny MoE (8 layers, 4 KV heads x 128, bf16)" if not args.model else args.model
-            result["ttft"] = bench_ttft(pair, model, max(1, args.reps // 2 + 1), have_mooncake, Path(tmp))
+            result["ttft"] = bench_ttft(pair, model, args.reps, have_mooncake, Path(tmp))
     print()
     print(render(result))
     if args.json:
