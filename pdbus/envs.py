@@ -25,3 +25,9 @@ KVCACHE_RDMA_NICS = os.environ.get("KVCACHE_RDMA_NICS", "")
 MC_FORCE_HCA = os.environ.get("MC_FORCE_HCA", "")
 # seconds a prefill waits for its KV transfer to land before failing the request
 PDBUS_TRANSFER_TIMEOUT_S = _float("PDBUS_TRANSFER_TIMEOUT_S", 30.0)
+# run the rdma adapter over Mooncake's own TCP (tests, machines without a NIC)
+PDBUS_MOONCAKE_TCP = os.environ.get("PDBUS_MOONCAKE_TCP", "")
+# Mooncake transfer timeout (seconds); pdbus sets it from PDBUS_TRANSFER_TIMEOUT_S when unset
+MC_TRANSFER_TIMEOUT = os.environ.get("MC_TRANSFER_TIMEOUT", "")
+# rendezvous host:port of an EP group, set by `pdbus multi-serve` for its ranks
+PDBUS_EP_MASTER = os.environ.get("PDBUS_EP_MASTER", "")

@@ -160,7 +160,7 @@ def _curl(host: str, port: int) -> str:
     )
 
 
-def run_topology(conf_path: Path, roles: list[str], router_host: str, router_port: int | None, start_router: bool, overrides: list[str], bind_host: str) -> int:
+def run_topology(conf_path: Path, roles: list[str], router_host: str, router_port: int | None, start_router: bool, overrides: list[str], bind_host: str, router_extra: list[str] = ()) -> int:
     conf = load_toml(str(conf_path))
     rconf = conf.get("router") or {}
     port = router_port or int(rconf.get("port", 8109))
@@ -170,7 +170,8 @@ def run_topology(conf_path: Path, roles: list[str], router_host: str, router_por
     print(f"[launch] topology {conf_path.relative_to(ROOT) if conf_path.is_relative_to(ROOT) else conf_path}", flush=True)
     try:
         if start_router:
-            launcher.start("router", [sys.executable, "-m", "pdbus", "router", "--host", router_host, "--port", str(port)])
+            # [router] of the topology (bus_port, api_key, bus_key_file, ...) applies; flags win
+            launcher.start("router", [sys.executable, "-m", "pdbus", "router", "--config", str(conf_path), "--host", router_host, "--port", str(port), *router_extra])
         for role in roles:
             cmd, env = role_command(conf, role, f"{router_host}:{port}", bind_host, overrides)
             launcher.start(role, cmd, env)
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--host", default=None, help="address this host's instances bind (default: --router-ip on the prefill side)")
         p.add_argument("--config", type=Path, default=CONF / "cross-node.toml")
         p.add_argument("--port", type=int, default=None)
+        p.add_argument("--bus-port", type=int, default=None, help="router bus port (default: [router] bus_port)")
+        p.add_argument("--api-key", default=None, help="router: require 'Authorization: Bearer KEY' on /v1/*")
+        p.add_argument("--bus-key-file", default=None, help="CurveZMQ cluster key (pdbus keygen FILE), for the router and every instance")
         ns, overrides = p.parse_known_args(rest)
         if ns.side == "demo":
             from pdbus.netns_demo import main as demo
@@ -221,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         if ns.side == "decode" and not ns.host:
             print("pdbus: error: cross-node decode needs --host IP (this host's address, reachable from the prefill host)", file=sys.stderr)
             return 2
-        return run_topology(ns.config, [ns.side], ns.router_ip, ns.port, ns.side == "prefill", overrides, bind)
+        router_extra: list[str] = []
+        if ns.bus_port:
+            router_extra += ["--bus-port", str(ns.bus_port)]
+        if ns.api_key:
+            router_extra += ["--api-key", ns.api_key]
+        if ns.bus_key_file:
+            router_extra += ["--bus-key-file", ns.bus_key_file]
+            overrides = ["--bus-key-file", ns.bus_key_file, *overrides]
+        return run_topology(ns.config, [ns.side], ns.router_ip, ns.port, ns.side == "prefill", overrides, bind, router_extra)
     if what == "bench":
         return _bench(rest)
     print(f"pdbus: error: unknown launch target {what!r}", file=sys.stderr)
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 BENCHES = {
     "bus": ["bench/bus_bench.py"],
+    "cross-node": ["bench/cross_node_bench.py"],
     "transfer": ["bench/transfer_bench.py"],
     "serve": ["bench/serve_bench.py", "--suite", "cpu"],
     "gpu": ["bench/gpu_bench.py"],

@@ -230,9 +230,9 @@ def test_instance_without_the_bus_key_is_refused(hosts, tiny_model_dir, referenc
     # on host B: one instance with no key at all, one with another cluster's key
     plain = hosts.serve(pair.b, tiny_model_dir, "decode", router, *COMMON, *proto_args, port=DECODE_PORT)
     intruder = hosts.serve(pair.b, tiny_model_dir, "decode", router, *COMMON, *proto_args, "--bus-key-file", str(other), port=DECODE_PORT + 1)
+    wait_registered(hosts, router, prefill=1, decode=0, timeout=180)
     status, body = hosts.call(pair.b, http_json, router.url + "/bus", None, 5)
     assert status == 200 and body["curve"] is True
-    wait_registered(hosts, router, prefill=1, decode=0)
     for p in (plain, intruder):
         wait_refused(hosts, p)
     time.sleep(3)  # several Hellos of each
