@@ -212,7 +212,14 @@ class RankServer:
             num_blocks = self.kv_cache.num_blocks
         else:
             self.model, self.model_cfg = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, device=self.device)
-            num_blocks = kv_blocks_for_budget(cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device)
+            reserve = 0
+            if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:
+                from pdbus.native.runner import profile_activation_peak
+
+                reserve = profile_activation_peak(self.model, cfg, self.device)
+            num_blocks = kv_blocks_for_budget(
+                cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device, reserve_bytes=reserve
+            )
             self.kv_cache = KVCache(
                 self.model_cfg.num_hidden_layers,
                 num_blocks,

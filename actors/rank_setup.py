@@ -15,7 +15,9 @@ def pick_device(cfg: ServeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device) -> int:
+def kv_blocks_for_budget(
+    cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device, reserve_bytes: int = 0
+) -> int:
     from pdbus.native.kv_cache import bytes_per_token
 
     needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
@@ -30,7 +32,7 @@ def kv_blocks_for_budget(cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torc
     per_block *= cfg.block_size
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cfg.gpu_memory_utilization) * total
+        budget = free - (1 - cfg.gpu_memory_utilization) * total - reserve_bytes  # activations (profiled)
     else:
         budget = cfg.kv_cache_memory_gb * (1 << 30)
     blocks = int(budget // per_block)
