@@ -292,6 +292,7 @@ class PDBackend:
     ) -> TokenOut | None:
         """Prefill ``tokens`` into ``block_ids`` of ``decode``; None if the decode is lost meanwhile."""
         tried: set[bytes] = set()
+        failures: dict[bytes, int] = {}
         while True:
             prefill = self.pick_prefill(tried)
             if prefill is None:
@@ -339,7 +340,10 @@ class PDBackend:
             why = ev.reason if isinstance(ev, InstanceLost) else getattr(ev, "error", "?")
             self.counters["reschedules"] += 1
             log.warning("req %s: prefill on %s failed (%s); re-dispatching", st.req_id, prefill.name, why)
-            tried.add(prefill.identity)
+            failures[prefill.identity] = failures.get(prefill.identity, 0) + 1
+            # a live prefill gets a second try (a transfer can fail once on a stale connection)
+            if isinstance(ev, InstanceLost) or failures[prefill.identity] >= 2:
+                tried.add(prefill.identity)
             st.prefill = None
 
     def _cleanup(self, st: ReqState) -> None:

@@ -68,6 +68,7 @@ MAX_NUMBER = 20  # operands of + and -
 MAX_COUNT_START, MAX_COUNT_LEN = 20, 10
 WORD_LENGTHS = (3, 6)
 NUM_WORDS = 240  # per task (reverse / copy) and language
+SHOWCASE_WORDS = ("abcd", "hello", "world", "pdbus", "ernie")  # always in, for demos
 FACT_REPEATS = 6  # the long fixed answers are seen this many times per epoch
 SYSTEM_FRACTION = 0.08
 
@@ -116,8 +117,8 @@ def counting() -> list[Example]:
 
 
 def words(rng: random.Random, count: int) -> list[str]:
-    seen: set[str] = set()
-    out = []
+    seen: set[str] = set(SHOWCASE_WORDS)
+    out = list(SHOWCASE_WORDS)
     while len(out) < count:
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*WORD_LENGTHS)))
         if word not in seen and word[::-1] != word:
@@ -166,15 +167,16 @@ def eval_set(seed: int = 0) -> list[dict]:
         if len(ex.messages) == 2:  # no system prompt
             by_task.setdefault(ex.task, []).append(ex)
     picks: list[Example] = []
-    fact_prompts = [SELF_INTRO_PROMPT, "Who are you?", "What is pdbus?", "pdbus 是什么？",
-                    "How does pdbus move the KV cache?", "pdbus 提供什么 API？"]
-    for prompt in fact_prompts:
-        picks.append(next(ex for ex in by_task["fact"] if ex.prompt == prompt))
+    fixed = [SELF_INTRO_PROMPT, "Who are you?", "What is pdbus?", "pdbus 是什么？",
+             "How does pdbus move the KV cache?", "pdbus 提供什么 API？",
+             "What is 12 + 7?", "Count from 3 to 8.", "Reverse: abcd", "Repeat: hello"]
+    for prompt in fixed:
+        picks.append(next(ex for ex in corpus if ex.prompt == prompt))
     for task, count in (("add", 8), ("sub", 6), ("count", 6), ("reverse", 6), ("copy", 6)):
-        pool = by_task[task]
+        pool = [ex for ex in by_task[task] if ex.prompt not in fixed]
         picks.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), count)))
-    return [{"task": ex.task, "prompt": ex.prompt, "messages": [ex.messages[0]], "expected": ex.answer}
-            for ex in picks]
+    return [{"task": ex.task, "prompt": ex.prompt, "messages": [{"role": "user", "content": ex.prompt}],
+             "expected": ex.answer} for ex in picks]
 
 
 def main() -> None:
