@@ -60,9 +60,11 @@ def parse_ports(value: str | None, what: str) -> list[int]:
 
 
 def default_model_dir() -> str:
+    """The built-in model (``native/default_model``), or ``PDBUS_DEFAULT_MODEL`` when set."""
     from pathlib import Path
 
-    return str(Path(__file__).resolve().parent.parent / "native" / "default_model")
+    override = os.environ.get("PDBUS_DEFAULT_MODEL")
+    return override or str(Path(__file__).resolve().parent.parent / "native" / "default_model")
 
 
 @dataclass

@@ -31,3 +31,5 @@ PDBUS_MOONCAKE_TCP = os.environ.get("PDBUS_MOONCAKE_TCP", "")
 MC_TRANSFER_TIMEOUT = os.environ.get("MC_TRANSFER_TIMEOUT", "")
 # rendezvous host:port of an EP group, set by `pdbus multi-serve` for its ranks
 PDBUS_EP_MASTER = os.environ.get("PDBUS_EP_MASTER", "")
+# serve this directory when --model is not given (default: native/default_model)
+PDBUS_DEFAULT_MODEL = os.environ.get("PDBUS_DEFAULT_MODEL", "")

@@ -7,6 +7,7 @@ each transfer protocol, for many concurrent requests of mixed lengths, streamed 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,10 +69,11 @@ def stream_ids(url: str, body: dict) -> list[int]:
 
 def start_pd(cluster, model, protocol: str, *extra_router: str, prefills: int = 1, decodes: int = 1, env=None, decode_env=None, serve_extra=()):
     router = cluster.router(*extra_router)
+    common = COMMON if not os.path.isfile(os.path.join(str(model), "tokenizer.model")) else COMMON[1:]
     for _ in range(prefills):
-        cluster.serve(model, "prefill", router, *COMMON, "--cache-transfer-protocol", protocol, *serve_extra, env=env)
+        cluster.serve(model, "prefill", router, *common, "--cache-transfer-protocol", protocol, *serve_extra, env=env)
     for _ in range(decodes):
-        cluster.serve(model, "decode", router, *COMMON, "--cache-transfer-protocol", protocol, *serve_extra, env=decode_env or env)
+        cluster.serve(model, "decode", router, *common, "--cache-transfer-protocol", protocol, *serve_extra, env=decode_env or env)
     cluster.wait_health(router.url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
