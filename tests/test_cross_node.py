@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -84,12 +85,12 @@ def _protocol_args(protocol: str) -> tuple[list[str], dict]:
     return ["--cache-transfer-protocol", protocol], {}
 
 
-def start_cross(hosts: TwoHosts, model: str, protocol: str, *, router_extra=(), serve_extra=(), prefill_env=None, decode_env=None, decode_extra=()):
+def start_cross(hosts: TwoHosts, model: str, protocol: str, *, router_extra=(), serve_extra=(), prefill_env=None, decode_env=None, decode_extra=(), common=COMMON):
     pair = hosts.pair
     proto_args, proto_env = _protocol_args(protocol)
     router = hosts.router(*router_extra, port=ROUTER_PORT, bus_port=BUS_PORT)
-    prefill = hosts.serve(pair.a, model, "prefill", router, *COMMON, *proto_args, *serve_extra, port=PREFILL_PORT, env={**proto_env, **(prefill_env or {})})
-    decode = hosts.serve(pair.b, model, "decode", router, *COMMON, *proto_args, *serve_extra, *decode_extra, port=DECODE_PORT, env={**proto_env, **(decode_env or {})})
+    prefill = hosts.serve(pair.a, model, "prefill", router, *common, *proto_args, *serve_extra, port=PREFILL_PORT, env={**proto_env, **(prefill_env or {})})
+    decode = hosts.serve(pair.b, model, "decode", router, *common, *proto_args, *serve_extra, *decode_extra, port=DECODE_PORT, env={**proto_env, **(decode_env or {})})
     hosts.wait_health(router)
     wait_registered(hosts, router, prefill=1, decode=1)
     return router, prefill, decode
@@ -415,3 +416,20 @@ def test_unsupported_says_why(monkeypatch):
         pytest.skip("iproute2 is not installed")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "root" in netns.unsupported()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_default_model_answers_across_hosts(hosts, default_model_dir, protocol):
+    """The built-in model's checked answers survive a KV transfer between two hosts."""
+    cases = json.load(open(os.path.join(default_model_dir, "eval_prompts.json"), encoding="utf-8"))[::3]
+    router, prefill, decode = start_cross(hosts, default_model_dir, protocol, common=[c for c in COMMON if c != "--skip-tokenizer-init"])
+
+    def chat(case: dict) -> str:
+        status, data = http_json(router.url + "/v1/chat/completions", {"messages": case["messages"], "max_tokens": 160, "temperature": 0}, timeout=120)
+        assert status == 200, data
+        return data["choices"][0]["message"]["content"]
+
+    answers = [hosts.call(hosts.pair.a, chat, c) for c in cases]
+    wrong = [(c["prompt"], a) for c, a in zip(cases, answers) if a.strip() != c["expected"].strip()]
+    assert not wrong, f"wrong answers across hosts over {protocol}: {wrong[:3]}"
+    assert stats(hosts, prefill)["transfer_bytes"] > 0
