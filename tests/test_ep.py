@@ -55,11 +55,16 @@ def _ep_rank(rank: int, size: int, port: int, model_dir: str, quant: str, out: s
             torch.save({r: _run(model, cache, p) for r, p in PROMPTS.items() if p}, out)
 
 
-@pytest.mark.parametrize("size,quant", [(2, "bf16"), (3, "bf16"), (3, "wint4")])
-def test_ep_logits_equal_no_ep(tiny_model_dir, tmp_path, size, quant):
+@pytest.mark.parametrize(
+    "size,quant,model",
+    [(2, "bf16", "tiny"), (3, "wint4", "tiny"), (4, "bf16", "default"), (4, "wint4", "default")],
+)
+def test_ep_logits_equal_no_ep(tiny_model_dir, default_model_dir, tmp_path, size, quant, model):
+    """tiny: 6 experts (EP2, EP3); the built-in model: 8 experts (EP4)."""
+    model_dir = tiny_model_dir if model == "tiny" else default_model_dir
     ref = tmp_path / "ref.pt"
-    mp.spawn(_ep_rank, args=(1, 0, tiny_model_dir, quant, str(ref)), nprocs=1, join=True)
-    mp.spawn(_ep_rank, args=(size, free_port(), tiny_model_dir, quant, str(tmp_path / "ep")), nprocs=size, join=True)
+    mp.spawn(_ep_rank, args=(1, 0, model_dir, quant, str(ref)), nprocs=1, join=True)
+    mp.spawn(_ep_rank, args=(size, free_port(), model_dir, quant, str(tmp_path / "ep")), nprocs=size, join=True)
     want = torch.load(ref)
     for rank in range(size):
         got = torch.load(f"{tmp_path / 'ep'}.{rank}")
