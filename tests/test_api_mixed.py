@@ -499,8 +499,7 @@ def text_server(request, tmp_path_factory):
     from pdbus.config import default_model_dir
 
     path = default_model_dir()
-    if not os.path.isfile(os.path.join(path, "tokenizer.model")):
-        pytest.skip(f"the default model at {path} has no tokenizer.model yet (it is being built)")
+    assert os.path.isfile(os.path.join(path, "tokenizer.model")), f"the built-in model at {path} has no tokenizer"
     model_dir = request.getfixturevalue("default_model_dir")
     with Cluster(tmp_path_factory.mktemp("api-mixed-text")) as c:
         proc = c.serve(model_dir, "mixed", None, "--max-model-len", "1024", "--device", "cpu")
