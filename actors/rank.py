@@ -39,6 +39,7 @@ from pdbus.actors.rank_setup import (
     FaultSlowRunner,
     FaultTransfer,
     as_set,
+    generation_eos_ids,
     kv_blocks_for_budget,
     pick_device,
     tune_cpu_runtime,
@@ -257,6 +258,7 @@ class RankServer:
 
             self.tokenizer = Tokenizer(cfg.model)
         self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else as_set(self.model_cfg.eos_token_id)
+        self.eos_ids |= generation_eos_ids(cfg.model)  # e.g. <|end_of_sentence|> when no tokenizer is loaded
         log.info(
             "loaded %s (%s, %s, %s) in %.1fs; KV cache %d blocks x %d tokens (%.1f MiB)%s",
             self.model_name,

@@ -90,3 +90,18 @@ def tune_cpu_runtime() -> None:
 
 def as_set(value) -> set[int]:
     return set(value) if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def generation_eos_ids(model_dir: str) -> set[int]:
+    """Stop ids from generation_config.json (ERNIE lists </s> and <|end_of_sentence|> there)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(model_dir, "generation_config.json"), encoding="utf-8") as fh:
+            value = json.load(fh).get("eos_token_id")
+    except (OSError, ValueError):
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value or [] if isinstance(v, int)}
