@@ -112,7 +112,7 @@ def test_prefill_killed_redispatches(cluster, tiny_model_dir, reference):
 
 
 def test_router_restart_instances_reregister(cluster, tiny_model_dir, reference):
-    port, bus_port = free_port(), free_port()
+    bus_port = free_port()
     router = start_pd(cluster, tiny_model_dir, "ipc", "--bus-port", str(bus_port))
     router_port = router.port
     assert complete(router.url, PROMPT, max_tokens=40) == reference
@@ -123,7 +123,6 @@ def test_router_restart_instances_reregister(cluster, tiny_model_dir, reference)
     assert body["prefill"] == 1 and body["decode"] == 1
     assert all(p.alive() for p in instances), "instances must survive a router restart"
     assert complete(new.url, PROMPT, max_tokens=40) == reference
-    del port
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])

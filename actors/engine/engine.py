@@ -402,8 +402,8 @@ class Engine:
             self._finish(seq)
             self.events.on_failed(seq.req_id, f"KV transfer failed: {exc}", True)
             return
-        seq.first_token = first  # type: ignore[attr-defined]
-        seq.transfer_started = time.monotonic()  # type: ignore[attr-defined]
+        seq.first_token = first
+        seq.transfer_started = time.monotonic()
         self.scheduler.remove(seq)
         seq.status = Status.TRANSFERRING
         self.transferring.append(seq)
@@ -431,5 +431,3 @@ class Engine:
                     seq.req_id, f"KV transfer timed out after {self.limits.transfer_timeout_s:.0f}s", True
                 )
 
-    def wait_for_transfers(self) -> bool:
-        return bool(self.transferring)

@@ -30,7 +30,8 @@ class Sequence:
     num_prompt_outputs: int = 0  # re-prefill: trailing prompt tokens that were generated outputs
     finish_reason: str | None = None
     transfer: object | None = None  # TransferHandle while TRANSFERRING
-    first_token_at: float | None = None
+    first_token: object | None = None  # prefill role: token 1, held until the KV has landed
+    transfer_started: float = 0.0
 
     @property
     def num_tokens(self) -> int:
