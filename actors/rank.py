@@ -208,11 +208,27 @@ class RankServer:
         tp = cfg.tensor_parallel_size
         shared = self.device.type == "cpu" and cfg.splitwise_role == "decode" and "ipc" in cfg.cache_transfer_protocol
         self.tp_group = None
+        self.ep = None
+        if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
+            from pdbus.native.parallel.ep import EPCoordinator
+
+            master = os.environ.get("PDBUS_EP_MASTER")
+            if not master:
+                raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
+            self.ep = EPCoordinator(cfg.data_parallel_rank, cfg.data_parallel_size, master, self.device)
         if tp > 1:
             self._load_tp(dtype, shared)
             num_blocks = self.kv_cache.num_blocks
         else:
-            self.model, self.model_cfg = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, device=self.device)
+            self.model, self.model_cfg = load_model(
+                cfg.model,
+                dtype=cfg.dtype,
+                quantization=cfg.quantization,
+                device=self.device,
+                prepare=self.ep.prepare if self.ep is not None else None,  # EP: read only our experts
+            )
+            if self.ep is not None:
+                log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", self.ep.size, self.ep.rank, *self.ep.expert_range)
             reserve = 0
             if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:
                 from pdbus.native.runner import profile_activation_peak
@@ -231,21 +247,13 @@ class RankServer:
                 device=self.device,
                 shared=shared,
             )
-        self.ep = None
-        if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
-            from pdbus.native.parallel.ep import EPCoordinator
-
-            master = os.environ.get("PDBUS_EP_MASTER")
-            if not master:
-                raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
-            self.ep = EPCoordinator(self.model, cfg.data_parallel_rank, cfg.data_parallel_size, master)
-            log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", cfg.data_parallel_size, cfg.data_parallel_rank,
-                     self.ep.moes[0].ep_lo if self.ep.moes else 0, (self.ep.moes[0].ep_hi - 1) if self.ep.moes else 0)
         graphs = None
-        if self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill":
+        if self._decode_graphs():
             from pdbus.native.graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
+        if self.ep is not None:
+            self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
         if self.tp_group is not None:
             from pdbus.native.parallel.group import TPRunner
@@ -274,6 +282,10 @@ class RankServer:
         if tp > 1:
             log.info("TP%d: this process is rank 0 of %d; KV heads %s here", tp, tp, list(self.tp_split.kv_heads))
 
+    def _decode_graphs(self) -> bool:
+        cfg = self.cfg
+        return self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill"
+
     def _load_tp(self, dtype: torch.dtype, shared: bool) -> None:
         """TP > 1: spawn ranks 1..N-1, join the group, load and shard rank 0 here."""
         from pdbus.native.parallel.group import TPGroup, WorkerSpec, init_group
@@ -299,6 +311,9 @@ class RankServer:
             protocols=list(cfg.cache_transfer_protocol) if cfg.splitwise_role != "mixed" else [],
             transfer_host=cfg.transfer_host or cfg.host,
             shared_kv=shared,
+            decode_graphs=self._decode_graphs(),
+            max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len,
         )
         self.tp_group = TPGroup(spec)
         self.tp_group.spawn()

@@ -59,9 +59,12 @@ class DecodeGraphs:
             if model.use_kernels is not False
             else "use_kernels=False"
         )
+        if reason is None:
+            reason = gpu_ops.graph_blocker(model)
         if reason is not None:
             log.warning("decode CUDA graphs disabled (steps run eagerly): %s", reason)
             return
+        self.ep = getattr(model, "ep", None)  # EP: every rank replays the bucket agreed in ep.plan
         self.device = kv_cache.device
         bpp = gpu_ops.decode_blocks_per_partition(self.block_size)
         blocks = -(-max_model_len // self.block_size)
@@ -103,6 +106,8 @@ class DecodeGraphs:
     def _capture(self) -> None:
         pool = None
         for bs in reversed(self.buckets):
+            if self.ep is not None:
+                self.ep.tokens = bs  # the MoE dispatch buffers of this bucket (all ranks capture together)
             meta = self._meta(bs)
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_cache, meta)
             self.model(*args)  # warm-up: compiles this bucket's kernels outside the capture
@@ -132,7 +137,12 @@ class DecodeGraphs:
         width = max(len(t) for t in block_tables)
         if width > self.max_blocks:
             return None
-        bs = min(b for b in self.buckets if b >= B)
+        if self.ep is not None:
+            bs = self.ep.tokens  # agreed by all EP ranks; their eager steps pad to it too
+            if bs not in self.graphs:
+                return None
+        else:
+            bs = min(b for b in self.buckets if b >= B)
         pad = bs - B
         bsz = self.block_size
         slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(block_tables, positions)]
@@ -149,3 +159,17 @@ class DecodeGraphs:
         graph.replay()
         self.replays += 1
         return out[:B]
+
+    @torch.inference_mode()
+    def run_idle(self, bucket: int) -> bool:
+        """EP: replay ``bucket`` with only padding rows (this rank joins the other ranks' MoE
+        collectives without tokens of its own); False when no such graph exists."""
+        if bucket not in self.graphs:
+            return False
+        self.slot_mapping[:bucket].fill_(-1)
+        self.context_lens[:bucket].zero_()
+        self.input_ids[:bucket].zero_()
+        self.positions[:bucket].zero_()
+        self.graphs[bucket][0].replay()
+        self.replays += 1
+        return True

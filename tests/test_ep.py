@@ -15,15 +15,20 @@ from pdbus.testing import free_port, http_json
 PROMPTS = {0: [3, 9, 27, 81, 50, 60, 70], 1: [11, 12, 13], 2: [], 3: [40, 41, 42, 43, 44, 45, 46, 47, 48]}
 
 
-def _run(model, cache, ids, bs=4):
+def _run(model, cache, ids, bs=4, ep=None):
+    """Prefill ``ids``, then decode one token (under EP each step is planned with the others)."""
     from pdbus.native.attn_meta import AttnMeta
 
     n = len(ids)
     table = list(range((n + 1 + bs - 1) // bs + 1))
     meta = AttnMeta.build([n], [n], [table], bs)
+    if ep is not None:
+        ep.plan(n, decode_only=False)
     h = model(torch.tensor(ids), torch.arange(n), cache, meta)
     first = model.compute_logits(h[-1:])
     meta = AttnMeta.build([1], [n + 1], [table], bs)
+    if ep is not None:
+        ep.plan(1, decode_only=True)
     h = model(torch.tensor([int(first.argmax())]), torch.tensor([n]), cache, meta)
     return torch.cat([first, model.compute_logits(h)])
 
@@ -38,17 +43,18 @@ def _ep_rank(rank: int, size: int, port: int, model_dir: str, quant: str, out: s
     cache = KVCache(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, 4, cfg.head_dim, torch.float32)
     ids = PROMPTS[rank % len(PROMPTS)]
     if size > 1:
-        ep = EPCoordinator(model, rank, size, f"127.0.0.1:{port}")
-        # two synced iterations: rank 2 has nothing to do and joins with idle steps
+        ep = EPCoordinator(rank, size, f"127.0.0.1:{port}", torch.device("cpu"))
+        ep.prepare(model)
+        # ranks of different prompt lengths pad to the longest; rank 2 has nothing to do and
+        # joins both steps idle
         results = None
-        for _ in range(2):
-            ep.sync(bool(ids))
         if ids:
             with torch.inference_mode():
-                results = _run(model, cache, ids)
+                results = _run(model, cache, ids, ep=ep)
         else:
-            ep.idle_step()
-            ep.idle_step()
+            for decode in (False, True):
+                assert ep.plan(0, decode_only=decode) > 0
+                ep.idle_step()
         torch.save(results, f"{out}.{rank}")
     else:
         with torch.inference_mode():

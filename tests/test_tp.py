@@ -23,12 +23,13 @@ def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out:
     from pdbus.native.attn_meta import AttnMeta
     from pdbus.native.kv_cache import KVCache
     from pdbus.native.model.loader import load_model
+    from pdbus.native.parallel.comm import init_groups
     from pdbus.native.parallel.tp import shard_model_
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    comm, _ = init_groups(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu"), "TP")
     model, cfg = load_model(model_dir, dtype="float32", quantization=quant)
-    split = shard_model_(model, rank, size, dist.group.WORLD)
+    split = shard_model_(model, rank, size, comm)
     bs = 4
     cache = KVCache(cfg.num_hidden_layers, 32, len(split.kv_heads), bs, cfg.head_dim, torch.float32)
     ids = [3, 9, 27, 81, 50, 60, 70, 11, 12, 13]

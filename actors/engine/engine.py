@@ -150,7 +150,7 @@ class Engine:
             elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
                 timeout = 0.01
             elif self.ep is not None:
-                timeout = 0.01  # EP ranks must meet in ep.sync even when idle
+                timeout = 0.01  # EP ranks must meet in ep.plan even when idle
             elif self.blocks.leases:
                 timeout = 0.5
             else:
@@ -169,8 +169,6 @@ class Engine:
             if self._stop.is_set():
                 break
             self._expire_leases()
-            if self.ep is not None and not self.ep.sync(self.scheduler.has_work() or bool(self.transferring)):
-                continue  # no EP rank has work: nobody steps
             try:
                 self.step()
             except Exception as exc:  # a failed step fails its requests, not the rank
@@ -306,12 +304,18 @@ class Engine:
         self._poll_transfers()
         batch = self.scheduler.schedule()
         self._stalled = not batch and self.scheduler.has_work()
-        if not batch:
-            if self.ep is not None:
-                self.ep.idle_step()  # another EP rank steps: join its MoE collectives
+        finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]
+        if self.ep is not None:
+            # every EP rank agrees on the step's size, then steps, or joins the collectives idle
+            decode_only = not finishing_prefill and all(s.num_new_tokens == 1 for s in batch)
+            if not self.ep.plan(sum(s.num_new_tokens for s in batch), decode_only):
+                return  # no EP rank has work
+            if not batch:
+                self.ep.idle_step()
+                return
+        elif not batch:
             return
         self.steps += 1
-        finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]
         layer_done = self._make_layer_hook(finishing_prefill) if finishing_prefill else None
         sampled = [s for s in batch if s.samples]
         logits = self.runner.execute(

@@ -231,7 +231,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr, sorted_ptr, eids_ptr, npad_ptr, topw_ptr,
-    N_OUT, K, num_pairs, top_k,
+    N_OUT, K, num_pairs, top_k, num_experts,
     s_am, s_we, s_wn, s_se, s_cm,
     BITS: tl.constexpr, SWIGLU: tl.constexpr, MUL_W: tl.constexpr, A_BY_PAIR: tl.constexpr,
     CVT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
@@ -242,6 +242,8 @@ def _moe_gemm_kernel(
     if pid_m * BM >= npad:
         return
     e = tl.load(eids_ptr + pid_m).to(tl.int64)
+    if e >= num_experts:  # the tiles of pairs routed to experts held elsewhere (EP): skipped
+        return
     offs_m = pid_m * BM + tl.arange(0, BM)
     pairs = tl.load(sorted_ptr + offs_m)
     pvalid = pairs < num_pairs
@@ -366,7 +368,7 @@ def moe_gemm(
     _moe_gemm_kernel[grid](
         a, wv, scales if scales is not None else w, out, sorted_ids, expert_ids, npad,
         topk_weights if topk_weights is not None else out,
-        n_out, K, num_pairs, top_k,
+        n_out, K, num_pairs, top_k, E,
         a.stride(0), wv.stride(0), s_wn, scales.stride(0) if scales is not None else 0, out.stride(0),
         BITS=bits, SWIGLU=swiglu, MUL_W=topk_weights is not None, A_BY_PAIR=a_by_pair,
         CVT=cvt, BM=block_m, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
@@ -411,13 +413,19 @@ def fused_moe(
     block_m: int | None = None,
     configs: tuple[dict | None, dict | None] = (None, None),
     return_pairs: bool = False,
+    expert_start: int | None = None,
 ) -> torch.Tensor:
     """ERNIE MoE block (routed experts; add the shared expert's output via ``shared_out``).
 
     x ``[T, H]`` bf16; gate_weight ``[E, H]`` fp32; w13 ``[E, 2I, H]`` / w2 ``[E, H, I]`` as bf16,
     int8 (+ scales ``[E, N]``) or uint8 int4-packed along K (``[E, 2I, H/2]`` / ``[E, H, I/2]``,
     + scales). Returns ``[T, H]`` bf16, or with ``return_pairs`` the uncombined ``[T*k, H]``
-    (weighted expert outputs, pair ``t*k + j``) for ``moe_combine_add_rmsnorm``."""
+    (weighted expert outputs, pair ``t*k + j``) for ``moe_combine_add_rmsnorm``.
+
+    Expert parallel: with ``expert_start`` the gate routes over all of the model's experts
+    (``gate_weight [E_all, H]``) while w13 / w2 hold only experts ``expert_start ..
+    expert_start + E - 1``; pairs routed elsewhere contribute zero (their rows of the pair output
+    are zero), so summing every rank's output gives the whole MoE."""
     _require(isinstance(x, torch.Tensor) and (x.is_cuda or _INTERPRET), "x must be a CUDA tensor")
     _require(x.dim() == 2 and x.dtype == _BF16 and x.stride(1) == 1, "x must be bf16 [T, H] with contiguous rows")
     T, H = x.shape
@@ -428,20 +436,32 @@ def fused_moe(
     bits = _BITS.get(w13.dtype)
     _require(bits is not None, f"expert weights must be bf16, int8 or uint8 (int4), got {w13.dtype}")
     E = w13.shape[0]
-    _require(gate_weight.shape[0] == E, f"gate_weight has {gate_weight.shape[0]} experts, w13 has {E}")
+    if expert_start is None:
+        _require(gate_weight.shape[0] == E, f"gate_weight has {gate_weight.shape[0]} experts, w13 has {E}")
+    else:
+        _require(0 <= expert_start and expert_start + E <= gate_weight.shape[0],
+                 f"experts {expert_start}..{expert_start + E - 1} are not among the gate's {gate_weight.shape[0]}")
     two_i = check_weight("w13", w13, w13_scales, bits, None, H, expert_dim=E)
     _require(two_i % 2 == 0, f"w13 N must be 2*I, got {two_i}")
     inter = two_i // 2
     check_weight("w2", w2, w2_scales, bits, H, inter, expert_dim=E)
     topk_w, topk_ids = moe_route(x, gate_weight, top_k, e_score_correction_bias)
     num_pairs = T * top_k
+    groups, h2 = E, None
+    if expert_start is not None:
+        # local expert ids; pairs of other ranks' experts go to one extra group, whose tiles the
+        # GEMMs skip (e >= E), leaving their rows of the zero-filled output at zero
+        rel = topk_ids - expert_start
+        topk_ids = torch.where((rel >= 0) & (rel < E), rel, E).to(torch.int32).contiguous()
+        groups = E + 1
+        h2 = torch.zeros((num_pairs, H), dtype=_BF16, device=x.device)
     if block_m is None:
-        block_m = moe_block_m(num_pairs, E)
-    sorted_ids, expert_ids, npad = moe_align(topk_ids, E, block_m)
+        block_m = moe_block_m(num_pairs, groups)
+    sorted_ids, expert_ids, npad = moe_align(topk_ids, groups, block_m)
     h1 = moe_gemm(x, w13, w13_scales, sorted_ids, expert_ids, npad, top_k, block_m,
                   swiglu=True, config=configs[0])
     h2 = moe_gemm(h1, w2, w2_scales, sorted_ids, expert_ids, npad, top_k, block_m,
-                  swiglu=False, topk_weights=topk_w.view(-1), a_by_pair=True, config=configs[1])
+                  swiglu=False, topk_weights=topk_w.view(-1), a_by_pair=True, out=h2, config=configs[1])
     if return_pairs:
         _require(shared_out is None, "return_pairs leaves the shared expert to the combine: pass shared_out there")
         return h2

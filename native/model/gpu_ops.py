@@ -10,6 +10,11 @@ One layer of a step:
     dense MLP (GEMM, silu * up, GEMM) or MoE (router, sort, two grouped GEMMs; the combine of
     the k expert outputs and the shared expert is fused into the next layer's input norm)
 
+Under TP (native/parallel/tp.py: ``model.tp_comm``) the attention output, the dense MLP's and the
+MoE block's outputs and the embedding are all-reduced; under EP (native/parallel/ep.py) a MoE
+block all-gathers the step's rows, runs this rank's experts and reduce-scatters (``moe_ep``).
+On NCCL these collectives are captured in the decode graphs with the rest.
+
 bf16 linears are torch matmuls; weight-only int8 / int4 linears and experts run the kernels on
 the formats native/model/quant.py stores (no second copy). A decode step (every query length 1)
 reads only tensors of the AttnMeta and static shapes, never a host value, so it can be captured
@@ -50,10 +55,6 @@ def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
         return f"the weights are on {weight.device}, not a CUDA device"
     if model.dtype != torch.bfloat16:
         return f"the kernels need bfloat16 weights, the model is {model.dtype}"
-    if getattr(getattr(model, "tp_split", None), "size", 1) > 1 or getattr(model, "ep_moes", None):
-        # tp.py / ep.py add their collectives through module hooks and forwards, which the
-        # kernel path does not call
-        return "tensor / expert parallel shards run the torch path (the kernel path has no collectives)"
     hd = model.cfg.head_dim
     if hd < 16 or hd & (hd - 1):
         return f"head_dim {hd} is not a power of two >= 16"
@@ -65,6 +66,14 @@ def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
             return f"the KV cache is {kv_cache.dtype}, the kernels need bfloat16"
         if kv_cache.buffer.device != weight.device:  # tensor devices carry the index ("cuda:0")
             return f"the KV cache is on {kv_cache.buffer.device}, the weights on {weight.device}"
+    return None
+
+
+def graph_blocker(model) -> str | None:
+    """None when a decode step of ``model`` can be captured in a CUDA graph, else why not."""
+    for what, comm in (("tensor", getattr(model, "tp_comm", None)), ("expert", getattr(getattr(model, "ep", None), "comm", None))):
+        if comm is not None and comm.size > 1 and not comm.capturable:
+            return f"the {what}-parallel collectives run on {comm.backend}, which a CUDA graph cannot capture"
     return None
 
 
@@ -120,12 +129,17 @@ def mlp(module, x: torch.Tensor) -> torch.Tensor:
     return linear(module.down_proj, h)
 
 
-def moe(module, x: torch.Tensor) -> MoEPairs:
-    experts = module.experts
+def _expert_weights(experts):
     if isinstance(experts, QuantExperts):
-        w13, w2, s13, s2 = experts.w13_q, experts.w2_q, experts.w13_s, experts.w2_s
-    else:
-        w13, w2, s13, s2 = experts.w13, experts.w2, None, None
+        return experts.w13_q, experts.w2_q, experts.w13_s, experts.w2_s
+    return experts.w13, experts.w2, None, None
+
+
+def moe(module, x: torch.Tensor, comm=None) -> Delta:
+    """The MoE block; under TP (``comm``) its partial output is combined and all-reduced here."""
+    if getattr(module, "ep", None) is not None:
+        return moe_ep(module, x)
+    w13, w2, s13, s2 = _expert_weights(module.experts)
     pairs = K.fused_moe(
         x,
         module.gate.weight,
@@ -138,7 +152,35 @@ def moe(module, x: torch.Tensor) -> MoEPairs:
         return_pairs=True,
     )
     shared = mlp(module.shared_experts, x) if module.shared_experts is not None else None
-    return MoEPairs(pairs, module.top_k, shared)
+    if comm is None:
+        return MoEPairs(pairs, module.top_k, shared)
+    return comm.all_reduce(K.moe_combine(pairs, module.top_k, shared))
+
+
+def moe_ep(module, x: torch.Tensor) -> MoEPairs:
+    """The MoE block under expert parallelism (native/parallel/ep.py): all-gather every rank's
+    rows (padded to the step's agreed size), apply this rank's experts, reduce-scatter."""
+    ep = module.ep
+    from pdbus.native.parallel.ep import padded_rows
+
+    T = x.shape[0]
+    xs = ep.comm.all_gather(padded_rows(x, ep.tokens))
+    w13, w2, s13, s2 = _expert_weights(module.experts)
+    pairs = K.fused_moe(
+        xs,
+        module.gate.weight,
+        w13,
+        w2,
+        module.top_k,
+        module.e_score_correction_bias,
+        w13_scales=s13,
+        w2_scales=s2,
+        return_pairs=True,
+        expert_start=module.ep_lo,
+    )
+    mine = ep.comm.reduce_scatter(K.moe_combine(pairs, module.top_k))[:T]
+    shared = mlp(module.shared_experts, x) if module.shared_experts is not None and T else None
+    return MoEPairs(mine, 1, shared)
 
 
 def attention(
@@ -179,6 +221,15 @@ def attention(
     return linear(attn.o_proj, o.view(T, nh * hd))
 
 
+def embed(module, input_ids: torch.Tensor, comm) -> torch.Tensor:
+    """Token embeddings; under TP each rank holds a vocabulary slice and the rows are all-reduced."""
+    if comm is None:
+        return F.embedding(input_ids, module.weight)
+    local = (input_ids >= module.start) & (input_ids < module.stop)
+    rows = F.embedding(torch.where(local, input_ids - module.start, 0), module.weight)
+    return comm.all_reduce(rows.masked_fill_(~local[:, None], 0))
+
+
 def forward(
     model,
     input_ids: torch.Tensor,
@@ -192,7 +243,8 @@ def forward(
     eps = cfg.rms_norm_eps
     inner = model.model
     decode_tables = pad_block_tables(meta.block_tables, meta.block_size) if meta.is_decode else None
-    residual = F.embedding(input_ids, inner.embed_tokens.weight)
+    comm = getattr(model, "tp_comm", None)  # TP: heads, MLP and vocabulary are sharded
+    residual = embed(inner.embed_tokens, input_ids, comm)
     delta: Delta = None
     for i, layer in enumerate(inner.layers):
         x = add_norm(residual, delta, layer.input_layernorm.weight, eps)
@@ -201,6 +253,13 @@ def forward(
         )
         if layer_done is not None:
             layer_done(i)
+        if comm is not None:
+            o = comm.all_reduce(o)
         x = K.fused_add_rmsnorm(o, residual, layer.post_attention_layernorm.weight, eps)
-        delta = moe(layer.mlp, x) if hasattr(layer.mlp, "experts") else mlp(layer.mlp, x)
+        if hasattr(layer.mlp, "experts"):
+            delta = moe(layer.mlp, x, comm)
+        else:
+            delta = mlp(layer.mlp, x)
+            if comm is not None:
+                delta = comm.all_reduce(delta)
     return add_norm(residual, delta, inner.norm.weight, eps)

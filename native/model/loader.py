@@ -12,6 +12,22 @@ The model is built on the meta device and materialised empty; every checkpoint t
 streamed in, checked against an expectation table (unexpected / wrong shape / missing raise
 :class:`LoadError` naming the tensor) and written — quantized row by row when requested, so no
 full-precision copy of the experts is ever held. MTP tensors are skipped.
+
+Shard-aware loading: ``load_model(..., prepare=fn)`` runs ``fn`` on the meta model before
+anything is allocated, e.g. ``lambda m: shard_model_(m, rank, size, comm)`` (TP) or
+``lambda m: shard_experts_(m, rank, size, group)`` (EP). The modules they slice record which part
+of the checkpoint they hold, and the writes keep exactly that part:
+
+* ``shard_rows`` (Linear / WeightOnlyLinear / embedding / lm_head; routed experts' w13 rows):
+  global output rows held, in local order. A checkpoint tensor holding the module's global rows
+  ``[row_start, row_start + n)`` (q / k / v, gate / up are separate tensors in the -PT layout)
+  writes the rows of that block the shard holds, to their local positions.
+* ``shard_cols = (start, stop)`` (Linear / WeightOnlyLinear; routed experts' w2): input columns
+  held. Quantized rows are quantized whole, then narrowed, so scales are those of full rows.
+* ``shard_experts = (lo, hi)`` (routed experts): only experts ``lo..hi-1`` are held, at ``e - lo``.
+
+A tensor of which the shard holds nothing (another EP rank's expert) is shape-checked from the
+file header and counted as seen, but never read.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from tqdm import tqdm
 
 from .config import ErnieConfig
 from .ernie import ErnieForCausalLM
-from .quant import check_quantization, load_linear_rows
+from .quant import check_quantization, expert_storage, linear_storage, store_rows
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,10 +54,15 @@ class LoadError(RuntimeError):
     """The checkpoint does not match the config (unexpected, missing or mis-shaped tensor ...)."""
 
 
+Writer = Callable[[torch.Tensor], None]
+
+
 @dataclass
 class _Entry:
     shapes: tuple[tuple[int, ...], ...]  # accepted stored shapes (first one is canonical)
-    write: Callable[[torch.Tensor], None]  # receives the tensor already in torch [out, in] layout
+    # receives the tensor already in torch [out, in] layout; None: this shard holds none of it
+    # (the tensor is shape-checked but never read)
+    write: Writer | None
     transpose: bool = False
     keep_fp32: bool = False
 
@@ -93,12 +114,45 @@ def _copy_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return write
 
 
-def _rows(module, row_start: int) -> Callable[[torch.Tensor], None]:
-    return lambda t: load_linear_rows(module, row_start, t)
+def _held_rows(shard_rows: torch.Tensor | None, row_start: int, n: int):
+    """Of the global rows ``[row_start, row_start + n)`` held in one checkpoint tensor: (the local
+    rows they go to, their rows in the tensor). ``shard_rows`` None: every row, in place."""
+    if shard_rows is None:
+        return slice(row_start, row_start + n), slice(None)
+    local = ((shard_rows >= row_start) & (shard_rows < row_start + n)).nonzero().flatten()
+    return local, shard_rows[local] - row_start
 
 
-def _expert_rows(experts, which: str, e: int, row_start: int) -> Callable[[torch.Tensor], None]:
-    return lambda t: experts.load_rows(which, e, row_start, t)
+def _rows_writer(
+    storage: tuple[torch.Tensor, torch.Tensor | None, int | None],
+    n: int,
+    row_start: int = 0,
+    shard_rows: torch.Tensor | None = None,
+    shard_cols: tuple[int, int] | None = None,
+) -> Writer | None:
+    """Writer of a checkpoint tensor holding ``n`` global rows from ``row_start`` of ``storage``
+    (quant.store_rows' first arguments), narrowed to the shard; None if it holds none of them."""
+    local, src = _held_rows(shard_rows, row_start, n)
+    if isinstance(local, torch.Tensor) and local.numel() == 0:
+        return None
+    return lambda t: store_rows(*storage, local, t[src], shard_cols)
+
+
+def _module_rows(module, n: int, row_start: int = 0) -> Writer | None:
+    """Rows of a (weight-only) Linear or embedding, honouring its ``shard_rows`` / ``shard_cols``."""
+    shard_rows, shard_cols = getattr(module, "shard_rows", None), getattr(module, "shard_cols", None)
+    return _rows_writer(linear_storage(module), n, row_start, shard_rows, shard_cols)
+
+
+def _expert_rows(experts, which: str, local: int | None, n: int, row_start: int = 0) -> Writer | None:
+    """Rows of ``which`` ("w13" or "w2") of the checkpoint expert held at ``local`` (None: not held
+    here), honouring the stacks' ``shard_rows`` (w13 rows) and ``shard_cols`` (w2 columns)."""
+    if local is None:
+        return None
+    storage = expert_storage(experts, which, local)
+    if which == "w13":
+        return _rows_writer(storage, n, row_start, shard_rows=getattr(experts, "shard_rows", None))
+    return _rows_writer(storage, n, row_start, shard_cols=getattr(experts, "shard_cols", None))
 
 
 def expected_tensors(model: ErnieForCausalLM, layout: str) -> dict[str, _Entry]:
@@ -108,16 +162,20 @@ def expected_tensors(model: ErnieForCausalLM, layout: str) -> dict[str, _Entry]:
     paddle = layout == "paddle"
     pre = "ernie." if paddle else "model."
     table: dict[str, _Entry] = {
-        pre + "embed_tokens.weight": _Entry(((V, H),), _copy_into(model.model.embed_tokens.weight)),
+        pre + "embed_tokens.weight": _Entry(((V, H),), _module_rows(model.model.embed_tokens, V)),
         pre + "norm.weight": _Entry(((H,),), _copy_into(model.model.norm.weight)),
     }
+
+    def matrix(name: str, out_f: int, in_f: int, write) -> None:
+        """A [out_f, in_f] torch-layout matrix, stored transposed by Paddle."""
+        shape = (in_f, out_f) if paddle else (out_f, in_f)
+        table[name] = _Entry((shape,), write, transpose=paddle)
+
     if model.lm_head is not None:
-        shape = (H, V) if paddle else (V, H)
-        table["lm_head.weight"] = _Entry((shape,), _copy_into(model.lm_head.weight), transpose=paddle)
+        matrix("lm_head.weight", V, H, _module_rows(model.lm_head, V))
 
     def linear(name: str, module, out_f: int, in_f: int, row_start: int = 0) -> None:
-        shape = (in_f, out_f) if paddle else (out_f, in_f)
-        table[name] = _Entry((shape,), _rows(module, row_start), transpose=paddle)
+        matrix(name, out_f, in_f, _module_rows(module, out_f, row_start))
 
     def mlp(p: str, m, inter: int) -> None:
         if paddle:
@@ -150,19 +208,17 @@ def expected_tensors(model: ErnieForCausalLM, layout: str) -> dict[str, _Entry]:
         table[p + "mlp.moe_statics.e_score_correction_bias"] = _Entry(
             ((1, E), (E,)), _copy_into(moe.e_score_correction_bias), keep_fp32=True
         )
+        ex = moe.experts
+        lo, hi = getattr(ex, "shard_experts", (0, E))  # EP: only experts lo..hi-1 are held
         for e in range(E):
             pe = f"{p}mlp.experts.{e}."
+            local = e - lo if lo <= e < hi else None
             if paddle:
-                table[pe + "up_gate_proj.weight"] = _Entry(
-                    ((H, 2 * mI),), _expert_rows(moe.experts, "w13", e, 0), transpose=True
-                )
-                table[pe + "down_proj.weight"] = _Entry(
-                    ((mI, H),), _expert_rows(moe.experts, "w2", e, 0), transpose=True
-                )
+                matrix(pe + "up_gate_proj.weight", 2 * mI, H, _expert_rows(ex, "w13", local, 2 * mI))
             else:
-                table[pe + "gate_proj.weight"] = _Entry(((mI, H),), _expert_rows(moe.experts, "w13", e, 0))
-                table[pe + "up_proj.weight"] = _Entry(((mI, H),), _expert_rows(moe.experts, "w13", e, mI))
-                table[pe + "down_proj.weight"] = _Entry(((H, mI),), _expert_rows(moe.experts, "w2", e, 0))
+                matrix(pe + "gate_proj.weight", mI, H, _expert_rows(ex, "w13", local, mI, 0))
+                matrix(pe + "up_proj.weight", mI, H, _expert_rows(ex, "w13", local, mI, mI))
+            matrix(pe + "down_proj.weight", H, mI, _expert_rows(ex, "w2", local, H))
         if moe.shared_experts is not None:
             mlp(p + "mlp.shared_experts.", moe.shared_experts, cfg.shared_intermediate_size)
     return table
@@ -181,8 +237,13 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     quantization: str = "bf16",
     device: str | torch.device = "cpu",
+    prepare: Callable[[ErnieForCausalLM], object] | None = None,
 ) -> tuple[ErnieForCausalLM, ErnieConfig]:
-    """Build ErnieForCausalLM from a checkpoint directory; quantize at load time."""
+    """Build ErnieForCausalLM from a checkpoint directory; quantize at load time.
+
+    ``prepare`` runs on the model while it is still on the meta device (its result is ignored):
+    a TP / EP sharding function there makes this rank allocate and read only its shard.
+    """
     model_dir = os.fspath(model_dir)
     check_quantization(quantization)
     cfg = ErnieConfig.from_model_dir(model_dir)
@@ -197,6 +258,8 @@ def load_model(
 
     with torch.device("meta"):
         model = ErnieForCausalLM(cfg, dtype=torch_dtype, quantization=quantization)
+    if prepare is not None:
+        prepare(model)  # outside the meta context: index tensors it records stay real
     model.to_empty(device=device)
     table = expected_tensors(model, layout)
     seen: set[str] = set()
@@ -221,10 +284,12 @@ def load_model(
                     )
                 if name in seen:
                     raise LoadError(f"{shard}: tensor {name!r} appears twice")
+                seen.add(name)
+                if entry.write is None:
+                    continue  # another shard's part (e.g. an expert held by another EP rank)
                 t = _as_float(f.get_tensor(name))
                 t = t.to(device=device, dtype=torch.float32 if entry.keep_fp32 else torch_dtype)
                 entry.write(t.T if entry.transpose else t)
-                seen.add(name)
                 del t
 
     missing = [n for n in table if n not in seen]

@@ -109,6 +109,35 @@ def quantize_weight(w: torch.Tensor, bits: int, scale_dtype: torch.dtype | None 
     raise ValueError(f"unsupported bits {bits}")
 
 
+@torch.no_grad()
+def store_rows(
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    bits: int | None,
+    rows: slice | torch.Tensor,
+    w: torch.Tensor,
+    cols: tuple[int, int] | None = None,
+) -> None:
+    """Write float rows ``w [n, K]`` into ``weight[rows]`` (a slice or n indices).
+
+    With ``bits`` the rows are quantized (:func:`quantize_weight`) and their scales go to
+    ``scales[rows]``. ``cols = (start, stop)`` keeps only those input columns of ``w``; rows are
+    quantized whole first, so a kept row's scale is the scale of its whole checkpoint row (packed
+    int4 keeps bytes ``start//2 : stop//2``, so both must be even).
+    """
+    if bits is not None:
+        w, s = quantize_weight(w, bits, scales.dtype)
+        scales[rows] = s
+    if cols is not None:
+        start, stop = cols
+        if bits == 4:
+            if start % 2 or stop % 2:
+                raise ValueError(f"int4 columns {start}:{stop} do not fall on byte boundaries")
+            start, stop = start // 2, stop // 2
+        w = w[:, start:stop]
+    weight[rows] = w.to(weight.dtype)
+
+
 def _int_weight(stored: torch.Tensor, bits: int) -> torch.Tensor:
     return stored if bits == 8 else unpack_int4(stored)
 
@@ -139,12 +168,9 @@ class WeightOnlyLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int8(_int_weight(self.qweight, self.bits), self.scales, dtype)
 
-    @torch.no_grad()
     def load_rows(self, row_start: int, w: torch.Tensor) -> None:
         """Quantize output rows ``row_start:row_start+len(w)`` from a float weight slice."""
-        q, s = quantize_weight(w, self.bits, self.scales.dtype)
-        self.qweight[row_start : row_start + w.shape[0]].copy_(q)
-        self.scales[row_start : row_start + w.shape[0]].copy_(s)
+        store_rows(self.qweight, self.scales, self.bits, slice(row_start, row_start + w.shape[0]), w)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> WeightOnlyLinear:
@@ -198,12 +224,9 @@ class QuantExperts(nn.Module):
         w2 = _int_weight(self.w2_q, self.bits).to(dt)
         return torch.matmul(F.silu(gate) * up, w2.transpose(1, 2)) * self.w2_s[:, None, :].to(dt)
 
-    @torch.no_grad()
     def load_rows(self, which: str, e: int, row_start: int, w: torch.Tensor) -> None:
         """Quantize rows of expert ``e``'s ``which`` ("w13" or "w2") from a float slice."""
-        q, s = quantize_weight(w, self.bits, getattr(self, which + "_s").dtype)
-        getattr(self, which + "_q")[e, row_start : row_start + w.shape[0]].copy_(q)
-        getattr(self, which + "_s")[e, row_start : row_start + w.shape[0]].copy_(s)
+        store_rows(*expert_storage(self, which, e), slice(row_start, row_start + w.shape[0]), w)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, bits={self.bits}"
@@ -219,11 +242,25 @@ def make_linear(
 
 def load_linear_rows(module: nn.Module, row_start: int, w: torch.Tensor) -> None:
     """Write float rows into a plain or weight-only Linear (quantizing on the way in)."""
+    store_rows(*linear_storage(module), slice(row_start, row_start + w.shape[0]), w)
+
+
+def linear_storage(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(weight, scales, bits) of a weight-only Linear, (weight, None, None) of a plain one (or an
+    Embedding): the first arguments of :func:`store_rows`."""
     if isinstance(module, WeightOnlyLinear):
-        module.load_rows(row_start, w)
-    else:
-        with torch.no_grad():
-            module.weight[row_start : row_start + w.shape[0]].copy_(w)
+        return module.qweight, module.scales, module.bits
+    return module.weight, None, None
+
+
+def expert_storage(
+    experts: nn.Module, which: str, e: int
+) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """Like :func:`linear_storage` for expert ``e``'s ``which`` ("w13" or "w2") of a
+    :class:`QuantExperts` or bf16 ``Experts`` stack."""
+    if isinstance(experts, QuantExperts):
+        return getattr(experts, which + "_q")[e], getattr(experts, which + "_s")[e], experts.bits
+    return getattr(experts, which)[e], None, None
 
 
 # ---------------------------------------------------------------------------------- swapping

@@ -1,7 +1,8 @@
 """A TP group: the rank server's process is TP rank 0 (the leader); ranks 1..N-1 are worker
 processes (``python -m pdbus.native.parallel.worker``) that follow it step by step.
 
-Control goes over a gloo process group (works on CPU and beside NCCL on GPUs): the leader
+Control goes over a gloo process group (parallel/comm.py; the model's tensors go over NCCL
+when every rank has a GPU of its own, else over gloo too): the leader
 broadcasts each command as msgpack bytes — a model step, a KV transfer to start, an abort, or
 stop — and every rank executes it; the model's own collectives (all-reduce, all-gather) keep
 them in lockstep. Workers report asynchronous results (their transfer engines' endpoints at
@@ -77,6 +78,9 @@ class WorkerSpec(msgspec.Struct):
     protocols: list[str]
     transfer_host: str
     shared_kv: bool
+    decode_graphs: bool = False  # capture decode CUDA graphs (every rank together)
+    max_num_seqs: int = 0
+    max_model_len: int = 0
 
 
 def broadcast_cmd(cmd, group) -> None:
@@ -95,18 +99,10 @@ def recv_cmd(group):
 
 
 def init_group(rank: int, size: int, master_port: int, device: torch.device):
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{master_port}", rank=rank, world_size=size, timeout=_timeout()
-    )
-    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return dist.group.WORLD, control
+    """Join the TP group: (data Comm, gloo control group); see parallel/comm.py."""
+    from pdbus.native.parallel.comm import init_groups
 
-
-def _timeout():
-    import datetime
-
-    return datetime.timedelta(seconds=float(os.environ.get("PDBUS_TP_TIMEOUT_S", "600")))
+    return init_groups(rank, size, f"tcp://127.0.0.1:{master_port}", device, "TP")
 
 
 def split_writes(split: HeadSplit, local_layout: dict, endpoint: dict) -> list[tuple[int, dict, tuple, tuple]]:

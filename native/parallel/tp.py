@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,14 +63,9 @@ class HeadSplit:
         return self.rank % (self.size // self.num_kv_heads) == 0
 
 
-def _all_reduce_hook(group):
+def _all_reduce_hook(comm):
     def hook(module, args, output):
-        if output.dtype == torch.bfloat16 and output.device.type == "cpu":
-            acc = output.float()
-            dist.all_reduce(acc, group=group)
-            return acc.to(output.dtype)
-        dist.all_reduce(output, group=group)
-        return output
+        return comm.all_reduce(output)
 
     return hook
 
@@ -81,10 +75,10 @@ def _rows(linear: nn.Module, rows: torch.Tensor) -> None:
     if hasattr(linear, "qweight"):
         linear.qweight = linear.qweight[rows].contiguous()
         linear.scales = linear.scales[rows].contiguous()
-        linear.out_features = len(rows)
     else:
         linear.weight = nn.Parameter(linear.weight.data[rows].contiguous(), requires_grad=False)
-        linear.out_features = len(rows)
+    linear.out_features = len(rows)
+    linear.shard_rows = rows  # the checkpoint rows this shard holds (the shard-aware loader reads it)
 
 
 def _cols(linear: nn.Module, start: int, stop: int) -> None:
@@ -95,10 +89,10 @@ def _cols(linear: nn.Module, start: int, stop: int) -> None:
         if packed and (start % 2 or stop % 2):
             raise ValueError("int4 column split must be even")
         linear.qweight = linear.qweight[:, a:b].contiguous()
-        linear.in_features = stop - start
     else:
         linear.weight = nn.Parameter(linear.weight.data[:, start:stop].contiguous(), requires_grad=False)
-        linear.in_features = stop - start
+    linear.in_features = stop - start
+    linear.shard_cols = (start, stop)  # checkpoint columns held; scales stay those of whole rows
 
 
 def _split_range(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -130,24 +124,28 @@ def _shard_experts(experts: nn.Module, inter: int, rank: int, size: int) -> None
     for name in ("inter", "intermediate_size", "moe_intermediate_size"):
         if hasattr(experts, name):
             setattr(experts, name, b - a)
+    experts.shard_rows, experts.shard_cols = rows, (a, b)  # w13 rows and w2 columns of every expert
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, full: nn.Embedding, rank: int, size: int, group):
+    def __init__(self, full: nn.Embedding, rank: int, size: int, comm):
         super().__init__()
         self.start, self.stop = _split_range(full.num_embeddings, rank, size)
         self.weight = nn.Parameter(full.weight.data[self.start : self.stop].contiguous(), requires_grad=False)
-        self.group = group
+        self.shard_rows = torch.arange(self.start, self.stop)
+        self.comm = comm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = (ids >= self.start) & (ids < self.stop)
         out = F.embedding(torch.where(local, ids - self.start, torch.zeros_like(ids)), self.weight)
         out = out * local.unsqueeze(-1).to(out.dtype)
-        return _all_reduce_hook(self.group)(self, None, out)
+        return self.comm.all_reduce(out)
 
 
-def shard_model_(model: nn.Module, rank: int, size: int, group=None) -> HeadSplit:
-    """Shard ``model`` (an ErnieForCausalLM) in place for TP rank ``rank`` of ``size``."""
+def shard_model_(model: nn.Module, rank: int, size: int, comm=None) -> HeadSplit:
+    """Shard ``model`` (an ErnieForCausalLM) in place for TP rank ``rank`` of ``size``, its
+    collectives on ``comm`` (a parallel.comm.Comm). Works on a meta-device model too (the
+    shard-aware loader shards before it allocates)."""
     cfg = model.cfg
     split = HeadSplit(rank, size, cfg.num_attention_heads, cfg.num_key_value_heads)
     if size == 1:
@@ -157,7 +155,7 @@ def shard_model_(model: nn.Module, rank: int, size: int, group=None) -> HeadSpli
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in split.q_heads])
     k_rows = torch.cat([torch.arange(nh * hd + h * hd, nh * hd + (h + 1) * hd) for h in split.kv_heads])
     v_rows = k_rows + nkv * hd
-    hook = _all_reduce_hook(group)
+    hook = _all_reduce_hook(comm)
     for layer in model.model.layers:
         attn = layer.self_attn
         _rows(attn.qkv_proj, torch.cat([q_rows, k_rows, v_rows]))
@@ -177,20 +175,21 @@ def shard_model_(model: nn.Module, rank: int, size: int, group=None) -> HeadSpli
             _shard_mlp(mlp, cfg.intermediate_size, rank, size)
         mlp.register_forward_hook(hook)
     embed = model.model.embed_tokens
-    model.model.embed_tokens = VocabParallelEmbedding(embed, rank, size, group)
+    model.model.embed_tokens = VocabParallelEmbedding(embed, rank, size, comm)
     if model.lm_head is not None:
         start, stop = _split_range(cfg.vocab_size, rank, size)
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.data[start:stop].contiguous(), requires_grad=False)
+        model.lm_head.shard_rows = torch.arange(start, stop)
     local_logits = model.compute_logits
 
     def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
-        part = local_logits(hidden).contiguous()
-        parts = [torch.empty_like(part) for _ in range(size)]
-        dist.all_gather(parts, part, group=group)
-        return torch.cat(parts, dim=-1)
+        part = local_logits(hidden)
+        n, v = part.shape
+        return comm.all_gather(part).view(size, n, v).transpose(0, 1).reshape(n, size * v)
 
     model.compute_logits = compute_logits
     model.tp_split = split
+    model.tp_comm = comm  # the kernel path (gpu_ops) issues its collectives on it
     return split
 
 

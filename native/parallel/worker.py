@@ -24,14 +24,21 @@ from pdbus.native.parallel.group import (
 from pdbus.native.transfer.base import TransferError, WriteOp
 
 
-def build_shard(spec: WorkerSpec, device: torch.device, group):
+def build_shard(spec: WorkerSpec, device: torch.device, comm):
     """Model shard + KV cache slice for ``spec.rank`` (shared by leader and workers)."""
     from pdbus.native.kv_cache import KVCache
     from pdbus.native.model.loader import load_model
     from pdbus.native.parallel.tp import shard_model_
 
-    model, cfg = load_model(spec.model, dtype=spec.dtype, quantization=spec.quantization, device=device)
-    split = shard_model_(model, spec.rank, spec.size, group)
+    splits = []  # sharded on the meta device, before anything is allocated or read
+    model, cfg = load_model(
+        spec.model,
+        dtype=spec.dtype,
+        quantization=spec.quantization,
+        device=device,
+        prepare=lambda m: splits.append(shard_model_(m, spec.rank, spec.size, comm)),
+    )
+    split = splits[0]
     kv_dtype = model.dtype
     heads = split.kv_heads
     cache = KVCache(
@@ -63,7 +70,12 @@ def main(argv: list[str]) -> int:
     from pdbus.native.transfer.base import create_transfer_engine
 
     model, cfg, split, cache = build_shard(spec, device, world)
-    runner = ModelRunner(model, cache, device)
+    graphs = None
+    if spec.decode_graphs:  # captured with the leader's: the collectives in them pair up
+        from pdbus.native.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, cache, max_batch=spec.max_num_seqs, max_model_len=spec.max_model_len)
+    runner = ModelRunner(model, cache, device, graphs=graphs)
     transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
     layout = msgspec.structs.asdict(cache.layout())
     ctx = zmq.Context()
