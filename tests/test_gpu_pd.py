@@ -93,3 +93,25 @@ def test_gpu_pd_ipc_with_decode_graphs_equals_mixed(cluster, gpu_model_dir, mixe
 def test_gpu_pd_ipc_enforce_eager_equals_mixed(cluster, gpu_model_dir, mixed_reference):
     log = _pd_equals_mixed(cluster, gpu_model_dir, mixed_reference, "--enforce-eager")
     assert "captured decode CUDA graphs" not in log
+
+
+@pytest.fixture(scope="module")
+def mixed_tp2_reference(gpu_model_dir, tmp_path_factory):
+    """A mixed TP2 instance on the one GPU (both ranks on it: gloo collectives, eager decode)."""
+    from test_pd import COMMON
+
+    from pdbus.testing import Cluster
+
+    with Cluster(tmp_path_factory.mktemp("gpu-mixed-tp2")) as c:
+        server = c.serve(gpu_model_dir, "mixed", None, *COMMON, *GPU_ARGS, "--tensor-parallel-size", "2")
+        c.wait_health(server.url, timeout=300)
+        ps = gpu_prompts(NUM_REQUESTS)
+        ref = [complete(server.url, p, max_tokens=MAX_TOKENS) for p in ps]
+        log = server.log.read_text(errors="replace")
+    assert "share 1 GPU(s)" in log  # one clear line says why NCCL and graphs are off
+    return ps, ref
+
+
+def test_gpu_pd_tp2_to_tp2_equals_mixed_tp2(cluster, gpu_model_dir, mixed_tp2_reference):
+    """Each prefill TP rank writes its KV heads into the decode TP rank that owns them (CUDA IPC)."""
+    _pd_equals_mixed(cluster, gpu_model_dir, mixed_tp2_reference, "--tensor-parallel-size", "2")
