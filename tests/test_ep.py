@@ -82,6 +82,33 @@ def test_ep_logits_equal_no_ep(tiny_model_dir, default_model_dir, tmp_path, size
         assert err < 1e-4, f"EP{size} rank {rank}: relative error {err:.2e}"
 
 
+# (this rank's tokens, decode-only?) per step, for ranks 0 and 1; and the agreed rows per rank
+PLANS = [
+    ([(0, True), (0, True)], 0),  # nobody has work: nobody steps
+    ([(3, True), (0, True)], 4),  # decoding: the smallest graph bucket that fits the busiest rank
+    ([(5, True), (2, True)], 8),
+    ([(1, True), (7, False)], 7),  # someone prefills: eager, padded to the largest count
+    ([(40, True), (1, True)], 40),  # beyond the largest bucket: eager
+]
+
+
+def _plan_rank(rank: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+
+    from pdbus.native.parallel.ep import EPCoordinator
+
+    ep = EPCoordinator(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"))
+    ep.graphs = SimpleNamespace(enabled=True, buckets=[1, 2, 4, 8, 16])  # what DecodeGraphs captured
+    torch.save([ep.plan(*steps[rank]) for steps, _ in PLANS], f"{out}.{rank}")
+
+
+def test_ep_plan_agrees_on_padded_rows(tmp_path):
+    """Both ranks get the same rows per rank for every step, from one all-reduce."""
+    mp.spawn(_plan_rank, args=(free_port(), str(tmp_path / "plan")), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(f"{tmp_path / 'plan'}.{rank}") == [want for _, want in PLANS]
+
+
 @pytest.mark.slow
 def test_dp_ep_serves_same_tokens(cluster, tiny_model_dir):
     ref_server = cluster.serve(tiny_model_dir, "mixed", None, *COMMON, "--dtype", "float32")
