@@ -129,18 +129,14 @@ def mlp(module, x: torch.Tensor) -> torch.Tensor:
     return linear(module.down_proj, h)
 
 
-def _expert_weights(experts):
+def routed_pairs(module, x: torch.Tensor, expert_start: int | None = None) -> torch.Tensor:
+    """The routed experts' weighted outputs ``[T*k, H]``, uncombined (fused_moe's pairs)."""
+    experts = module.experts
     if isinstance(experts, QuantExperts):
-        return experts.w13_q, experts.w2_q, experts.w13_s, experts.w2_s
-    return experts.w13, experts.w2, None, None
-
-
-def moe(module, x: torch.Tensor, comm=None) -> Delta:
-    """The MoE block; under TP (``comm``) its partial output is combined and all-reduced here."""
-    if getattr(module, "ep", None) is not None:
-        return moe_ep(module, x)
-    w13, w2, s13, s2 = _expert_weights(module.experts)
-    pairs = K.fused_moe(
+        w13, w2, s13, s2 = experts.w13_q, experts.w2_q, experts.w13_s, experts.w2_s
+    else:
+        w13, w2, s13, s2 = experts.w13, experts.w2, None, None
+    return K.fused_moe(
         x,
         module.gate.weight,
         w13,
@@ -150,7 +146,15 @@ def moe(module, x: torch.Tensor, comm=None) -> Delta:
         w13_scales=s13,
         w2_scales=s2,
         return_pairs=True,
+        expert_start=expert_start,
     )
+
+
+def moe(module, x: torch.Tensor, comm=None) -> Delta:
+    """The MoE block; under TP (``comm``) its partial output is combined and all-reduced here."""
+    if getattr(module, "ep", None) is not None:
+        return moe_ep(module, x)
+    pairs = routed_pairs(module, x)
     shared = mlp(module.shared_experts, x) if module.shared_experts is not None else None
     if comm is None:
         return MoEPairs(pairs, module.top_k, shared)
@@ -160,24 +164,11 @@ def moe(module, x: torch.Tensor, comm=None) -> Delta:
 def moe_ep(module, x: torch.Tensor) -> MoEPairs:
     """The MoE block under expert parallelism (native/parallel/ep.py): all-gather every rank's
     rows (padded to the step's agreed size), apply this rank's experts, reduce-scatter."""
-    ep = module.ep
     from pdbus.native.parallel.ep import padded_rows
 
+    ep = module.ep
     T = x.shape[0]
-    xs = ep.comm.all_gather(padded_rows(x, ep.tokens))
-    w13, w2, s13, s2 = _expert_weights(module.experts)
-    pairs = K.fused_moe(
-        xs,
-        module.gate.weight,
-        w13,
-        w2,
-        module.top_k,
-        module.e_score_correction_bias,
-        w13_scales=s13,
-        w2_scales=s2,
-        return_pairs=True,
-        expert_start=module.ep_lo,
-    )
+    pairs = routed_pairs(module, ep.comm.all_gather(padded_rows(x, ep.tokens)), expert_start=module.ep_lo)
     mine = ep.comm.reduce_scatter(K.moe_combine(pairs, module.top_k))[:T]
     shared = mlp(module.shared_experts, x) if module.shared_experts is not None and T else None
     return MoEPairs(mine, 1, shared)
