@@ -501,6 +501,7 @@ class RankServer:
         )
         if self.ep is not None:
             self.engine.ep = self.ep
+        self.engine.on_fatal = lambda why: loop.call_soon_threadsafe(self._die, why)
         self.engine.start()
         if self.tp_group is not None:
             self.tp_group.on_dead = lambda why: loop.call_soon_threadsafe(self._die, why)

@@ -145,3 +145,39 @@ def test_dp_ep_serves_same_tokens(cluster, tiny_model_dir):
             assert time.monotonic() < deadline, s
             time.sleep(0.1)
 
+
+
+@pytest.mark.slow
+def test_dead_ep_rank_takes_the_group_down(cluster, tiny_model_dir):
+    """A decode EP2 group (ranks started as multi-serve starts them) behind a prefill; SIGKILL one
+    rank: the other cannot serve without its experts, says so in one line and exits, and the
+    router sees both go."""
+    router = cluster.router()
+    args = [*COMMON, "--dtype", "float32", "--cache-transfer-protocol", "ipc"]
+    cluster.serve(tiny_model_dir, "prefill", router, *args)
+    master = f"127.0.0.1:{free_port()}"
+    ep = [*args, "--enable-expert-parallel", "--data-parallel-size", "2"]
+    ranks = [
+        cluster.serve(tiny_model_dir, "decode", router, *ep, "--data-parallel-rank", str(r), env={"PDBUS_EP_MASTER": master})
+        for r in range(2)
+    ]
+
+    def alive_decodes() -> int:
+        return sum(i["alive"] and i["role"] == "decode" for i in http_json(router.url + "/instances")[1]["instances"])
+
+    cluster.wait_health(router.url)
+    deadline = time.monotonic() + 90
+    while alive_decodes() < 2:
+        assert time.monotonic() < deadline, "both EP ranks should register"
+        time.sleep(0.2)
+    assert complete(router.url, prompts(1)[0])  # the group serves
+    ranks[1].kill()
+    ranks[0].popen.wait(30)
+    assert ranks[0].popen.returncode != 0
+    log = ranks[0].log.read_text(errors="replace")
+    assert "EP2 group broken at rank 0" in log and "this instance cannot continue" in log
+    assert "Traceback" not in log
+    deadline = time.monotonic() + 15
+    while alive_decodes():
+        assert time.monotonic() < deadline, "the router should see both ranks go"
+        time.sleep(0.1)

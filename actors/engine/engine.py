@@ -29,6 +29,7 @@ from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
 from pdbus.actors.engine.sequence import Sequence, Status
 from pdbus.log import get_logger
 from pdbus.messages import Destination, FinishReason, SamplingParams, TokenLogprob, TokenOut
+from pdbus.native.parallel.comm import GroupBroken
 
 
 class EngineEvents:
@@ -81,6 +82,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.transferring: list[Sequence] = []
         self.ep = None  # EPCoordinator when experts are sharded over the DP group
+        self.on_fatal: Callable[[str], None] | None = None  # the engine cannot go on (called once)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,6 +173,13 @@ class Engine:
             self._expire_leases()
             try:
                 self.step()
+            except GroupBroken as exc:  # a peer rank (EP or TP) died: this group can never step again
+                self.last_error = str(exc)
+                self.log.error("%s; this instance cannot continue", exc)
+                self._fail_all(str(exc))
+                if self.on_fatal is not None:
+                    self.on_fatal(str(exc))
+                break
             except Exception as exc:  # a failed step fails its requests, not the rank
                 self.log.exception("engine step failed: %s", exc)
                 self.last_error = str(exc)

@@ -11,13 +11,15 @@ Every parallel group gets two torch.distributed groups:
 
 :class:`Comm` wraps the data group with the three collectives the model needs, with the same
 result on either backend: ``all_reduce`` (sum), ``all_gather`` (concatenated along dim 0) and
-``reduce_scatter`` (sum, then this rank's slice of dim 0). Reductions of bf16 on gloo are done in
+``reduce_scatter`` (sum, then this rank's slice of dim 0); a collective that fails because a peer
+is gone raises :class:`GroupBroken`, one line. Reductions of bf16 on gloo are done in
 fp32 (gloo has no bf16 sum); on NCCL they stay bf16 so that a step's traffic is what it says.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 
@@ -29,6 +31,28 @@ log = logging.getLogger("pdbus.parallel")
 
 def _timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("PDBUS_TP_TIMEOUT_S", "600")))
+
+
+class GroupBroken(RuntimeError):
+    """A collective failed because a peer rank died or left: the group cannot be used again."""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _guarded(fn):
+    """Turn a failed collective (gloo: a peer closed its connection, or timed out) into GroupBroken."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args):
+        try:
+            return fn(self, *args)
+        except (RuntimeError, OSError) as exc:
+            raise GroupBroken(f"{fn.__name__} failed (rank {self.rank} of {self.size}): {first_line(exc)}") from None
+
+    return wrapper
 
 
 def _device_uuid(device: torch.device) -> str:
@@ -57,6 +81,7 @@ class Comm:
             host = host.float()
         return host
 
+    @_guarded
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks; in place on NCCL, returns the result either way."""
         if self.backend == "nccl":
@@ -66,6 +91,7 @@ class Comm:
         dist.all_reduce(host, group=self.group)
         return host.to(device=t.device, dtype=t.dtype)
 
+    @_guarded
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[N, ...]`` on each rank -> ``[size * N, ...]``, rank-major."""
         t = t.contiguous()
@@ -78,6 +104,7 @@ class Comm:
         dist.all_gather(parts, host, group=self.group)
         return torch.cat(parts).to(t.device)
 
+    @_guarded
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
         """``[size * N, ...]`` on each rank -> the sum's rows ``[rank*N, (rank+1)*N)``."""
         if t.shape[0] % self.size:

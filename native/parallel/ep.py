@@ -16,6 +16,9 @@ step is decode-only. All ranks then pad to the same size — the smallest captur
 that fits when every rank is decoding (each replays that bucket's graph), the largest count
 otherwise (eager). A rank with no work runs :meth:`EPCoordinator.idle_step` (the bucket's graph
 with only padding rows, or the MoE collectives with zero tokens), so the collectives never hang.
+The plan is also the group's liveness check: when a rank dies, the others' next plan fails
+(:class:`EPGroupError`), and each stops its instance with one line, since no rank can serve
+without the dead one's experts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdbus.native.parallel.comm import init_groups
+from pdbus.native.parallel.comm import GroupBroken, first_line, init_groups
+
+
+class EPGroupError(GroupBroken):
+    """The EP group is broken (a rank died or left): this rank cannot step any more."""
 
 
 def _expert_range(num_experts: int, rank: int, size: int) -> tuple[int, int]:
@@ -133,7 +140,10 @@ class EPCoordinator:
     def plan(self, num_tokens: int, decode_only: bool) -> int:
         """Agree on this step's rows per rank (0: no rank has work, nobody steps)."""
         t = torch.tensor([num_tokens, 0 if decode_only else 1], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        except (RuntimeError, OSError) as exc:  # gloo: a peer closed its connection, or timed out
+            raise EPGroupError(f"EP{self.size} group broken at rank {self.rank}: {first_line(exc)}") from None
         tokens, mixed = (int(v) for v in t.tolist())
         buckets = self.graphs.buckets if self.graphs is not None and self.graphs.enabled else []
         if tokens and not mixed and buckets and tokens <= buckets[-1]:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import zmq
 
 from pdbus.log import get_logger
+from pdbus.native.parallel.comm import GroupBroken, first_line
 from pdbus.native.parallel.tp import HeadSplit, head_overlaps
 from pdbus.native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 
@@ -86,8 +87,11 @@ class WorkerSpec(msgspec.Struct):
 def broadcast_cmd(cmd, group) -> None:
     data = torch.frombuffer(bytearray(_enc.encode(cmd)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
-    dist.broadcast(size, 0, group=group)
-    dist.broadcast(data, 0, group=group)
+    try:
+        dist.broadcast(size, 0, group=group)
+        dist.broadcast(data, 0, group=group)
+    except (RuntimeError, OSError) as exc:  # a worker is gone (its watchdog line says which)
+        raise GroupBroken(f"TP group broken: {first_line(exc)}") from None
 
 
 def recv_cmd(group):
