@@ -217,7 +217,7 @@ class RankServer:
                 raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
             self.ep = EPCoordinator(cfg.data_parallel_rank, cfg.data_parallel_size, master, self.device)
         if tp > 1:
-            self._load_tp(dtype, shared)
+            self._load_tp(shared)
             num_blocks = self.kv_cache.num_blocks
         else:
             self.model, self.model_cfg = load_model(
@@ -234,9 +234,14 @@ class RankServer:
                 from pdbus.native.runner import profile_activation_peak
 
                 reserve = profile_activation_peak(self.model, cfg, self.device)
+            sharing = self.ep.comm.sharing if self.ep is not None else 1
+            if self.ep is not None:
+                self.ep.barrier()  # EP ranks sharing a GPU measure it with all their weights in
             num_blocks = kv_blocks_for_budget(
-                cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device, reserve_bytes=reserve
+                cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device, reserve_bytes=reserve, sharing=sharing
             )
+            if self.ep is not None:
+                self.ep.barrier()  # ... and before any of them allocates its cache
             self.kv_cache = KVCache(
                 self.model_cfg.num_hidden_layers,
                 num_blocks,
@@ -286,16 +291,13 @@ class RankServer:
         cfg = self.cfg
         return self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill"
 
-    def _load_tp(self, dtype: torch.dtype, shared: bool) -> None:
+    def _load_tp(self, shared: bool) -> None:
         """TP > 1: spawn ranks 1..N-1, join the group, load and shard rank 0 here."""
-        from pdbus.native.parallel.group import TPGroup, WorkerSpec, init_group
-        from pdbus.native.parallel.tp import HeadSplit
+        from pdbus.native.parallel.group import CacheSizing, TPGroup, WorkerSpec, init_group
         from pdbus.native.parallel.worker import build_shard
         from pdbus.testing import free_port
 
-        cfg, mc = self.cfg, self.model_cfg
-        split = HeadSplit(0, cfg.tensor_parallel_size, mc.num_attention_heads, mc.num_key_value_heads)
-        num_blocks = kv_blocks_for_budget(cfg, mc, len(split.kv_heads), dtype, self.device)
+        cfg = self.cfg
         spec = WorkerSpec(
             model=cfg.model,
             dtype=cfg.dtype,
@@ -305,20 +307,17 @@ class RankServer:
             size=cfg.tensor_parallel_size,
             master_port=free_port(),
             report_endpoint="",
-            num_blocks=num_blocks,
-            block_size=cfg.block_size,
+            sizing=CacheSizing.of(cfg),
             role=cfg.splitwise_role,
             protocols=list(cfg.cache_transfer_protocol) if cfg.splitwise_role != "mixed" else [],
             transfer_host=cfg.transfer_host or cfg.host,
             shared_kv=shared,
             decode_graphs=self._decode_graphs(),
-            max_num_seqs=cfg.max_num_seqs,
-            max_model_len=cfg.max_model_len,
         )
         self.tp_group = TPGroup(spec)
         self.tp_group.spawn()
         world, self.tp_control = init_group(0, spec.size, spec.master_port, self.device)
-        self.model, self.model_cfg, self.tp_split, self.kv_cache = build_shard(spec, self.device, world)
+        self.model, self.model_cfg, self.tp_split, self.kv_cache = build_shard(spec, self.device, world, self.tp_control)
         self.tp_group.wait_ready()
 
     def _make_transfers(self) -> None:

@@ -16,8 +16,16 @@ def pick_device(cfg: ServeConfig) -> torch.device:
 
 
 def kv_blocks_for_budget(
-    cfg: ServeConfig, model_cfg, kv_heads: int, dtype: torch.dtype, device: torch.device, reserve_bytes: int = 0
+    cfg: ServeConfig,
+    model_cfg,
+    kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    reserve_bytes: int = 0,
+    sharing: int = 1,
 ) -> int:
+    """KV blocks for this rank; ``sharing`` ranks of one group sizing their caches on one GPU at
+    once (weights all loaded) split what is left after every rank's activation reserve."""
     from pdbus.native.kv_cache import bytes_per_token
 
     needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
@@ -32,7 +40,8 @@ def kv_blocks_for_budget(
     per_block *= cfg.block_size
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cfg.gpu_memory_utilization) * total - reserve_bytes  # activations (profiled)
+        # activations (profiled) of every rank on this GPU, then this rank's share
+        budget = (free - (1 - cfg.gpu_memory_utilization) * total - sharing * reserve_bytes) / sharing
     else:
         budget = cfg.kv_cache_memory_gb * (1 << 30)
     blocks = int(budget // per_block)

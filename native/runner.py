@@ -84,7 +84,7 @@ def profile_activation_peak(model, cfg, device: torch.device | str | None = None
     cache = KVCache(
         mcfg.num_hidden_layers,
         num_blocks,
-        mcfg.num_key_value_heads,
+        model.model.layers[0].self_attn.num_kv_heads,  # this TP rank's KV heads
         bs,
         mcfg.head_dim,
         next(p.dtype for p in model.parameters() if p.dtype != torch.float32),

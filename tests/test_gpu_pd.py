@@ -115,3 +115,56 @@ def mixed_tp2_reference(gpu_model_dir, tmp_path_factory):
 def test_gpu_pd_tp2_to_tp2_equals_mixed_tp2(cluster, gpu_model_dir, mixed_tp2_reference):
     """Each prefill TP rank writes its KV heads into the decode TP rank that owns them (CUDA IPC)."""
     _pd_equals_mixed(cluster, gpu_model_dir, mixed_tp2_reference, "--tensor-parallel-size", "2")
+
+
+def _gpu_used_share() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(0)
+    return (total - free) / total
+
+
+# no --num-gpu-blocks-override: the caches are sized from --gpu-memory-utilization
+SIZED_ARGS = ("--block-size", str(BLOCK), "--dtype", "bfloat16", "--max-num-seqs", "32")
+
+
+def test_gpu_tp2_sizes_its_cache_from_gpu_memory(cluster, gpu_model_dir, mixed_tp2_reference):
+    """Both TP ranks on the one GPU size their KV caches together under --gpu-memory-utilization
+    (weights loaded and activations profiled on every rank first), and serve the same tokens."""
+    from test_pd import COMMON
+
+    before = _gpu_used_share()
+    server = cluster.serve(gpu_model_dir, "mixed", None, *COMMON, *SIZED_ARGS, "--gpu-memory-utilization", "0.5", "--tensor-parallel-size", "2")
+    cluster.wait_health(server.url, timeout=300)
+    used = _gpu_used_share()
+    print(f"MEASURE TP2 on one GPU at --gpu-memory-utilization 0.5: GPU {used:.0%} used (before {before:.0%})")
+    assert used <= 0.5 + before + 0.05  # CUDA contexts are outside the budget, as in vLLM
+    ps, ref = mixed_tp2_reference
+    assert [complete(server.url, p, max_tokens=MAX_TOKENS) for p in ps[:6]] == ref[:6]
+
+
+def test_gpu_ep2_multi_serve_shares_gpu_memory(cluster, gpu_model_dir):
+    """DP2+EP2 through multi-serve on the one GPU: the ranks split the memory left under
+    --gpu-memory-utilization and both serve (expert outputs are checked in test_parallel_gpu)."""
+    from test_pd import COMMON
+
+    from pdbus.testing import free_port, http_json
+
+    before = _gpu_used_share()
+    ports = [free_port(), free_port()]
+    cluster.start(
+        "ep-multi",
+        ["multi-serve", "--ports", f"{ports[0]},{ports[1]}", "--num-servers", "2", "--args",
+         "--model", gpu_model_dir, "--splitwise-role", "mixed", *COMMON, *SIZED_ARGS,
+         "--gpu-memory-utilization", "0.5", "--enable-expert-parallel", "--data-parallel-size", "2"],
+        ports[0],
+    )
+    for port in ports:
+        cluster.wait_health(f"http://127.0.0.1:{port}", timeout=300)
+    used = _gpu_used_share()
+    print(f"MEASURE EP2 on one GPU at --gpu-memory-utilization 0.5: GPU {used:.0%} used (before {before:.0%})")
+    assert used <= 0.5 + before + 0.05
+    blocks = [http_json(f"http://127.0.0.1:{p}/stats")[1]["total_blocks"] for p in ports]
+    assert min(blocks) > 0.8 * max(blocks), blocks  # an even split, not first come first served
+    for port in ports:
+        assert len(complete(f"http://127.0.0.1:{port}", gpu_prompts(3)[2], max_tokens=MAX_TOKENS)) == MAX_TOKENS

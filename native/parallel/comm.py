@@ -64,11 +64,12 @@ def _device_uuid(device: torch.device) -> str:
 class Comm:
     """The data-path collectives of one group (see the module docstring)."""
 
-    def __init__(self, group, backend: str):
+    def __init__(self, group, backend: str, sharing: int = 1):
         self.group = group
         self.backend = backend
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.sharing = sharing  # ranks of this group on this rank's GPU (gloo only: NCCL needs 1)
 
     @property
     def capturable(self) -> bool:
@@ -138,4 +139,5 @@ def init_groups(rank: int, size: int, init_method: str, device: torch.device, wh
             "(host-staged, slow) and decode runs without CUDA graphs",
             what, size, size, len(set(uuids)),
         )
-    return Comm(control, "gloo"), control
+    mine = uuids[rank]
+    return Comm(control, "gloo", sharing=uuids.count(mine) if mine else 1), control

@@ -133,6 +133,9 @@ class EPCoordinator:
         self.model = model
         model.ep = self
 
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
     @property
     def expert_range(self) -> tuple[int, int]:
         return (self.moes[0].ep_lo, self.moes[0].ep_hi - 1) if self.moes else (0, 0)

@@ -62,6 +62,23 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Command)
 
 
+class CacheSizing(msgspec.Struct):
+    """The ServeConfig fields that size a rank's KV cache (actors/rank_setup.kv_blocks_for_budget,
+    runner.profile_activation_peak read them by name)."""
+
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_gpu_blocks_override: int | None
+    gpu_memory_utilization: float
+    kv_cache_memory_gb: float
+
+    @classmethod
+    def of(cls, cfg) -> CacheSizing:
+        return cls(**{f: getattr(cfg, f) for f in cls.__struct_fields__})
+
+
 class WorkerSpec(msgspec.Struct):
     """Everything a worker needs to build its shard (passed as JSON on its command line)."""
 
@@ -73,15 +90,12 @@ class WorkerSpec(msgspec.Struct):
     size: int
     master_port: int
     report_endpoint: str
-    num_blocks: int
-    block_size: int
+    sizing: CacheSizing
     role: str
     protocols: list[str]
     transfer_host: str
     shared_kv: bool
     decode_graphs: bool = False  # capture decode CUDA graphs (every rank together)
-    max_num_seqs: int = 0
-    max_model_len: int = 0
 
 
 def broadcast_cmd(cmd, group) -> None:

@@ -24,11 +24,19 @@ from pdbus.native.parallel.group import (
 from pdbus.native.transfer.base import TransferError, WriteOp
 
 
-def build_shard(spec: WorkerSpec, device: torch.device, comm):
-    """Model shard + KV cache slice for ``spec.rank`` (shared by leader and workers)."""
+def build_shard(spec: WorkerSpec, device: torch.device, comm, control):
+    """Model shard + KV cache slice for ``spec.rank`` (shared by leader and workers).
+
+    The cache is sized after the shard is loaded, on every rank (on a GPU: what the weights and
+    the profiled activation peak leave under --gpu-memory-utilization; the profile's collectives
+    run on all ranks together), and all ranks take the smallest count."""
+    import torch.distributed as dist
+
+    from pdbus.actors.rank_setup import kv_blocks_for_budget
     from pdbus.native.kv_cache import KVCache
     from pdbus.native.model.loader import load_model
     from pdbus.native.parallel.tp import shard_model_
+    from pdbus.native.runner import profile_activation_peak
 
     splits = []  # sharded on the meta device, before anything is allocated or read
     model, cfg = load_model(
@@ -39,15 +47,22 @@ def build_shard(spec: WorkerSpec, device: torch.device, comm):
         prepare=lambda m: splits.append(shard_model_(m, spec.rank, spec.size, comm)),
     )
     split = splits[0]
-    kv_dtype = model.dtype
     heads = split.kv_heads
+    sizing = spec.sizing
+    reserve = 0
+    if device.type == "cuda" and not sizing.num_gpu_blocks_override:
+        reserve = profile_activation_peak(model, sizing, device)
+    dist.barrier(group=control)  # every rank's weights are in memory before anyone measures
+    blocks = kv_blocks_for_budget(sizing, cfg, len(heads), model.dtype, device, reserve_bytes=reserve, sharing=comm.sharing)
+    blocks = torch.tensor([blocks])
+    dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
     cache = KVCache(
         cfg.num_hidden_layers,
-        spec.num_blocks,
+        int(blocks),
         len(heads),
-        spec.block_size,
+        sizing.block_size,
         cfg.head_dim,
-        kv_dtype,
+        model.dtype,
         device=device,
         shared=spec.shared_kv,
         total_kv_heads=cfg.num_key_value_heads,
@@ -69,12 +84,12 @@ def main(argv: list[str]) -> int:
     from pdbus.native.runner import ModelRunner
     from pdbus.native.transfer.base import create_transfer_engine
 
-    model, cfg, split, cache = build_shard(spec, device, world)
+    model, cfg, split, cache = build_shard(spec, device, world, control)
     graphs = None
     if spec.decode_graphs:  # captured with the leader's: the collectives in them pair up
         from pdbus.native.graphs import DecodeGraphs
 
-        graphs = DecodeGraphs(model, cache, max_batch=spec.max_num_seqs, max_model_len=spec.max_model_len)
+        graphs = DecodeGraphs(model, cache, max_batch=spec.sizing.max_num_seqs, max_model_len=spec.sizing.max_model_len)
     runner = ModelRunner(model, cache, device, graphs=graphs)
     transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
     layout = msgspec.structs.asdict(cache.layout())
