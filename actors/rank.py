@@ -62,6 +62,7 @@ from pdbus.messages import (
     TokenOut,
     Tokens,
 )
+from pdbus.native.parallel.comm import GroupBroken
 from pdbus.native.transfer.base import host_id
 from pdbus.sockets import BusError
 
@@ -500,6 +501,7 @@ class RankServer:
         )
         if self.ep is not None:
             self.engine.ep = self.ep
+        self.engine.lockstep = self.ep is not None or self.tp_group is not None
         self.engine.on_fatal = lambda why: loop.call_soon_threadsafe(self._die, why)
         self.engine.start()
         if self.tp_group is not None:
@@ -535,13 +537,18 @@ class RankServer:
         await runner.cleanup()
         self.engine.stop()
         if self.tp_group is not None:
-            if self.tp_group.dead is None:
-                self.tp_runner.stop()
+            if self.tp_group.dead is None and self.engine.fatal is None:
+                with contextlib.suppress(GroupBroken):  # a worker died just now: close() reaps it
+                    self.tp_runner.stop()
             self.tp_group.close()
         for eng in self.transfers.values():
             with contextlib.suppress(Exception):
                 eng.close()
         self.kv_cache.close()
+        if self.tp_group is not None or self.ep is not None:
+            from pdbus.native.parallel.comm import shutdown
+
+            shutdown(clean=self.engine.fatal is None and (self.tp_group is None or self.tp_group.dead is None))
         return self._exit_code
 
     async def _discover_bus(self) -> tuple[str, float]:

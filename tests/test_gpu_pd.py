@@ -138,7 +138,7 @@ def test_gpu_tp2_sizes_its_cache_from_gpu_memory(cluster, gpu_model_dir, mixed_t
     cluster.wait_health(server.url, timeout=300)
     used = _gpu_used_share()
     print(f"MEASURE TP2 on one GPU at --gpu-memory-utilization 0.5: GPU {used:.0%} used (before {before:.0%})")
-    assert used <= 0.5 + before + 0.05  # CUDA contexts are outside the budget, as in vLLM
+    assert used <= 0.55  # the budget caps the GPU's total use at 50% (contexts, allocator slack: 5%)
     ps, ref = mixed_tp2_reference
     assert [complete(server.url, p, max_tokens=MAX_TOKENS) for p in ps[:6]] == ref[:6]
 
@@ -163,8 +163,29 @@ def test_gpu_ep2_multi_serve_shares_gpu_memory(cluster, gpu_model_dir):
         cluster.wait_health(f"http://127.0.0.1:{port}", timeout=300)
     used = _gpu_used_share()
     print(f"MEASURE EP2 on one GPU at --gpu-memory-utilization 0.5: GPU {used:.0%} used (before {before:.0%})")
-    assert used <= 0.5 + before + 0.05
+    assert used <= 0.55
     blocks = [http_json(f"http://127.0.0.1:{p}/stats")[1]["total_blocks"] for p in ports]
     assert min(blocks) > 0.8 * max(blocks), blocks  # an even split, not first come first served
     for port in ports:
         assert len(complete(f"http://127.0.0.1:{port}", gpu_prompts(3)[2], max_tokens=MAX_TOKENS)) == MAX_TOKENS
+
+
+def test_gpu_pd_tp2_on_two_gpus_with_graphs(cluster, gpu_model_dir, tmp_path):
+    """TP2 with a GPU per rank (NCCL): the leader and its worker capture their decode graphs
+    together, and PD (P TP2 -> D TP2) equals a mixed TP2 instance on the same GPUs."""
+    import torch
+    from test_pd import COMMON
+
+    from pdbus.testing import Cluster
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} here")
+    tp2 = ("--tensor-parallel-size", "2")
+    with Cluster(tmp_path / "mixed") as c:
+        server = c.serve(gpu_model_dir, "mixed", None, *COMMON, *GPU_ARGS, *tp2)
+        c.wait_health(server.url, timeout=300)
+        ps = gpu_prompts(NUM_REQUESTS)
+        ref = [complete(server.url, p, max_tokens=MAX_TOKENS) for p in ps]
+        assert "captured decode CUDA graphs" in server.log.read_text(errors="replace")
+    log = _pd_equals_mixed(cluster, gpu_model_dir, (ps, ref), *tp2)
+    assert "captured decode CUDA graphs" in log and "share 1 GPU" not in log

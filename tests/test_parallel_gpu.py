@@ -158,23 +158,24 @@ def test_parallel_kernel_path_matches_one_gpu(model_dir, references, tmp_path, m
         # NCCL on a GPU per rank: the decode steps replayed graphs; gloo: eager
         assert res["graphs"] == (gpus == "own"), res
         want = refs[0] if mode == "tp" else refs.get(rank)
+        if gpus == "own":  # idle or not, every decode step replayed the agreed bucket
+            assert res["replays"] >= DECODE_STEPS
         if res["logits"] is None:
             assert mode == "ep-idle" and rank == 1
             continue
-        if gpus == "own":
-            assert res["replays"] >= DECODE_STEPS
-        check_parallel(f"{mode}{size} {gpus} {quant} rank {rank}", res["logits"].flatten(0, 1), want.flatten(0, 1))
+        check_parallel(f"{mode}{size} {gpus} {quant} rank {rank}", res["logits"].flatten(0, 1), want.flatten(0, 1), mode)
 
 
-def check_parallel(what: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+def check_parallel(what: str, got: torch.Tensor, ref: torch.Tensor, mode: str) -> None:
     """Every TP all-reduce sums bf16 partials (one more rounding per layer than one GPU, as in any
     TP engine), which on these random MoE checkpoints now and then flips a router near-tie: the
-    median token stays well inside the bf16 tolerance, 80% of the tokens within it."""
+    median token stays well inside the bf16 tolerance, 80% of the tokens within it. EP routes
+    exactly as one GPU does and only adds the reduce-scatter's rounding: 95% within."""
     err = token_errors(got, ref)
     within = float((err <= BF16_TOL).float().mean())
     print(f"MEASURE {what}: token error median {float(err.median()):.4f} max {float(err.max()):.4f}, {within:.0%} within {BF16_TOL}")
     assert torch.isfinite(got).all()
-    assert float(err.median()) <= BF16_TOL / 2 and within >= 0.8, what
+    assert float(err.median()) <= BF16_TOL / 2 and within >= (0.8 if mode == "tp" else 0.95), what
 
 
 @pytest.mark.parametrize("quant", ["bf16", "wint4"])

@@ -83,6 +83,11 @@ class Engine:
         self.transferring: list[Sequence] = []
         self.ep = None  # EPCoordinator when experts are sharded over the DP group
         self.on_fatal: Callable[[str], None] | None = None  # the engine cannot go on (called once)
+        # TP or EP: other ranks run each step's collectives with this one, so a step that fails
+        # after it started cannot be recovered from (GroupBroken)
+        self.lockstep = False
+        self.fatal: str | None = None  # why the group broke and the engine stopped
+        self.write_errors: dict[str, str] = {}  # req -> KV write error of its last prefill step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,7 +157,9 @@ class Engine:
             elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
                 timeout = 0.01
             elif self.ep is not None:
-                timeout = 0.01  # EP ranks must meet in ep.plan even when idle
+                # EP ranks meet in ep.plan every step: straight back while the group is busy (a busy
+                # rank waits there for us), every 10 ms while nobody has work
+                timeout = 0.0 if self.ep.tokens else 0.01
             elif self.blocks.leases:
                 timeout = 0.5
             else:
@@ -161,36 +168,44 @@ class Engine:
                 item = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
             except queue.Empty:
                 item = None
-            self._run_cmd(item)
-            while True:  # drain everything queued before stepping
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                self._run_cmd(item)
-            if self._stop.is_set():
-                break
-            self._expire_leases()
             try:
-                self.step()
+                self._iterate(item)
             except GroupBroken as exc:  # a peer rank (EP or TP) died: this group can never step again
-                self.last_error = str(exc)
+                self.last_error = self.fatal = str(exc)
                 self.log.error("%s; this instance cannot continue", exc)
                 self._fail_all(str(exc))
                 if self.on_fatal is not None:
                     self.on_fatal(str(exc))
                 break
-            except Exception as exc:  # a failed step fails its requests, not the rank
-                self.log.exception("engine step failed: %s", exc)
-                self.last_error = str(exc)
-                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
         self._fail_all("engine stopped")
+
+    def _iterate(self, item) -> None:
+        self._run_cmd(item)
+        while True:  # drain everything queued before stepping
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._run_cmd(item)
+        if self._stop.is_set():
+            return
+        self._expire_leases()
+        try:
+            self.step()
+        except GroupBroken:
+            raise
+        except Exception as exc:  # a failed step fails its requests, not the rank
+            self.log.exception("engine step failed: %s", exc)
+            self.last_error = str(exc)
+            self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
 
     def _run_cmd(self, item) -> None:
         if item is None:
             return
         try:
             item()
+        except GroupBroken:
+            raise
         except Exception as exc:
             self.log.exception("engine command failed: %s", exc)
 
@@ -294,6 +309,7 @@ class Engine:
                 self.log.warning("req %s: reservation expired, blocks reclaimed", req_id)
 
     def _finish(self, seq: Sequence) -> None:
+        self.write_errors.pop(seq.req_id, None)
         if seq.status is not Status.FINISHED:
             self.blocks.free(seq.block_table)
             seq.block_table = []
@@ -314,6 +330,17 @@ class Engine:
         batch = self.scheduler.schedule()
         self._stalled = not batch and self.scheduler.has_work()
         finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]
+        layer_done = None
+        if finishing_prefill:  # before the EP plan: a bad destination drops its request, not the step
+            layer_done, dropped = self._make_layer_hook(finishing_prefill)
+            for s, error in dropped:
+                batch.remove(s)
+                finishing_prefill.remove(s)
+                self.scheduler.remove(s.seq)
+                self._finish(s.seq)
+                self.events.on_failed(s.seq.req_id, error, True)
+            if not finishing_prefill:
+                layer_done = None
         if self.ep is not None:
             # every EP rank agrees on the step's size, then steps, or joins the collectives idle
             decode_only = not finishing_prefill and all(s.num_new_tokens == 1 for s in batch)
@@ -325,15 +352,21 @@ class Engine:
         elif not batch:
             return
         self.steps += 1
-        layer_done = self._make_layer_hook(finishing_prefill) if finishing_prefill else None
         sampled = [s for s in batch if s.samples]
-        logits = self.runner.execute(
-            [s.seq.all_token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
-            [s.seq.num_computed_tokens for s in batch],
-            [s.seq.block_table for s in batch],
-            [i for i, s in enumerate(batch) if s.samples],
-            layer_done=layer_done,
-        )
+        try:
+            logits = self.runner.execute(
+                [s.seq.all_token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
+                [s.seq.num_computed_tokens for s in batch],
+                [s.seq.block_table for s in batch],
+                [i for i, s in enumerate(batch) if s.samples],
+                layer_done=layer_done,
+            )
+        except GroupBroken:
+            raise
+        except Exception as exc:
+            if self.lockstep:  # the other ranks are inside this step's collectives: no way back
+                raise GroupBroken(f"step failed mid-collective: {type(exc).__name__}: {exc}") from None
+            raise
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
             if s.seq.num_computed_tokens <= len(s.seq.prompt_token_ids):
@@ -386,29 +419,49 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill role: KV out
     def _make_layer_hook(self, finishing: list[ScheduledSeq]):
-        plans = []
+        """(layer_done, [(scheduled seq, error)]): the hook writes each finishing prefill's KV as
+        its layers complete; a request whose destination is unusable is returned, not raised, and a
+        write that fails mid-step is recorded (the request fails at commit), never raised inside
+        the forward, which other ranks may be running in lockstep."""
+        from pdbus.native.transfer.base import TransferError, WriteOp
+
+        plans, dropped = [], []
         for s in finishing:
             seq = s.seq
             dest = seq.dest
             engine = self.transfers.get(dest.protocol)
-            if engine is None:
-                raise RuntimeError(f"no {dest.protocol} transfer engine on this instance")
             n = self.blocks.blocks_for(seq.num_tokens)
+            if engine is None:
+                dropped.append((s, f"no {dest.protocol} transfer engine on this instance"))
+                continue
             if n > len(dest.block_ids):
-                raise RuntimeError(f"req {seq.req_id}: decode reserved {len(dest.block_ids)} blocks, need {n}")
-            engine.open_peer(dest.instance_id, dest.endpoint)
-            plans.append((engine, seq.req_id, dest.instance_id, seq.block_table[:n], dest.block_ids[:n], seq))
-        from pdbus.native.transfer.base import WriteOp
+                dropped.append((s, f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {n}"))
+                continue
+            try:
+                engine.open_peer(dest.instance_id, dest.endpoint)
+            except (TransferError, OSError) as exc:
+                dropped.append((s, f"KV transfer to {dest.instance_id} failed: {exc}"))
+                continue
+            plans.append((engine, seq.req_id, dest.instance_id, seq.block_table[:n], dest.block_ids[:n]))
 
         def layer_done(layer: int) -> None:
-            for engine, req_id, peer, src, dst, _ in plans:
-                engine.write(req_id, peer, WriteOp(layer, src, dst))
+            for engine, req_id, peer, src, dst in plans:
+                if req_id in self.write_errors:
+                    continue
+                try:
+                    engine.write(req_id, peer, WriteOp(layer, src, dst))
+                except (TransferError, OSError) as exc:
+                    self.write_errors[req_id] = str(exc)
 
-        return layer_done
+        return layer_done, dropped
 
     def _start_transfer_wait(self, seq: Sequence, first: TokenOut) -> None:
         engine = self.transfers[seq.dest.protocol]
         try:
+            error = self.write_errors.pop(seq.req_id, None)
+            if error is not None:
+                engine.abort(seq.req_id)
+                raise RuntimeError(error)
             seq.transfer = engine.commit(seq.req_id, seq.dest.instance_id)
         except Exception as exc:
             self.scheduler.remove(seq)

@@ -12,7 +12,10 @@ Every parallel group gets two torch.distributed groups:
 :class:`Comm` wraps the data group with the three collectives the model needs, with the same
 result on either backend: ``all_reduce`` (sum), ``all_gather`` (concatenated along dim 0) and
 ``reduce_scatter`` (sum, then this rank's slice of dim 0); a collective that fails because a peer
-is gone raises :class:`GroupBroken`, one line. Reductions of bf16 on gloo are done in
+is gone raises :class:`GroupBroken`, one line. On gloo that is immediate (the peer's connection
+closes); NCCL collectives are asynchronous, so a survivor stalls at its next synchronisation until
+the NCCL watchdog (``PDBUS_TP_TIMEOUT_S``, 600 s) aborts it — the gloo control collectives (the
+leader's step broadcast, the EP plan) usually notice first. Reductions of bf16 on gloo are done in
 fp32 (gloo has no bf16 sum); on NCCL they stay bf16 so that a step's traffic is what it says.
 """
 
@@ -49,6 +52,8 @@ def _guarded(fn):
     def wrapper(self, *args):
         try:
             return fn(self, *args)
+        except torch.OutOfMemoryError:
+            raise  # a local failure, not the group's (the engine still treats it as fatal mid-step)
         except (RuntimeError, OSError) as exc:
             raise GroupBroken(f"{fn.__name__} failed (rank {self.rank} of {self.size}): {first_line(exc)}") from None
 
@@ -122,11 +127,20 @@ class Comm:
         return out.to(device=t.device, dtype=t.dtype)
 
 
+def shutdown(clean: bool) -> None:
+    """Leave the process groups at exit; after a broken group only the process exit cleans up
+    (destroying a communicator whose peer is gone can block)."""
+    if clean and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_groups(rank: int, size: int, init_method: str, device: torch.device, what: str) -> tuple[Comm, object]:
     """Join a group of ``size`` processes (``init_method`` e.g. ``tcp://host:port``): returns the
     data :class:`Comm` and the gloo control group. ``what`` names the group in the log."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size, timeout=_timeout())
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
+        raise RuntimeError(f"this process is already rank {dist.get_rank()} of {dist.get_world_size()}, not {rank} of {size}")
     control = dist.group.WORLD
     uuids: list[str] = [""] * size
     dist.all_gather_object(uuids, _device_uuid(device), group=control)

@@ -85,12 +85,6 @@ def main(argv: list[str]) -> int:
     from pdbus.native.transfer.base import create_transfer_engine
 
     model, cfg, split, cache = build_shard(spec, device, world, control)
-    graphs = None
-    if spec.decode_graphs:  # captured with the leader's: the collectives in them pair up
-        from pdbus.native.graphs import DecodeGraphs
-
-        graphs = DecodeGraphs(model, cache, max_batch=spec.sizing.max_num_seqs, max_model_len=spec.sizing.max_model_len)
-    runner = ModelRunner(model, cache, device, graphs=graphs)
     transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
     layout = msgspec.structs.asdict(cache.layout())
     ctx = zmq.Context()
@@ -104,7 +98,13 @@ def main(argv: list[str]) -> int:
             push.send(msgspec.msgpack.encode(msg))
 
     endpoints = {p: e.endpoint() for p, e in transfers.items()} if spec.role == "decode" else {}
-    report({"rank": spec.rank, "endpoints": endpoints})
+    report({"rank": spec.rank, "endpoints": endpoints})  # loaded: the leader goes on to its graphs
+    graphs = None
+    if spec.decode_graphs:  # captured with the leader's, after this report: their collectives pair up
+        from pdbus.native.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, cache, max_batch=spec.sizing.max_num_seqs, max_model_len=spec.sizing.max_model_len)
+    runner = ModelRunner(model, cache, device, graphs=graphs)
     log.info("TP rank %d/%d ready: %d query heads, KV heads %s", spec.rank, spec.size, len(split.q_heads), list(split.kv_heads))
 
     def finish(req_id: str, handles) -> None:
@@ -147,6 +147,9 @@ def main(argv: list[str]) -> int:
     cache.close()
     push.close()
     ctx.term()
+    from pdbus.native.parallel.comm import shutdown
+
+    shutdown(clean=True)  # told to stop by the leader: the group is whole
     return 0
 
 
