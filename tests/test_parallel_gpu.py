@@ -98,6 +98,12 @@ def _rank(rank: int, size: int, port: int, model_dir: str, mode: str, quant: str
                 ep.idle_step()
             got = None
     torch.save({"logits": got, "graphs": graphs.enabled, "replays": graphs.replays}, f"{out}.{rank}")
+    import torch.distributed as dist
+
+    from pdbus.native.parallel.comm import shutdown
+
+    dist.barrier()  # leave together: a process exiting with live gloo threads aborts
+    shutdown(clean=True)
 
 
 def _reference(_index: int, model_dir: str, quant: str, out: str) -> None:

@@ -157,13 +157,13 @@ class Engine:
             elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
                 timeout = 0.01
             elif self.ep is not None:
-                # EP ranks meet in ep.plan every step: straight back while the group is busy (a busy
-                # rank waits there for us), every 10 ms while nobody has work
-                timeout = 0.0 if self.ep.tokens else 0.01
+                timeout = 0.01  # EP ranks meet in ep.plan every 10 ms while nobody has work
             elif self.blocks.leases:
                 timeout = 0.5
             else:
                 timeout = None
+            if self.ep is not None and self.ep.tokens:
+                timeout = 0.0  # the EP group is busy: a busy rank waits for us in ep.plan
             try:
                 item = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
             except queue.Empty:
