@@ -35,15 +35,8 @@ from aiohttp import web
 from pdbus import envs
 from pdbus.actor import BusMember
 from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
-from pdbus.actors.rank_setup import (
-    FaultSlowRunner,
-    FaultTransfer,
-    as_set,
-    generation_eos_ids,
-    kv_blocks_for_budget,
-    pick_device,
-    tune_cpu_runtime,
-)
+from pdbus.actors.rank_load import RankLoader
+from pdbus.actors.rank_setup import tune_cpu_runtime
 from pdbus.config import ServeConfig
 from pdbus.log import get_logger
 from pdbus.messages import (
@@ -63,7 +56,6 @@ from pdbus.messages import (
     Tokens,
 )
 from pdbus.native.parallel.comm import GroupBroken
-from pdbus.native.transfer.base import host_id
 from pdbus.sockets import BusError
 
 log = get_logger("rank")
@@ -176,7 +168,7 @@ class RankBus(BusMember):
 # --------------------------------------------------------------------------- the server
 
 
-class RankServer:
+class RankServer(RankLoader):
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.instance_id = f"{cfg.splitwise_role}-{socket.gethostname()}-{cfg.port}-{uuid.uuid4().hex[:6]}"
@@ -191,162 +183,6 @@ class RankServer:
         self.counters = {"transfer_bytes": 0, "transfer_seconds": 0.0, "prefilled": 0, "failed": 0}
         self._stop = asyncio.Event()
         self._exit_code = 0
-
-    # ----------------------------------------------------------------- startup
-    def load(self) -> None:
-        from pdbus.native.kv_cache import KVCache
-        from pdbus.native.model.config import ErnieConfig
-        from pdbus.native.model.loader import load_model, resolve_dtype
-        from pdbus.native.runner import ModelRunner
-
-        cfg = self.cfg
-        self.device = pick_device(cfg)
-        t0 = time.monotonic()
-        self.model_cfg = ErnieConfig.from_model_dir(cfg.model)
-        self.model_name = cfg.served_model_name or os.path.basename(os.path.normpath(cfg.model))
-        dtype = resolve_dtype(cfg.dtype, self.model_cfg)
-        self.kv_dtype = dtype
-        tp = cfg.tensor_parallel_size
-        shared = self.device.type == "cpu" and cfg.splitwise_role == "decode" and "ipc" in cfg.cache_transfer_protocol
-        self.tp_group = None
-        self.ep = None
-        if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
-            from pdbus.native.parallel.ep import EPCoordinator
-
-            master = os.environ.get("PDBUS_EP_MASTER")
-            if not master:
-                raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
-            self.ep = EPCoordinator(cfg.data_parallel_rank, cfg.data_parallel_size, master, self.device)
-        if tp > 1:
-            self._load_tp(shared)
-            num_blocks = self.kv_cache.num_blocks
-        else:
-            self.model, self.model_cfg = load_model(
-                cfg.model,
-                dtype=cfg.dtype,
-                quantization=cfg.quantization,
-                device=self.device,
-                prepare=self.ep.prepare if self.ep is not None else None,  # EP: read only our experts
-            )
-            if self.ep is not None:
-                log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", self.ep.size, self.ep.rank, *self.ep.expert_range)
-            reserve = 0
-            if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:
-                from pdbus.native.runner import profile_activation_peak
-
-                reserve = profile_activation_peak(self.model, cfg, self.device)
-            sharing = self.ep.comm.sharing if self.ep is not None else 1
-            if self.ep is not None:
-                self.ep.barrier()  # EP ranks sharing a GPU measure it with all their weights in
-            num_blocks = kv_blocks_for_budget(
-                cfg, self.model_cfg, self.model_cfg.num_key_value_heads, dtype, self.device, reserve_bytes=reserve, sharing=sharing
-            )
-            if self.ep is not None:
-                self.ep.barrier()  # ... and before any of them allocates its cache
-            self.kv_cache = KVCache(
-                self.model_cfg.num_hidden_layers,
-                num_blocks,
-                self.model_cfg.num_key_value_heads,
-                cfg.block_size,
-                self.model_cfg.head_dim,
-                dtype,
-                device=self.device,
-                shared=shared,
-            )
-        graphs = None
-        if self._decode_graphs():
-            from pdbus.native.graphs import DecodeGraphs
-
-            graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
-        if self.ep is not None:
-            self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
-        if self.tp_group is not None:
-            from pdbus.native.parallel.group import TPRunner
-
-            self.runner = self.tp_runner = TPRunner(self.runner, self.tp_control)
-        if envs.PDBUS_FAULT_STEP_DELAY_S > 0:
-            self.runner = FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
-        if not cfg.skip_tokenizer_init:
-            from pdbus.actors.frontend.tokenizer import Tokenizer
-
-            self.tokenizer = Tokenizer(cfg.model)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else as_set(self.model_cfg.eos_token_id)
-        self.eos_ids |= generation_eos_ids(cfg.model)  # e.g. <|end_of_sentence|> when no tokenizer is loaded
-        log.info(
-            "loaded %s (%s, %s, %s) in %.1fs; KV cache %d blocks x %d tokens (%.1f MiB)%s",
-            self.model_name,
-            self.model_cfg.model_type,
-            cfg.quantization,
-            str(dtype).replace("torch.", ""),
-            time.monotonic() - t0,
-            num_blocks,
-            cfg.block_size,
-            self.kv_cache.nbytes / 2**20,
-            " in shared memory" if shared else "",
-        )
-        if tp > 1:
-            log.info("TP%d: this process is rank 0 of %d; KV heads %s here", tp, tp, list(self.tp_split.kv_heads))
-
-    def _decode_graphs(self) -> bool:
-        cfg = self.cfg
-        return self.device.type == "cuda" and not cfg.enforce_eager and cfg.splitwise_role != "prefill"
-
-    def _load_tp(self, shared: bool) -> None:
-        """TP > 1: spawn ranks 1..N-1, join the group, load and shard rank 0 here."""
-        from pdbus.native.parallel.group import CacheSizing, TPGroup, WorkerSpec, init_group
-        from pdbus.native.parallel.worker import build_shard
-        from pdbus.testing import free_port
-
-        cfg = self.cfg
-        spec = WorkerSpec(
-            model=cfg.model,
-            dtype=cfg.dtype,
-            quantization=cfg.quantization,
-            device=self.device.type,
-            rank=0,
-            size=cfg.tensor_parallel_size,
-            master_port=free_port(),
-            report_endpoint="",
-            sizing=CacheSizing.of(cfg),
-            role=cfg.splitwise_role,
-            protocols=list(cfg.cache_transfer_protocol) if cfg.splitwise_role != "mixed" else [],
-            transfer_host=cfg.transfer_host or cfg.host,
-            shared_kv=shared,
-            decode_graphs=self._decode_graphs(),
-        )
-        self.tp_group = TPGroup(spec)
-        self.tp_group.spawn()
-        world, self.tp_control = init_group(0, spec.size, spec.master_port, self.device)
-        self.model, self.model_cfg, self.tp_split, self.kv_cache = build_shard(spec, self.device, world, self.tp_control)
-        self.tp_group.wait_ready()
-
-    def _make_transfers(self) -> None:
-        from pdbus.native.transfer.base import create_transfer_engine
-
-        host = self.cfg.transfer_host or self.cfg.host
-        for proto in self.cfg.cache_transfer_protocol:
-            try:
-                self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
-                if self.cfg.splitwise_role == "prefill":
-                    from pdbus.native.parallel.group import TPTransfer
-                    from pdbus.native.parallel.tp import HeadSplit
-
-                    mc = self.model_cfg
-                    split = self.tp_split if self.tp_group is not None else HeadSplit(0, 1, mc.num_attention_heads, mc.num_key_value_heads)
-                    self.transfers[proto] = TPTransfer(proto, engine, self.tp_group, getattr(self, "tp_control", None), split)
-                if envs.PDBUS_FAULT_TRANSFER and self.cfg.splitwise_role == "prefill":
-                    self.transfers[proto] = FaultTransfer(self.transfers[proto], envs.PDBUS_FAULT_TRANSFER)
-                # decode publishes where to write (every TP rank's slice); prefill only its host
-                if self.cfg.splitwise_role != "decode":
-                    self.endpoints[proto] = {"host_id": host_id()}
-                elif self.tp_group is None:
-                    self.endpoints[proto] = engine.endpoint()
-                else:
-                    ranks = [engine.endpoint()] + [self.tp_group.endpoints[r][proto] for r in range(1, self.cfg.tensor_parallel_size)]
-                    self.endpoints[proto] = {"host_id": host_id(), "ranks": ranks}
-            except Exception as exc:
-                raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc
 
     def hello(self) -> Hello:
         return Hello(
