@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts
 
-from pdbus.testing import free_port, http_json
+from pdbus.testing import exit_rank_process, free_port, http_json
 
 PROMPTS = {0: [3, 9, 27, 81, 50, 60, 70], 1: [11, 12, 13], 2: [], 3: [40, 41, 42, 43, 44, 45, 46, 47, 48]}
 
@@ -56,7 +56,7 @@ def _ep_rank(rank: int, size: int, port: int, model_dir: str, quant: str, out: s
                 assert ep.plan(0, decode_only=decode) > 0
                 ep.idle_step()
         torch.save(results, f"{out}.{rank}")
-        _leave(ep)
+        exit_rank_process()
     else:
         with torch.inference_mode():
             torch.save({r: _run(model, cache, p) for r, p in PROMPTS.items() if p}, out)
@@ -101,15 +101,7 @@ def _plan_rank(rank: int, port: int, out: str) -> None:
     ep = EPCoordinator(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"))
     ep.graphs = SimpleNamespace(enabled=True, buckets=[1, 2, 4, 8, 16])  # what DecodeGraphs captured
     torch.save([ep.plan(*steps[rank]) for steps, _ in PLANS], f"{out}.{rank}")
-    _leave(ep)
-
-
-def _leave(ep) -> None:
-    """Leave the group together (a process exiting with live gloo threads aborts)."""
-    from pdbus.native.parallel.comm import shutdown
-
-    ep.barrier()
-    shutdown(clean=True)
+    exit_rank_process()
 
 
 def test_ep_plan_agrees_on_padded_rows(tmp_path):

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 from test_gpu_model import BF16_TOL, save_gpu_model, token_errors, tokens  # noqa: E402
 
-from pdbus.testing import free_port  # noqa: E402
+from pdbus.testing import exit_rank_process, free_port  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -98,12 +98,7 @@ def _rank(rank: int, size: int, port: int, model_dir: str, mode: str, quant: str
                 ep.idle_step()
             got = None
     torch.save({"logits": got, "graphs": graphs.enabled, "replays": graphs.replays}, f"{out}.{rank}")
-    import torch.distributed as dist
-
-    from pdbus.native.parallel.comm import shutdown
-
-    dist.barrier()  # leave together: a process exiting with live gloo threads aborts
-    shutdown(clean=True)
+    exit_rank_process()
 
 
 def _reference(_index: int, model_dir: str, quant: str, out: str) -> None:

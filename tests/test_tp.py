@@ -12,13 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts, start_pd, wait_all_blocks_free
 
-from pdbus.testing import free_port, http_json
+from pdbus.testing import exit_rank_process, free_port, http_json
 
 CFGS = ["moe_shared", "dense_hd"]
 
 
 def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out: str) -> None:
-    import torch.distributed as dist
 
     from pdbus.native.attn_meta import AttnMeta
     from pdbus.native.kv_cache import KVCache
@@ -43,8 +42,7 @@ def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out:
     second = model.compute_logits(h)
     if rank == 0:
         torch.save({"first": first, "second": second}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_rank_process()
 
 
 @pytest.fixture(scope="module")
