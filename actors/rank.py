@@ -419,8 +419,10 @@ def serve(cfg: ServeConfig) -> int:
         code = asyncio.run(server.run())
     except KeyboardInterrupt:
         return 0
-    if server.tp_group is not None and server.tp_group.dead:
-        # a broken collective may leave the engine thread stuck in C code: leave now
+    if server.tp_group is not None or getattr(server, "ep", None) is not None:
+        # process groups: a broken collective may leave the engine thread stuck in C code, and gloo
+        # threads still referenced at interpreter teardown can abort the process: leave now
         logging.shutdown()
-        os._exit(code or 1)
+        dead = server.tp_group is not None and server.tp_group.dead
+        os._exit((code or 1) if dead else code)
     return code
