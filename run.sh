@@ -53,7 +53,9 @@ ensure_env() {
   local extras="test,bench"
   if have_cuda; then extras="$extras,gpu,rdma"; else extras="$extras,rdma-cpu"; fi
   log "installing pdbus[$extras] (editable)"
-  "$PY" -m pip install -q -e ".[$extras]"
+  # setuptools warns that folders named like the packages sit in the working directory: that is
+  # the layout (module path = file path), so the warning says nothing here
+  PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e ".[$extras]"
   if have_cuda && ! "$PY" -c "import cupy" 2>/dev/null; then
     local cuda_major
     cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -1)"

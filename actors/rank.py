@@ -32,11 +32,12 @@ import uuid
 import torch
 from aiohttp import web
 
+from actors.engine.engine import Engine, EngineEvents, EngineLimits
+from actors.rank_load import RankLoader
+from actors.rank_setup import tune_cpu_runtime
+from native.parallel.comm import GroupBroken
 from pdbus import envs
 from pdbus.actor import BusMember
-from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
-from pdbus.actors.rank_load import RankLoader
-from pdbus.actors.rank_setup import tune_cpu_runtime
 from pdbus.config import ServeConfig
 from pdbus.log import get_logger
 from pdbus.messages import (
@@ -55,7 +56,6 @@ from pdbus.messages import (
     TokenOut,
     Tokens,
 )
-from pdbus.native.parallel.comm import GroupBroken
 from pdbus.sockets import BusError
 
 log = get_logger("rank")
@@ -291,7 +291,7 @@ class RankServer(RankLoader):
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
         if self.cfg.splitwise_role == "mixed":
-            from pdbus.actors.frontend.server import OpenAIServer
+            from actors.frontend.server import OpenAIServer
 
             self.local = LocalBackend(self)
             self.frontend = OpenAIServer(
@@ -305,7 +305,7 @@ class RankServer(RankLoader):
             )
             self.frontend.add_routes(app)
         else:
-            from pdbus.actors.frontend.metrics import instance_metrics_handler
+            from actors.frontend.metrics import instance_metrics_handler
 
             app.router.add_get("/metrics", instance_metrics_handler(self.stats, self.cfg.splitwise_role))
         app.router.add_get("/health", self.handle_health)
@@ -318,7 +318,7 @@ class RankServer(RankLoader):
         self.load()
         if self.cfg.splitwise_role != "mixed":
             self._make_transfers()
-        from pdbus.native.sampler import Sampler
+        from native.sampler import Sampler
 
         self.engine = Engine(
             self.runner,
@@ -382,7 +382,7 @@ class RankServer(RankLoader):
                 eng.close()
         self.kv_cache.close()
         if self.tp_group is not None or self.ep is not None:
-            from pdbus.native.parallel.comm import shutdown
+            from native.parallel.comm import shutdown
 
             shutdown(clean=self.engine.fatal is None and (self.tp_group is None or self.tp_group.dead is None))
         return self._exit_code

@@ -7,17 +7,17 @@ from __future__ import annotations
 import os
 import time
 
-from pdbus import envs
-from pdbus.actors.rank_setup import (
+from actors.rank_setup import (
     FaultSlowRunner,
     FaultTransfer,
     as_set,
     generation_eos_ids,
-    kv_blocks_for_budget,
     pick_device,
 )
+from native.kv_cache import kv_blocks_for_budget
+from native.transfer.base import host_id
+from pdbus import envs
 from pdbus.log import get_logger
-from pdbus.native.transfer.base import host_id
 
 log = get_logger("rank")
 
@@ -25,10 +25,10 @@ log = get_logger("rank")
 class RankLoader:
     # ----------------------------------------------------------------- startup
     def load(self) -> None:
-        from pdbus.native.kv_cache import KVCache
-        from pdbus.native.model.config import ErnieConfig
-        from pdbus.native.model.loader import load_model, resolve_dtype
-        from pdbus.native.runner import ModelRunner
+        from native.kv_cache import KVCache
+        from native.model.config import ErnieConfig
+        from native.model.loader import load_model, resolve_dtype
+        from native.runner import ModelRunner
 
         cfg = self.cfg
         self.device = pick_device(cfg)
@@ -42,7 +42,7 @@ class RankLoader:
         self.tp_group = None
         self.ep = None
         if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
-            from pdbus.native.parallel.ep import EPCoordinator
+            from native.parallel.ep import EPCoordinator
 
             master = os.environ.get("PDBUS_EP_MASTER")
             if not master:
@@ -63,7 +63,7 @@ class RankLoader:
                 log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", self.ep.size, self.ep.rank, *self.ep.expert_range)
             reserve = 0
             if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:
-                from pdbus.native.runner import profile_activation_peak
+                from native.runner import profile_activation_peak
 
                 reserve = profile_activation_peak(self.model, cfg, self.device)
             sharing = self.ep.comm.sharing if self.ep is not None else 1
@@ -86,20 +86,20 @@ class RankLoader:
             )
         graphs = None
         if self._decode_graphs():
-            from pdbus.native.graphs import DecodeGraphs
+            from native.graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
         if self.ep is not None:
             self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
         if self.tp_group is not None:
-            from pdbus.native.parallel.group import TPRunner
+            from native.parallel.group import TPRunner
 
             self.runner = self.tp_runner = TPRunner(self.runner, self.tp_control)
         if envs.PDBUS_FAULT_STEP_DELAY_S > 0:
             self.runner = FaultSlowRunner(self.runner, envs.PDBUS_FAULT_STEP_DELAY_S)
         if not cfg.skip_tokenizer_init:
-            from pdbus.actors.frontend.tokenizer import Tokenizer
+            from actors.frontend.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(cfg.model)
         self.eos_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else as_set(self.model_cfg.eos_token_id)
@@ -125,9 +125,9 @@ class RankLoader:
 
     def _load_tp(self, shared: bool) -> None:
         """TP > 1: spawn ranks 1..N-1, join the group, load and shard rank 0 here."""
-        from pdbus.native.parallel.group import CacheSizing, TPGroup, WorkerSpec, init_group
-        from pdbus.native.parallel.worker import build_shard
-        from pdbus.testing import free_port
+        from native.parallel.group import CacheSizing, TPGroup, WorkerSpec, init_group
+        from native.parallel.worker import build_shard
+        from pdbus.procs import free_port
 
         cfg = self.cfg
         spec = WorkerSpec(
@@ -153,15 +153,15 @@ class RankLoader:
         self.tp_group.wait_ready()
 
     def _make_transfers(self) -> None:
-        from pdbus.native.transfer.base import create_transfer_engine
+        from native.transfer.base import create_transfer_engine
 
         host = self.cfg.transfer_host or self.cfg.host
         for proto in self.cfg.cache_transfer_protocol:
             try:
                 self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
                 if self.cfg.splitwise_role == "prefill":
-                    from pdbus.native.parallel.group import TPTransfer
-                    from pdbus.native.parallel.tp import HeadSplit
+                    from native.parallel.group import TPTransfer
+                    from native.parallel.tp import HeadSplit
 
                     mc = self.model_cfg
                     split = self.tp_split if self.tp_group is not None else HeadSplit(0, 1, mc.num_attention_heads, mc.num_key_value_heads)

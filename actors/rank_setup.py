@@ -15,44 +15,6 @@ def pick_device(cfg: ServeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def kv_blocks_for_budget(
-    cfg: ServeConfig,
-    model_cfg,
-    kv_heads: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    reserve_bytes: int = 0,
-    sharing: int = 1,
-) -> int:
-    """KV blocks for this rank; ``sharing`` ranks of one group sizing their caches on one GPU at
-    once (weights all loaded) split what is left after every rank's activation reserve."""
-    from pdbus.native.kv_cache import bytes_per_token
-
-    needed = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size + 1
-    if cfg.num_gpu_blocks_override:
-        if cfg.num_gpu_blocks_override < needed:
-            raise RuntimeError(
-                f"--num-gpu-blocks-override {cfg.num_gpu_blocks_override} is fewer than the {needed} blocks one "
-                f"--max-model-len {cfg.max_model_len} sequence needs"
-            )
-        return cfg.num_gpu_blocks_override
-    per_block = bytes_per_token(model_cfg.num_hidden_layers, kv_heads, model_cfg.head_dim, dtype)
-    per_block *= cfg.block_size
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # activations (profiled) of every rank on this GPU, then this rank's share
-        budget = (free - (1 - cfg.gpu_memory_utilization) * total - sharing * reserve_bytes) / sharing
-    else:
-        budget = cfg.kv_cache_memory_gb * (1 << 30)
-    blocks = int(budget // per_block)
-    if blocks < needed:
-        raise RuntimeError(
-            f"KV cache budget holds {blocks} blocks, one max-length sequence needs {needed}: "
-            "raise --kv-cache-memory-gb / --gpu-memory-utilization or lower --max-model-len"
-        )
-    return blocks
-
-
 class FaultSlowRunner:
     """Fault injection (tests): every step takes ``delay`` longer."""
 
@@ -74,7 +36,7 @@ class FaultTransfer:
         return getattr(self.inner, name)
 
     def commit(self, req_id: str, peer_id: str):
-        from pdbus.native.transfer.base import TransferHandle
+        from native.transfer.base import TransferHandle
 
         handle = TransferHandle(req_id)
         self.inner.abort(req_id)

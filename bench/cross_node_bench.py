@@ -46,7 +46,7 @@ PROMPT_LEN = 2048
 def _cache(num_blocks: int):
     import torch
 
-    from pdbus.native.kv_cache import KVCache
+    from native.kv_cache import KVCache
 
     return KVCache(LAYERS, num_blocks, KV_HEADS, BLOCK, HEAD_DIM, torch.bfloat16, "cpu", False)
 
@@ -74,7 +74,7 @@ def role_recv(protocol: str, host: str) -> None:
                             return
                         got += n
                     conn.sendall(b"k")
-    from pdbus.native.transfer.base import create_transfer_engine
+    from native.transfer.base import create_transfer_engine
 
     cache = _cache(2 * BLOCKS)
     kwargs = {"use_tcp": True} if protocol == "rdma" else {}
@@ -104,7 +104,7 @@ def role_send(protocol: str, endpoint: dict, reps: int) -> None:
         return
     import torch
 
-    from pdbus.native.transfer.base import WriteOp, create_transfer_engine
+    from native.transfer.base import WriteOp, create_transfer_engine
 
     cache = _cache(BLOCKS)
     cache.buffer.copy_(torch.randn(cache.shape))
@@ -232,7 +232,7 @@ def _prompts(reps: int) -> list[list[int]]:
 
 def one_host(stack, model: str, protocol: str, workdir: Path):
     """Router, prefill and decode on loopback; returns a function timing one prompt."""
-    from pdbus.testing import Cluster, http_json
+    from pdbus.procs import Cluster, http_json
 
     c = stack.enter_context(Cluster(workdir / f"one-{protocol}"))
     router = c.router()
@@ -247,7 +247,7 @@ def one_host(stack, model: str, protocol: str, workdir: Path):
 def two_hosts(stack, pair, model: str, protocol: str, workdir: Path, port_base: int):
     """Router and prefill in A, decode in B; returns a function timing one prompt from inside A."""
     from pdbus.netns import TwoHosts
-    from pdbus.testing import http_json
+    from pdbus.procs import http_json
 
     mooncake = protocol == "rdma-tcp"
     args = [*SERVE, "--cache-transfer-protocol", "rdma" if mooncake else protocol]

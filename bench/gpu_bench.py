@@ -24,9 +24,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from pdbus.native import kernels as KN
+from native import kernels as KN
 
-KW = importlib.import_module("pdbus.native.kernels.wlinear")
+KW = importlib.import_module("native.kernels.wlinear")
 
 # ERNIE-4.5-21B-A3B
 LAYERS, HID, NH, KVH, HD = 28, 2560, 20, 4, 128

@@ -40,9 +40,9 @@ BLOCK, CTX = 16, 1024
 
 
 def _build(layers: int, quant: str, device: torch.device):
-    from pdbus.native.model.config import ErnieConfig
-    from pdbus.native.model.ernie import ErnieForCausalLM
-    from pdbus.native.model.quant import quantize_model
+    from native.model.config import ErnieConfig
+    from native.model.ernie import ErnieForCausalLM
+    from native.model.quant import quantize_model
 
     cfg = ErnieConfig.from_dict(dict(CFG, num_hidden_layers=layers, moe_layer_end_index=layers - 1))
     torch.manual_seed(0)
@@ -69,10 +69,10 @@ def _time_steps(runner, ep, batch: int, iters: int) -> float:
 
 
 def _rank(rank: int, args, port: int, out: str) -> None:
-    from pdbus.native.graphs import DecodeGraphs
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.parallel.ep import EPCoordinator
-    from pdbus.native.runner import ModelRunner
+    from native.graphs import DecodeGraphs
+    from native.kv_cache import KVCache
+    from native.parallel.ep import EPCoordinator
+    from native.runner import ModelRunner
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -112,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     if torch.cuda.device_count() < args.ranks:
         raise SystemExit(f"--ranks {args.ranks} needs {args.ranks} GPUs, {torch.cuda.device_count()} here")
-    from pdbus.testing import free_port
+    from pdbus.procs import free_port
 
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "parallel_rank")

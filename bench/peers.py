@@ -178,10 +178,10 @@ PDBUS_COMMON = ["--skip-tokenizer-init", "--dtype", "float32", "--max-model-len"
 
 
 class Systems:
-    """Starts servers one group at a time in a ``pdbus.testing.Cluster`` (own logs, clean teardown)."""
+    """Starts servers one group at a time in a ``pdbus.procs.Cluster`` (own logs, clean teardown)."""
 
     def __init__(self, workdir: str | os.PathLike):
-        from pdbus.testing import Cluster
+        from pdbus.procs import Cluster
 
         self.workdir = Path(workdir)
         self.cluster = Cluster(self.workdir / "procs")
@@ -196,7 +196,7 @@ class Systems:
         return server.url
 
     def pdbus_pd(self, model: str, protocol: str, threads: int, extra: tuple[str, ...] = ()) -> str:
-        from pdbus.testing import http_json
+        from pdbus.procs import http_json
 
         env = {"PDBUS_TORCH_THREADS": str(threads)}
         router = self.cluster.router()
@@ -226,7 +226,7 @@ class Systems:
     def vllm_server(
         self, model: str, venv: str | os.PathLike = DEFAULT_VLLM_VENV, timeout: float = 240.0
     ) -> str:
-        from pdbus.testing import free_port, http_json
+        from pdbus.procs import free_port, http_json
 
         python = Path(venv) / "bin" / "python"
         if not python.exists():

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.transfer.base import ResolvedOp, WriteOp, copy_blocks, create_transfer_engine
+from native.kv_cache import KVCache
+from native.transfer.base import ResolvedOp, WriteOp, copy_blocks, create_transfer_engine
 
 
 @dataclass(frozen=True)

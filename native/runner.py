@@ -2,7 +2,7 @@
 
 It knows nothing of requests: each entry of a step is (tokens to compute, position of the first
 of them, block table). Rows listed in ``sample_rows`` get the logits of their last token.
-On a GPU, decode-only steps replay CUDA graphs (pdbus.native.graphs) when enabled.
+On a GPU, decode-only steps replay CUDA graphs (native.graphs) when enabled.
 :func:`profile_activation_peak` measures what a step needs beyond the weights and the KV cache,
 so that the cache can be sized from ``--gpu-memory-utilization``.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from pdbus.native.attn_meta import AttnMeta
-from pdbus.native.kv_cache import KVCache
+from native.attn_meta import AttnMeta
+from native.kv_cache import KVCache
 
 
 class ModelRunner:

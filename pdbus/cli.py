@@ -1,7 +1,7 @@
 """``pdbus router | serve | multi-serve | client | keygen`` (FastDeploy's flag names).
 
 Each command imports its actor inside the function that starts it: the one place where the
-bus layer reaches up into ``pdbus.actors``.
+bus layer reaches up into ``actors``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def router_main(argv: list[str] | None = None) -> int:
         cfg = router_config_from_args(args)
     except ConfigError as exc:
         return _fail(str(exc))
-    from pdbus.actors.router.server import serve_router
+    from actors.router.server import serve_router
 
     return serve_router(cfg)
 
@@ -42,7 +42,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         cfg = serve_config_from_args(args)
     except ConfigError as exc:
         return _fail(str(exc))
-    from pdbus.actors.rank import serve
+    from actors.rank import serve
 
     try:
         return serve(cfg)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pdbus.config import ConfigError, load_toml
-from pdbus.testing import http_json
+from pdbus.procs import http_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

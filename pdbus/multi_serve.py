@@ -57,7 +57,7 @@ def plan(ports: list[int], num_servers: int, child_args: list[str], visible: str
         )
     ep_master = None
     if "--enable-expert-parallel" in child_args:
-        from pdbus.testing import free_port
+        from pdbus.procs import free_port
 
         ep_master = f"127.0.0.1:{free_port()}"  # rendezvous of the EP group (all ranks on this host)
     out = []

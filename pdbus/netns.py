@@ -322,7 +322,7 @@ class TwoHosts:
     def __init__(self, pair: NetnsPair, workdir: str | os.PathLike, env: dict | None = None, python: str | None = None):
         import sys
 
-        from pdbus.testing import Cluster
+        from pdbus.procs import Cluster
 
         self.pair = pair
         workdir = Path(workdir)

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _wait_health(pair, launcher, url: str, timeout: float) -> bool:
     """Poll the router's /health from a thread inside host A (the address lives only there)."""
-    from pdbus.testing import http_json
+    from pdbus.procs import http_json
 
     def probe() -> bool:
         try:

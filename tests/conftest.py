@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from pdbus.testing import Cluster  # noqa: E402
+from pdbus.procs import Cluster  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

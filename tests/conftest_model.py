@@ -11,8 +11,8 @@ import random
 
 import torch
 
-from pdbus.native.attn_meta import AttnMeta
-from pdbus.native.kv_cache import KVCache
+from native.attn_meta import AttnMeta
+from native.kv_cache import KVCache
 
 _BASE = dict(
     vocab_size=96,

@@ -3,7 +3,7 @@
 Token-id prompts run on the tiny random checkpoint (no tokenizer, ``--skip-tokenizer-init``);
 text and chat run on the project's default model once it carries a tokenizer. Requests go
 through the official ``openai`` client, raw HTTP (urllib, aiohttp, a bare socket) and ``curl``.
-Every wait is bounded; the processes are torn down by ``pdbus.testing.Cluster``.
+Every wait is bounded; the processes are torn down by ``pdbus.procs.Cluster``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import aiohttp
 import openai
 import pytest
 
-from pdbus.testing import Cluster, http_json
+from pdbus.procs import Cluster, http_json
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 128

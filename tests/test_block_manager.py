@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdbus.actors.engine.block_manager import BlockManager, NoFreeBlocks
+from actors.engine.block_manager import BlockManager, NoFreeBlocks
 
 NUM_BLOCKS = 10
 BLOCK_SIZE = 4

@@ -22,8 +22,8 @@ from pdbus.config import (
     router_config_from_args,
     serve_config_from_args,
 )
+from pdbus.procs import free_port
 from pdbus.security import load_key_file
-from pdbus.testing import free_port
 
 ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
 

@@ -26,8 +26,8 @@ import pytest
 from test_pd import COMMON, complete, prompts
 
 from pdbus.netns import NetnsError, NetnsPair, TwoHosts, unsupported
+from pdbus.procs import http_json
 from pdbus.security import generate_key_file
-from pdbus.testing import http_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -67,7 +67,7 @@ def hosts(pair, tmp_path):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
     """Mixed role on one host (loopback), each prompt alone, greedy."""
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("mixed")) as c:
         server = c.serve(tiny_model_dir, "mixed", None, *COMMON)

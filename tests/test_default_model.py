@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pdbus.actors.frontend.tokenizer import Tokenizer
-from pdbus.native.model.config import ErnieConfig
-from pdbus.native.model.loader import load_model
+from actors.frontend.tokenizer import Tokenizer
+from native.model.config import ErnieConfig
+from native.model.loader import load_model
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native", "default_model")
 SELF_INTRO = "你好，请介绍一下自己。"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from test_pd import start_pd
 
-from pdbus.testing import http_json
+from pdbus.procs import http_json
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-from pdbus.actors.engine.engine import Engine, EngineEvents, EngineLimits
+from actors.engine.engine import Engine, EngineEvents, EngineLimits
+from native.kv_cache import KVCache
+from native.runner import ModelRunner
+from native.sampler import Sampler
 from pdbus.messages import Destination, SamplingParams, TokenOut
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.runner import ModelRunner
-from pdbus.native.sampler import Sampler
 
 BLOCK_SIZE = 8
 PROMPT_LENS = (1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 2)
@@ -37,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from pdbus.native.model.loader import load_model
+    from native.model.loader import load_model
 
     m, _ = load_model(tiny_model_dir, dtype="float32", device="cpu")
     return m.eval()
@@ -402,7 +402,7 @@ def _layer_kv(cache: KVCache, table: list[int], num_tokens: int) -> list[torch.T
 
 @pytest.mark.parametrize("budget", [256, 7])
 def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, budget):
-    from pdbus.native.transfer.shm import ShmTransfer
+    from native.transfer.shm import ShmTransfer
 
     cfg = model.cfg
     prompt = prompts[4]
@@ -531,7 +531,7 @@ def test_a_stalled_engine_waits_instead_of_spinning(model, prompts, reference):
 
 
 def test_a_bad_destination_fails_only_its_own_prefill(model, prompts, reference):
-    from pdbus.native.transfer.shm import ShmTransfer
+    from native.transfer.shm import ShmTransfer
 
     cfg = model.cfg
     cache = KVCache(cfg.num_hidden_layers, 32, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)

@@ -10,14 +10,15 @@ import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts
 
-from pdbus.testing import exit_rank_process, free_port, http_json
+from pdbus.procs import free_port, http_json
+from pdbus.testing import exit_rank_process
 
 PROMPTS = {0: [3, 9, 27, 81, 50, 60, 70], 1: [11, 12, 13], 2: [], 3: [40, 41, 42, 43, 44, 45, 46, 47, 48]}
 
 
 def _run(model, cache, ids, bs=4, ep=None):
     """Prefill ``ids``, then decode one token (under EP each step is planned with the others)."""
-    from pdbus.native.attn_meta import AttnMeta
+    from native.attn_meta import AttnMeta
 
     n = len(ids)
     table = list(range((n + 1 + bs - 1) // bs + 1))
@@ -34,9 +35,9 @@ def _run(model, cache, ids, bs=4, ep=None):
 
 
 def _ep_rank(rank: int, size: int, port: int, model_dir: str, quant: str, out: str) -> None:
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.model.loader import load_model
-    from pdbus.native.parallel.ep import EPCoordinator
+    from native.kv_cache import KVCache
+    from native.model.loader import load_model
+    from native.parallel.ep import EPCoordinator
 
     torch.set_num_threads(1)
     model, cfg = load_model(model_dir, dtype="float32", quantization=quant)
@@ -96,7 +97,7 @@ PLANS = [
 def _plan_rank(rank: int, port: int, out: str) -> None:
     from types import SimpleNamespace
 
-    from pdbus.native.parallel.ep import EPCoordinator
+    from native.parallel.ep import EPCoordinator
 
     ep = EPCoordinator(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"))
     ep.graphs = SimpleNamespace(enabled=True, buckets=[1, 2, 4, 8, 16])  # what DecodeGraphs captured

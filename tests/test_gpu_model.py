@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import save_hf  # noqa: E402
 
-from pdbus.native.kv_cache import KVCache  # noqa: E402
-from pdbus.native.model.loader import load_model  # noqa: E402
+from native.kv_cache import KVCache  # noqa: E402
+from native.model.loader import load_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -150,7 +150,7 @@ class Stepper:
     """
 
     def __init__(self, model, num_blocks: int = 64, seed: int = 0):
-        from pdbus.native.attn_meta import AttnMeta
+        from native.attn_meta import AttnMeta
 
         self._meta = AttnMeta.build
         cfg = model.cfg
@@ -273,8 +273,8 @@ def _greedy_runs(model, runner, prompts: list[list[int]], tables: list[list[int]
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager(tmp_path):
-    from pdbus.native.graphs import DecodeGraphs, batch_buckets
-    from pdbus.native.runner import ModelRunner
+    from native.graphs import DecodeGraphs, batch_buckets
+    from native.runner import ModelRunner
 
     path = save_gpu_model("moe_shared_hd64", str(tmp_path), seed=7)
     model = load(path)
@@ -402,7 +402,7 @@ def test_decode_rows_do_not_depend_on_the_batch(checkpoints):
 
 @pytest.mark.skipif(DEV != "cuda", reason="measures CUDA memory")
 def test_profile_activation_peak(checkpoints):
-    from pdbus.native.runner import profile_activation_peak
+    from native.runner import profile_activation_peak
 
     _, path = checkpoints("moe_shared_hd64")
     model = load(path)

@@ -51,7 +51,7 @@ def mixed_reference(gpu_model_dir, tmp_path_factory):
     """The mixed role (decode CUDA graphs on), each prompt alone, greedy."""
     from test_pd import COMMON
 
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("gpu-mixed")) as c:
         server = c.serve(gpu_model_dir, "mixed", None, *COMMON, *GPU_ARGS)
@@ -100,7 +100,7 @@ def mixed_tp2_reference(gpu_model_dir, tmp_path_factory):
     """A mixed TP2 instance on the one GPU (both ranks on it: gloo collectives, eager decode)."""
     from test_pd import COMMON
 
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("gpu-mixed-tp2")) as c:
         server = c.serve(gpu_model_dir, "mixed", None, *COMMON, *GPU_ARGS, "--tensor-parallel-size", "2")
@@ -148,7 +148,7 @@ def test_gpu_ep2_multi_serve_shares_gpu_memory(cluster, gpu_model_dir):
     --gpu-memory-utilization and both serve (expert outputs are checked in test_parallel_gpu)."""
     from test_pd import COMMON
 
-    from pdbus.testing import free_port, http_json
+    from pdbus.procs import free_port, http_json
 
     before = _gpu_used_share()
     ports = [free_port(), free_port()]
@@ -176,7 +176,7 @@ def test_gpu_pd_tp2_on_two_gpus_with_graphs(cluster, gpu_model_dir, tmp_path):
     import torch
     from test_pd import COMMON
 
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} here")

@@ -25,7 +25,7 @@ if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from pdbus.native import kernels as K  # noqa: E402
+from native import kernels as K  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -375,7 +375,7 @@ def test_quant_round_trip_exact(bits):
 
 
 def test_quant_matches_model_quantizer():
-    quant = pytest.importorskip("pdbus.native.model.quant")
+    quant = pytest.importorskip("native.model.quant")
     w = randn(48, 128, scale=0.05)
     q4, s4, p4 = ref_quant(w, 4)
     mq, ms = quant.quantize_int4(w)

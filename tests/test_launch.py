@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pdbus.testing import free_port, http_json
+from pdbus.procs import free_port, http_json
 
 pytestmark = pytest.mark.slow
 

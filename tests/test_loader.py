@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import PagedRunner, build_hf, edit_config, save_hf  # noqa: E402
 
-from pdbus.native.model.config import ConfigError, ErnieConfig  # noqa: E402
-from pdbus.native.model.export import save_paddle, save_pt  # noqa: E402
-from pdbus.native.model.loader import LoadError, load_model  # noqa: E402
+from native.model.config import ConfigError, ErnieConfig  # noqa: E402
+from native.model.export import save_paddle, save_pt  # noqa: E402
+from native.model.loader import LoadError, load_model  # noqa: E402
 
 IDS = [5, 17, 33, 8, 91, 4, 60, 23, 11, 77, 3]
 

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import TINY_CONFIGS, PagedRunner, build_hf, greedy_paged, rel_err, save_hf  # noqa: E402
 
-from pdbus.native.attention import store_kv  # noqa: E402
-from pdbus.native.model.loader import load_model  # noqa: E402
+from native.attention import store_kv  # noqa: E402
+from native.model.loader import load_model  # noqa: E402
 
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
@@ -164,7 +164,7 @@ def test_forward_train_matches_hf(models, name):
 
 
 def test_forward_train_is_differentiable(models):
-    from pdbus.native.model.ernie import ErnieForCausalLM
+    from native.model.ernie import ErnieForCausalLM
 
     _, loaded, _ = models("moe_shared")
     model = ErnieForCausalLM(loaded.cfg, dtype=torch.float32)
@@ -189,7 +189,7 @@ def test_store_kv_skips_padding_slots():
 @pytest.mark.parametrize("name", ["moe_shared", "moe_noshared_start2"])
 def test_sparse_moe_path_matches_hf(models, name, monkeypatch):
     """Force the per-expert loop (large steps take it) and check it against transformers."""
-    import pdbus.native.model.ernie as ernie
+    import native.model.ernie as ernie
 
     hf, model, _ = models(name)
     monkeypatch.setattr(ernie, "DENSE_MOE_MACS", 0)

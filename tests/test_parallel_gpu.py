@@ -29,7 +29,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 from test_gpu_model import BF16_TOL, save_gpu_model, token_errors, tokens  # noqa: E402
 
-from pdbus.testing import exit_rank_process, free_port  # noqa: E402
+from pdbus.procs import free_port  # noqa: E402
+from pdbus.testing import exit_rank_process  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -60,13 +61,13 @@ def _drive(runner, prompts: list[list[int]], ep=None) -> torch.Tensor:
 
 
 def _rank(rank: int, size: int, port: int, model_dir: str, mode: str, quant: str, gpus: str, out: str) -> None:
-    from pdbus.native.graphs import DecodeGraphs
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.model.loader import load_model
-    from pdbus.native.parallel.comm import init_groups
-    from pdbus.native.parallel.ep import EPCoordinator
-    from pdbus.native.parallel.tp import shard_model_
-    from pdbus.native.runner import ModelRunner
+    from native.graphs import DecodeGraphs
+    from native.kv_cache import KVCache
+    from native.model.loader import load_model
+    from native.parallel.comm import init_groups
+    from native.parallel.ep import EPCoordinator
+    from native.parallel.tp import shard_model_
+    from native.runner import ModelRunner
 
     device = torch.device("cuda", rank if gpus == "own" else 0)
     torch.cuda.set_device(device)
@@ -102,9 +103,9 @@ def _rank(rank: int, size: int, port: int, model_dir: str, mode: str, quant: str
 
 
 def _reference(_index: int, model_dir: str, quant: str, out: str) -> None:
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.model.loader import load_model
-    from pdbus.native.runner import ModelRunner
+    from native.kv_cache import KVCache
+    from native.model.loader import load_model
+    from native.runner import ModelRunner
 
     model, cfg = load_model(model_dir, dtype="bfloat16", quantization=quant, device="cuda")
     refs = {}
@@ -181,8 +182,8 @@ def check_parallel(what: str, got: torch.Tensor, ref: torch.Tensor, mode: str) -
 
 @pytest.mark.parametrize("quant", ["bf16", "wint4"])
 def test_fused_moe_expert_halves_sum_to_whole(quant):
-    from pdbus.native import kernels as K
-    from pdbus.native.model.quant import quantize_weight
+    from native import kernels as K
+    from native.model.quant import quantize_weight
 
     torch.manual_seed(0)
     T, H, inter, E, k = 24, 256, 128, 8, 2

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pdbus.testing import http_json
+from pdbus.procs import http_json
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def start_pd(cluster, model, protocol: str, *extra_router: str, prefills: int = 
 @pytest.fixture(scope="module")
 def mixed_outputs(tiny_model_dir, tmp_path_factory):
     """Reference: the mixed role, each prompt alone, greedy."""
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("mixed")) as c:
         server = c.serve(tiny_model_dir, "mixed", None, *COMMON)

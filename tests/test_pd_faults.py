@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from test_pd import COMMON, complete, start_pd, wait_all_blocks_free
 
-from pdbus.testing import free_port, http_json
+from pdbus.procs import free_port, http_json
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ PROMPT = [(5 * j) % 90 + 3 for j in range(37)]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("mixed")) as c:
         server = c.serve(tiny_model_dir, "mixed", None, *COMMON)

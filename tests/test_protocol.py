@@ -4,7 +4,7 @@ import openai.types as oa
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from pdbus.actors.frontend import protocol as p
+from actors.frontend import protocol as p
 from pdbus.messages import FinishReason
 
 MODELS = ["ernie", "other"]

@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import PagedRunner, build_hf, rel_err, save_hf  # noqa: E402
 
-from pdbus.native.model.ernie import Experts  # noqa: E402
-from pdbus.native.model.export import save_pt  # noqa: E402
-from pdbus.native.model.loader import load_model  # noqa: E402
-from pdbus.native.model.quant import (  # noqa: E402
+from native.model.ernie import Experts  # noqa: E402
+from native.model.export import save_pt  # noqa: E402
+from native.model.loader import load_model  # noqa: E402
+from native.model.quant import (  # noqa: E402
     QuantExperts,
     WeightOnlyLinear,
     dequantize_int4,

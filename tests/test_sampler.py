@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
+from native.sampler import Sampler, hash64
 from pdbus.messages import SamplingParams
-from pdbus.native.sampler import Sampler, hash64
 
 V = 64
 

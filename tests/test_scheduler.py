@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from pdbus.actors.engine.block_manager import BlockManager
-from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
-from pdbus.actors.engine.sequence import Sequence, Status
+from actors.engine.block_manager import BlockManager
+from actors.engine.scheduler import ScheduledSeq, Scheduler
+from actors.engine.sequence import Sequence, Status
 from pdbus.messages import SamplingParams
 
 

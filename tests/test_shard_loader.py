@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest_model import TINY_CONFIGS  # noqa: E402
 
-from pdbus.native.model import loader  # noqa: E402
-from pdbus.native.model.config import ErnieConfig  # noqa: E402
-from pdbus.native.model.ernie import ErnieForCausalLM  # noqa: E402
-from pdbus.native.model.export import save_paddle, save_pt  # noqa: E402
-from pdbus.native.model.loader import LoadError, load_model  # noqa: E402
-from pdbus.native.parallel.ep import shard_experts_  # noqa: E402
-from pdbus.native.parallel.tp import shard_model_  # noqa: E402
+from native.model import loader  # noqa: E402
+from native.model.config import ErnieConfig  # noqa: E402
+from native.model.ernie import ErnieForCausalLM  # noqa: E402
+from native.model.export import save_paddle, save_pt  # noqa: E402
+from native.model.loader import LoadError, load_model  # noqa: E402
+from native.parallel.ep import shard_experts_  # noqa: E402
+from native.parallel.tp import shard_model_  # noqa: E402
 
 # the existing tiny configs; experts raised to a multiple of 4 so that they split over EP2 and EP4
 # (heads, KV heads, intermediate sizes and vocab already split over TP2 and TP4; moe_shared has

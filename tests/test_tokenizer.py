@@ -6,7 +6,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from pdbus.actors.frontend.tokenizer import (
+from actors.frontend.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     TokenizerError,

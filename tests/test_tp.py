@@ -12,18 +12,19 @@ import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts, start_pd, wait_all_blocks_free
 
-from pdbus.testing import exit_rank_process, free_port, http_json
+from pdbus.procs import free_port, http_json
+from pdbus.testing import exit_rank_process
 
 CFGS = ["moe_shared", "dense_hd"]
 
 
 def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out: str) -> None:
 
-    from pdbus.native.attn_meta import AttnMeta
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.model.loader import load_model
-    from pdbus.native.parallel.comm import init_groups
-    from pdbus.native.parallel.tp import shard_model_
+    from native.attn_meta import AttnMeta
+    from native.kv_cache import KVCache
+    from native.model.loader import load_model
+    from native.parallel.comm import init_groups
+    from native.parallel.tp import shard_model_
 
     torch.set_num_threads(1)
     comm, _ = init_groups(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu"), "TP")
@@ -72,7 +73,7 @@ def test_tp_logits_equal_tp1(model_dirs, tmp_path, name, size, quant):
 
 @pytest.fixture(scope="module")
 def mixed_ref(tiny_model_dir, tmp_path_factory):
-    from pdbus.testing import Cluster
+    from pdbus.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("mixed")) as c:
         s = c.serve(tiny_model_dir, "mixed", None, *COMMON, "--dtype", "float32")
@@ -115,7 +116,7 @@ def test_dead_tp_worker_takes_instance_down(cluster, tiny_model_dir):
     decode = next(p for p in cluster.procs if p.name == "decode")
     import subprocess
 
-    out = subprocess.run(["pgrep", "-f", "pdbus.native.parallel.worker"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-f", "native.parallel.worker"], capture_output=True, text=True).stdout.split()
     children = [int(pid) for pid in out if _parent(int(pid)) == decode.popen.pid]
     assert children, "the decode instance should have a TP worker process"
     os.kill(children[0], signal.SIGKILL)

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.transfer.base import TransferError, WriteOp, create_transfer_engine
+from native.kv_cache import KVCache
+from native.transfer.base import TransferError, WriteOp, create_transfer_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -355,7 +355,7 @@ def test_tcp_receiver_validates_what_arrives():
     """A crafted write outside the cache is read and dropped, and its commit is refused."""
     import numpy as np
 
-    from pdbus.native.transfer import tcp
+    from native.transfer import tcp
 
     cache = make_cache(4)
     rx = engine("tcp", cache)
@@ -429,7 +429,7 @@ def test_unknown_protocol_is_refused():
 
 
 def test_rdma_without_a_nic_is_one_clear_error(monkeypatch, tmp_path):
-    from pdbus.native.transfer import mooncake
+    from native.transfer import mooncake
 
     monkeypatch.setattr(mooncake, "_IB_SYSFS", str(tmp_path / "no-infiniband"))
     monkeypatch.delenv("PDBUS_MOONCAKE_TCP", raising=False)

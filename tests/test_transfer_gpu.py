@@ -12,8 +12,8 @@ import threading
 import pytest
 import torch
 
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.transfer.base import TransferError, WriteOp, create_transfer_engine
+from native.kv_cache import KVCache
+from native.transfer.base import TransferError, WriteOp, create_transfer_engine
 
 pytestmark = [
     pytest.mark.gpu,

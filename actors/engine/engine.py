@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdbus.actors.engine.block_manager import BlockManager
-from pdbus.actors.engine.scheduler import ScheduledSeq, Scheduler
-from pdbus.actors.engine.sequence import Sequence, Status
+from actors.engine.block_manager import BlockManager
+from actors.engine.scheduler import ScheduledSeq, Scheduler
+from actors.engine.sequence import Sequence, Status
+from native.parallel.comm import GroupBroken
 from pdbus.log import get_logger
 from pdbus.messages import Destination, FinishReason, SamplingParams, TokenLogprob, TokenOut
-from pdbus.native.parallel.comm import GroupBroken
 
 
 class EngineEvents:
@@ -55,8 +55,8 @@ class EngineLimits:
 class Engine:
     def __init__(
         self,
-        runner,  # pdbus.native.runner.ModelRunner
-        sampler,  # pdbus.native.sampler.Sampler
+        runner,  # native.runner.ModelRunner
+        sampler,  # native.sampler.Sampler
         events: EngineEvents,
         limits: EngineLimits,
         eos_token_ids: set[int],
@@ -247,7 +247,7 @@ class Engine:
         need = self.blocks.blocks_for(seq.num_tokens)
         if need > len(dest.block_ids):
             return f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {need}"
-        from pdbus.native.transfer.base import TransferError
+        from native.transfer.base import TransferError
 
         try:
             engine.open_peer(dest.instance_id, dest.endpoint)
@@ -423,7 +423,7 @@ class Engine:
         its layers complete; a request whose destination is unusable is returned, not raised, and a
         write that fails mid-step is recorded (the request fails at commit), never raised inside
         the forward, which other ranks may be running in lockstep."""
-        from pdbus.native.transfer.base import TransferError, WriteOp
+        from native.transfer.base import TransferError, WriteOp
 
         plans, dropped = [], []
         for s in finishing:

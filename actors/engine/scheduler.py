@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pdbus.actors.engine.block_manager import BlockManager
-from pdbus.actors.engine.sequence import Sequence, Status
+from actors.engine.block_manager import BlockManager
+from actors.engine.sequence import Sequence, Status
 
 
 @dataclass

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from pdbus.actors.frontend import protocol as P
-from pdbus.actors.frontend.metrics import FrontendMetrics
-from pdbus.actors.frontend.tokenizer import IncrementalDetokenizer
+from actors.frontend import protocol as P
+from actors.frontend.metrics import FrontendMetrics
+from actors.frontend.tokenizer import IncrementalDetokenizer
 from pdbus.log import get_logger
 from pdbus.messages import TokenOut
 

@@ -25,8 +25,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from actors.frontend.server import BackendUnavailable, RequestRejected
 from pdbus.actor import Peer
-from pdbus.actors.frontend.server import BackendUnavailable, RequestRejected
 from pdbus.log import get_logger
 from pdbus.messages import (
     Abort,

@@ -21,9 +21,9 @@ import uuid
 import zmq.asyncio
 from aiohttp import web
 
+from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
+from actors.router.pd import PDBackend
 from pdbus.actor import BusServer, Peer
-from pdbus.actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
-from pdbus.actors.router.pd import PDBackend
 from pdbus.config import RouterConfig
 from pdbus.log import get_logger
 from pdbus.messages import Busy, Failed, Generate, Hello, Prefilled, Reserved, TextOut, Tokens
@@ -136,7 +136,7 @@ class RouterServer:
         if self.frontend is None:
             tokenizer = None
             if peer.files:
-                from pdbus.actors.frontend.tokenizer import Tokenizer
+                from actors.frontend.tokenizer import Tokenizer
 
                 try:
                     tokenizer = Tokenizer.from_files(peer.files)
@@ -148,7 +148,7 @@ class RouterServer:
         else:
             self.frontend.max_model_len = min(self.frontend.max_model_len, hello.max_model_len)
             if self.frontend.tokenizer is None and peer.files:
-                from pdbus.actors.frontend.tokenizer import Tokenizer
+                from actors.frontend.tokenizer import Tokenizer
 
                 with contextlib.suppress(Exception):
                     self.frontend.tokenizer = Tokenizer.from_files(peer.files)
@@ -226,7 +226,7 @@ class RouterServer:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         if self.frontend is None:
-            from pdbus.actors.frontend.metrics import FrontendMetrics
+            from actors.frontend.metrics import FrontendMetrics
 
             body, ctype = FrontendMetrics().render(self.stats())
         else:
@@ -282,7 +282,7 @@ class RouterServer:
             log.warning("bus client %s unreachable: %s", ident.decode(errors="replace"), exc)
 
     async def _client_run(self, ident: bytes, msg: Generate) -> None:
-        from pdbus.actors.frontend.tokenizer import IncrementalDetokenizer
+        from actors.frontend.tokenizer import IncrementalDetokenizer
 
         fe = self.frontend
         sub_id = f"bus-{msg.req_id}-{uuid.uuid4().hex[:6]}"

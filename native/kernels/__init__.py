@@ -11,7 +11,7 @@ ValueError):
 * moe:       ``fused_moe``, ``moe_route``, ``moe_align``, ``moe_gemm``, ``moe_combine``
 
 The package attribute ``wlinear`` is the function; the module is
-``importlib.import_module("pdbus.native.kernels.wlinear")``.
+``importlib.import_module("native.kernels.wlinear")``.
 """
 
 from __future__ import annotations
@@ -60,5 +60,5 @@ else:
 
     def __getattr__(name: str):
         if name in _EXPORTS:
-            raise ImportError(f"pdbus.native.kernels.{name} needs Triton (and a CUDA GPU)")
+            raise ImportError(f"native.kernels.{name} needs Triton (and a CUDA GPU)")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

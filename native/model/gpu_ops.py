@@ -1,4 +1,4 @@
-"""ErnieForCausalLM on the Triton kernels (pdbus.native.kernels): the GPU dispatch layer.
+"""ErnieForCausalLM on the Triton kernels (native.kernels): the GPU dispatch layer.
 
 ``ErnieForCausalLM.forward`` hands a step here when its weights are CUDA bf16 and the KV cache
 suits the kernels (:func:`kernels_supported`); the CPU path in ernie.py stays the reference.
@@ -18,7 +18,7 @@ On NCCL these collectives are captured in the decode graphs with the rest.
 bf16 linears are torch matmuls; weight-only int8 / int4 linears and experts run the kernels on
 the formats native/model/quant.py stores (no second copy). A decode step (every query length 1)
 reads only tensors of the AttnMeta and static shapes, never a host value, so it can be captured
-in a CUDA graph (pdbus.native.graphs).
+in a CUDA graph (native.graphs).
 
 Decode attention splits each context into partitions of a fixed :data:`DECODE_PARTITION_TOKENS`
 tokens, whatever the batch size or block-table width: a row's result is then the same bits
@@ -164,7 +164,7 @@ def moe(module, x: torch.Tensor, comm=None) -> Delta:
 def moe_ep(module, x: torch.Tensor) -> MoEPairs:
     """The MoE block under expert parallelism (native/parallel/ep.py): all-gather every rank's
     rows (padded to the step's agreed size), apply this rank's experts, reduce-scatter."""
-    from pdbus.native.parallel.ep import padded_rows
+    from native.parallel.ep import padded_rows
 
     ep = module.ep
     T = x.shape[0]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdbus.native.parallel.comm import GroupBroken, first_line, init_groups
+from native.parallel.comm import GroupBroken, first_line, init_groups
 
 
 class EPGroupError(GroupBroken):
@@ -162,7 +162,7 @@ class EPCoordinator:
         hidden = self.model.cfg.hidden_size
         empty = torch.zeros((0, hidden), dtype=self.model.dtype, device=self.device)
         if self.kv_cache is not None and self.model.kernel_path(self.kv_cache):
-            from pdbus.native.model import gpu_ops
+            from native.model import gpu_ops
 
             for moe in self.moes:
                 gpu_ops.moe_ep(moe, empty)

@@ -1,5 +1,5 @@
 """A TP group: the rank server's process is TP rank 0 (the leader); ranks 1..N-1 are worker
-processes (``python -m pdbus.native.parallel.worker``) that follow it step by step.
+processes (``python -m native.parallel.worker``) that follow it step by step.
 
 Control goes over a gloo process group (parallel/comm.py; the model's tensors go over NCCL
 when every rank has a GPU of its own, else over gloo too): the leader
@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from native.parallel.comm import GroupBroken, first_line
+from native.parallel.tp import HeadSplit, head_overlaps
+from native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 from pdbus.log import get_logger
-from pdbus.native.parallel.comm import GroupBroken, first_line
-from pdbus.native.parallel.tp import HeadSplit, head_overlaps
-from pdbus.native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 
 log = get_logger("tp")
 
@@ -63,7 +63,7 @@ _dec = msgspec.msgpack.Decoder(Command)
 
 
 class CacheSizing(msgspec.Struct):
-    """The ServeConfig fields that size a rank's KV cache (actors/rank_setup.kv_blocks_for_budget,
+    """The ServeConfig fields that size a rank's KV cache (native/kv_cache.kv_blocks_for_budget,
     runner.profile_activation_peak read them by name)."""
 
     block_size: int
@@ -118,7 +118,7 @@ def recv_cmd(group):
 
 def init_group(rank: int, size: int, master_port: int, device: torch.device):
     """Join the TP group: (data Comm, gloo control group); see parallel/comm.py."""
-    from pdbus.native.parallel.comm import init_groups
+    from native.parallel.comm import init_groups
 
     return init_groups(rank, size, f"tcp://127.0.0.1:{master_port}", device, "TP")
 
@@ -166,7 +166,7 @@ class TPGroup:
             env = dict(os.environ)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "pdbus.native.parallel.worker", msgspec.json.encode(spec).decode()], env=env
+                    [sys.executable, "-m", "native.parallel.worker", msgspec.json.encode(spec).decode()], env=env
                 )
             )
         for target in (self._reports, self._watchdog):

@@ -10,8 +10,7 @@ import msgspec
 import torch
 import zmq
 
-from pdbus.log import get_logger, setup_logging
-from pdbus.native.parallel.group import (
+from native.parallel.group import (
     AbortCmd,
     StepCmd,
     StopCmd,
@@ -21,7 +20,8 @@ from pdbus.native.parallel.group import (
     recv_cmd,
     split_writes,
 )
-from pdbus.native.transfer.base import TransferError, WriteOp
+from native.transfer.base import TransferError, WriteOp
+from pdbus.log import get_logger, setup_logging
 
 
 def build_shard(spec: WorkerSpec, device: torch.device, comm, control):
@@ -32,11 +32,10 @@ def build_shard(spec: WorkerSpec, device: torch.device, comm, control):
     run on all ranks together), and all ranks take the smallest count."""
     import torch.distributed as dist
 
-    from pdbus.actors.rank_setup import kv_blocks_for_budget
-    from pdbus.native.kv_cache import KVCache
-    from pdbus.native.model.loader import load_model
-    from pdbus.native.parallel.tp import shard_model_
-    from pdbus.native.runner import profile_activation_peak
+    from native.kv_cache import KVCache, kv_blocks_for_budget
+    from native.model.loader import load_model
+    from native.parallel.tp import shard_model_
+    from native.runner import profile_activation_peak
 
     splits = []  # sharded on the meta device, before anything is allocated or read
     model, cfg = load_model(
@@ -81,8 +80,8 @@ def main(argv: list[str]) -> int:
         torch.cuda.set_device(spec.rank % max(1, torch.cuda.device_count()))
         device = torch.device("cuda", torch.cuda.current_device())
     world, control = init_group(spec.rank, spec.size, spec.master_port, device)
-    from pdbus.native.runner import ModelRunner
-    from pdbus.native.transfer.base import create_transfer_engine
+    from native.runner import ModelRunner
+    from native.transfer.base import create_transfer_engine
 
     model, cfg, split, cache = build_shard(spec, device, world, control)
     transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
@@ -101,7 +100,7 @@ def main(argv: list[str]) -> int:
     report({"rank": spec.rank, "endpoints": endpoints})  # loaded: the leader goes on to its graphs
     graphs = None
     if spec.decode_graphs:  # captured with the leader's, after this report: their collectives pair up
-        from pdbus.native.graphs import DecodeGraphs
+        from native.graphs import DecodeGraphs
 
         graphs = DecodeGraphs(model, cache, max_batch=spec.sizing.max_num_seqs, max_model_len=spec.sizing.max_model_len)
     runner = ModelRunner(model, cache, device, graphs=graphs)
@@ -147,7 +146,7 @@ def main(argv: list[str]) -> int:
     cache.close()
     push.close()
     ctx.term()
-    from pdbus.native.parallel.comm import shutdown
+    from native.parallel.comm import shutdown
 
     shutdown(clean=True)  # told to stop by the leader: the group is whole
     return 0

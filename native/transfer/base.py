@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
+from native.kv_cache import KVCache
 from pdbus.messages import KVLayout
-from pdbus.native.kv_cache import KVCache
 
 # Up to this many runs of consecutive blocks are copied slice by slice (no temporary); longer
 # block lists use one gather and one scatter.
@@ -496,18 +496,18 @@ def create_transfer_engine(name: str, cache: KVCache, host: str = "127.0.0.1", *
     """Lazy factory: importing a backend pulls its dependencies only when it is chosen."""
     if name == "ipc":
         if cache.device.type == "cuda":
-            from pdbus.native.transfer.cuda_ipc import CudaIpcTransfer
+            from native.transfer.cuda_ipc import CudaIpcTransfer
 
             return CudaIpcTransfer(cache, host, **kwargs)
-        from pdbus.native.transfer.shm import ShmTransfer
+        from native.transfer.shm import ShmTransfer
 
         return ShmTransfer(cache, host, **kwargs)
     if name == "tcp":
-        from pdbus.native.transfer.tcp import TcpTransfer
+        from native.transfer.tcp import TcpTransfer
 
         return TcpTransfer(cache, host, **kwargs)
     if name == "rdma":
-        from pdbus.native.transfer.mooncake import MooncakeTransfer
+        from native.transfer.mooncake import MooncakeTransfer
 
         return MooncakeTransfer(cache, host, **kwargs)
     raise ValueError(f"unknown KV transfer protocol {name!r} (known: ipc, tcp, rdma)")

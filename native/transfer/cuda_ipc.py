@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdbus.messages import KVLayout
-from pdbus.native.kv_cache import DTYPES, KVCache
-from pdbus.native.transfer.base import (
+from native.kv_cache import DTYPES, KVCache
+from native.transfer.base import (
     RequestTable,
     TransferEngine,
     TransferError,
@@ -40,6 +39,7 @@ from pdbus.native.transfer.base import (
     peer_layout,
     resolve_op,
 )
+from pdbus.messages import KVLayout
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from pdbus import envs
-from pdbus.messages import KVLayout
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.transfer.base import (
+from native.kv_cache import KVCache
+from native.transfer.base import (
     ResolvedOp,
     SerialCopyEngine,
     TransferError,
@@ -29,6 +27,8 @@ from pdbus.native.transfer.base import (
     layout_to_dict,
     region_spans,
 )
+from pdbus import envs
+from pdbus.messages import KVLayout
 
 _IB_SYSFS = "/sys/class/infiniband"
 _HINT = "set KVCACHE_RDMA_NICS=<device,...> (e.g. mlx5_0) or use --cache-transfer-protocol tcp"

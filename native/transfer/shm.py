@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdbus.messages import KVLayout
-from pdbus.native.kv_cache import DTYPES, KVCache
-from pdbus.native.transfer.base import (
+from native.kv_cache import DTYPES, KVCache
+from native.transfer.base import (
     ResolvedOp,
     SerialCopyEngine,
     TransferError,
@@ -24,6 +23,7 @@ from pdbus.native.transfer.base import (
     host_id,
     layout_to_dict,
 )
+from pdbus.messages import KVLayout
 
 _SHM_DIR = "/dev/shm"
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pdbus.messages import KVLayout
-from pdbus.native.kv_cache import KVCache
-from pdbus.native.transfer.base import (
+from native.kv_cache import KVCache
+from native.transfer.base import (
     PendingTransfer,
     RequestTable,
     ResolvedOp,
@@ -51,6 +50,7 @@ from pdbus.native.transfer.base import (
     region_spans,
     resolve_op,
 )
+from pdbus.messages import KVLayout
 
 log = logging.getLogger(__name__)
 

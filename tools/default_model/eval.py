@@ -14,15 +14,15 @@ import sys
 
 import torch
 
-from pdbus.actors.frontend.tokenizer import Tokenizer
-from pdbus.native.model.ernie import ErnieForCausalLM
+from actors.frontend.tokenizer import Tokenizer
+from native.model.ernie import ErnieForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_MODEL = os.path.join(REPO, "native", "default_model")
 
 
 def load_default_model(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> tuple[ErnieForCausalLM, Tokenizer]:
-    from pdbus.native.model.loader import load_model
+    from native.model.loader import load_model
 
     model, _ = load_model(model_dir, dtype=dtype, device="cpu")
     model.eval()

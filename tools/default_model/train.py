@@ -28,10 +28,10 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from pdbus.actors.frontend.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
-from pdbus.native.model.config import ErnieConfig
-from pdbus.native.model.ernie import ErnieForCausalLM, MoE
-from pdbus.native.model.export import save_paddle
+from actors.frontend.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from native.model.config import ErnieConfig
+from native.model.ernie import ErnieForCausalLM, MoE
+from native.model.export import save_paddle
 
 from . import corpus as corpus_mod
 from .eval import evaluate, load_default_model
