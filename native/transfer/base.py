@@ -57,6 +57,17 @@ class TransferHandle:
     seconds: float = 0.0
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _callbacks: list = field(default_factory=list, repr=False)
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(handle)`` once the handle completes or fails: at once (on this thread) if it
+        already has, else on the thread that completes it. Callbacks must be quick and thread-safe
+        (the engine's only posts to its inbox)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def set_done(self, nbytes: int = 0, seconds: float = 0.0) -> bool:
         """Complete the handle; False (and no change) if it already completed or failed."""
@@ -65,7 +76,10 @@ class TransferHandle:
                 return False
             self.nbytes, self.seconds = nbytes, seconds
             self._event.set()
-            return True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+        return True
 
     def set_failed(self, error: str) -> bool:
         """Fail the handle; False (and no change) if it already completed or failed."""
@@ -74,7 +88,10 @@ class TransferHandle:
                 return False
             self.error = error
             self._event.set()
-            return True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+        return True
 
     def done(self) -> bool:
         return self._event.is_set()
