@@ -413,7 +413,7 @@ def serve(cfg: ServeConfig) -> int:
 
     setup_logging()
     tune_cpu_runtime()
-    torch.set_num_threads(max(1, int(os.environ.get("PDBUS_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))))
+    torch.set_num_threads(envs.PDBUS_TORCH_THREADS)
     server = RankServer(cfg)
     try:
         code = asyncio.run(server.run())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import tomllib
 
+from pdbus import envs
 from pdbus.sockets import port_in_use
 
 KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
@@ -63,7 +64,7 @@ def default_model_dir() -> str:
     """The built-in model (``native/default_model``), or ``PDBUS_DEFAULT_MODEL`` when set."""
     from pathlib import Path
 
-    override = os.environ.get("PDBUS_DEFAULT_MODEL")
+    override = envs.PDBUS_DEFAULT_MODEL
     return override or str(Path(__file__).resolve().parent.parent / "native" / "default_model")
 
 

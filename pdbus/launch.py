@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from pdbus import envs
 from pdbus.config import ConfigError, load_toml
 from pdbus.procs import http_json
 
@@ -71,9 +72,7 @@ def role_command(conf: dict, role: str, router: str, host: str, overrides: list[
     merged["router"] = router
     merged.setdefault("host", host)
     serve_flags = ["--host", str(merged["host"]), *_flags(merged), *overrides]
-    env = dict(os.environ)
-    if sec.get("gpus") is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(sec["gpus"])
+    env = envs.child_env(**({"CUDA_VISIBLE_DEVICES": sec["gpus"]} if sec.get("gpus") is not None else {}))
     py = [sys.executable, "-m", "pdbus"]
     if dp > 1:
         ports_arg = ",".join(map(str, ports))
@@ -181,7 +180,7 @@ def run_topology(conf_path: Path, roles: list[str], router_host: str, router_por
         return 2
     url = f"http://{router_host}:{port}"
     if start_router:
-        if not launcher.wait_health(url, timeout=float(os.environ.get("PDBUS_START_TIMEOUT", "900"))):
+        if not launcher.wait_health(url, timeout=envs.PDBUS_START_TIMEOUT):
             if not launcher.stopping:
                 print("[launch] the cluster did not become healthy; stopping", file=sys.stderr)
             launcher.stop()

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdbus import envs
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -85,7 +87,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
         self.python = python
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PDBUS_TORCH_THREADS=os.environ.get("PDBUS_TORCH_THREADS", "1"))
+        self.env = envs.child_env(PYTHONUNBUFFERED="1", defaults={"PDBUS_TORCH_THREADS": 1})
         if env:
             self.env.update(env)
 

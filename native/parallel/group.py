@@ -14,7 +14,6 @@ line and stops the rank server, and the router sees the instance go.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import zmq
 from native.parallel.comm import GroupBroken, first_line
 from native.parallel.tp import HeadSplit, head_overlaps
 from native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
+from pdbus import envs
 from pdbus.log import get_logger
 
 log = get_logger("tp")
@@ -163,7 +163,7 @@ class TPGroup:
     def spawn(self) -> None:
         for rank in range(1, self.spec.size):
             spec = msgspec.structs.replace(self.spec, rank=rank, report_endpoint=self.report_endpoint)
-            env = dict(os.environ)
+            env = envs.child_env()
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "native.parallel.worker", msgspec.json.encode(spec).decode()], env=env

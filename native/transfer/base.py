@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import os
 import queue
 import socket
 import threading
@@ -26,6 +25,7 @@ import msgspec
 import torch
 
 from native.kv_cache import KVCache
+from pdbus import envs
 from pdbus.messages import KVLayout
 
 # Up to this many runs of consecutive blocks are copied slice by slice (no temporary); longer
@@ -148,7 +148,7 @@ def host_id() -> str:
     """Identifies this machine (boot id): ``ipc`` peers must share it. ``PDBUS_HOST_ID``
     overrides it, so that processes in different network namespaces of one machine count as
     different hosts (cross-node tests and ``./run.sh cross-node demo``)."""
-    override = os.environ.get("PDBUS_HOST_ID", "").strip()
+    override = envs.PDBUS_HOST_ID
     if override:
         return override
     try:
