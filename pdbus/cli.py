@@ -29,7 +29,10 @@ def router_main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     from actors.router.server import serve_router
 
-    return serve_router(cfg)
+    try:
+        return serve_router(cfg)
+    except ConfigError as exc:  # a bad --bus-key-file found at startup
+        return _fail(str(exc))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

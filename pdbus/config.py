@@ -3,7 +3,9 @@
 Flags keep FastDeploy's names. A TOML file (``--config conf/x.toml``) supplies defaults per
 section (``[serve]``, ``[prefill]``, ``[decode]``, ``[router]``); flags given on the command
 line win. Inconsistent settings raise ``ConfigError`` with one line; the CLI prints it and
-exits non-zero.
+exits non-zero. ``ConfigError`` is the one class for every configuration error (flags, TOML,
+a model's config.json, a bus key file); this module imports nothing heavy at module level so
+that ``native/`` can raise it too.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from dataclasses import dataclass, field, fields
 import tomllib
 
 from pdbus import envs
-from pdbus.sockets import port_in_use
 
 KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
 ROLES = ("mixed", "prefill", "decode")
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is native/kv_cache.DTYPES
 
 
 class ConfigError(ValueError):
-    pass
+    """A setting is missing, malformed or inconsistent; the message is one line naming it."""
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
@@ -40,6 +41,8 @@ def _check_port(flag: str, host: str, port: int, free: bool = True) -> None:
         raise ConfigError(f"{flag} {port} is not a port number")
     if not free or not port:
         return
+    from pdbus.sockets import port_in_use
+
     try:
         busy = port_in_use(host, port)
     except (OSError, OverflowError) as exc:
@@ -124,8 +127,8 @@ class ServeConfig:
             raise ConfigError(f"--data-parallel-rank {self.data_parallel_rank} not in [0, {self.data_parallel_size})")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

@@ -75,3 +75,17 @@ def test_child_env_sets_only_declared_variables(monkeypatch):
     assert "PDBUS_EP_MASTER" not in envs.child_env(PDBUS_EP_MASTER=None)
     with pytest.raises(KeyError, match="PDBUS_TYPO is not declared"):
         envs.child_env(PDBUS_TYPO="1")
+
+
+def test_one_config_error_class():
+    """Flags, TOML, a model's config.json and a bus key file all raise the same ConfigError."""
+    from native.model import config as model_config
+    from pdbus import config, security
+
+    assert model_config.ConfigError is config.ConfigError
+    with pytest.raises(config.ConfigError, match="bus key file /nonexistent"):
+        security.load_key_file("/nonexistent")
+    defined = []
+    for rel, tree in _production_trees():
+        defined += [f"{rel}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ConfigError"]
+    assert defined == ["pdbus/config.py:" + defined[0].split(":")[1]], defined
