@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, fields
 import tomllib
 
 from pdbus import envs
+from pdbus.messages import Role
 
 KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
-ROLES = ("mixed", "prefill", "decode")
+ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # --splitwise-role
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is native/kv_cache.DTYPES
 

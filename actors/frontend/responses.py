@@ -27,8 +27,8 @@ def finish_reason(reason: str | FinishReason | None) -> str | None:
     """Engine reason -> OpenAI's: stop (eos, stop token, stop string) and length; others pass through."""
     if reason is None:
         return None
-    value = reason.value if isinstance(reason, FinishReason) else str(reason)
-    return "stop" if value in ("stop", "eos", "stop_str", "stop_token") else value
+    value = str(reason)  # a FinishReason is its value
+    return FinishReason.STOP.value if value in ("stop", "eos", "stop_str", "stop_token") else value
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
