@@ -222,14 +222,32 @@ def _coerce(cls, name: str, value):
         raise ConfigError(f"{_flag(name)}: {value!r} is not a valid {typ.split(' ')[0]}") from None
 
 
+# keys of a topology's role sections that are not `pdbus serve` flags: read by the launcher
+LAUNCH_KEYS = ("gpus", "ports")
+
+
+def _section_keys() -> dict[str, set[str]]:
+    serve = {f.name for f in fields(ServeConfig)}
+    return {"router": {f.name for f in fields(RouterConfig)}, "serve": serve, "prefill": serve | set(LAUNCH_KEYS), "decode": serve | set(LAUNCH_KEYS)}
+
+
 def load_toml(path: str) -> dict:
+    """A topology file, every section and key checked: a misspelt one is refused, not ignored."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config: {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path}: {exc}") from None
+    known = _section_keys()
+    for section, values in data.items():
+        if section not in known or not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: unknown {'section' if isinstance(values, dict) else 'key'} {section!r} (known sections: {', '.join(f'[{s}]' for s in known)})")
+        for key in values:
+            if key.replace("-", "_") not in known[section]:
+                raise ConfigError(f"--config {path}: unknown key {key!r} in [{section}]")
+    return data
 
 
 def build(cls, args: argparse.Namespace, sections: list[str]):

@@ -160,7 +160,11 @@ def _curl(host: str, port: int) -> str:
 
 
 def run_topology(conf_path: Path, roles: list[str], router_host: str, router_port: int | None, start_router: bool, overrides: list[str], bind_host: str, router_extra: list[str] = ()) -> int:
-    conf = load_toml(str(conf_path))
+    try:
+        conf = load_toml(str(conf_path))
+    except ConfigError as exc:
+        print(f"pdbus: error: {exc}", file=sys.stderr)
+        return 2
     rconf = conf.get("router") or {}
     port = router_port or int(rconf.get("port", 8109))
     launcher = Launcher()
