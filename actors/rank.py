@@ -302,6 +302,7 @@ class RankServer(RankLoader):
                 api_key=self.cfg.api_key,
                 eos_token_ids=self.eos_ids,
                 vocab_size=self.model_cfg.vocab_size,
+                default_seed=self.cfg.seed,
             )
             self.frontend.add_routes(app)
         else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 import tomllib
 
 from pdbus import envs
-from pdbus.messages import Role
+from pdbus.messages import SEED_RANGE, Role
 
 KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
 ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # --splitwise-role
@@ -50,6 +50,11 @@ def _check_port(flag: str, host: str, port: int, free: bool = True) -> None:
         raise ConfigError(f"{flag} {port}: cannot bind on {host}: {getattr(exc, 'strerror', None) or exc}") from None
     if busy:
         raise ConfigError(f"{flag} {port} on {host} is already in use")
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"--seed {seed} is out of range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
 
 
 def parse_ports(value: str | None, what: str) -> list[int]:
@@ -102,7 +107,8 @@ class ServeConfig:
     api_key: str | None = None
     bus_key_file: str | None = None
     max_body_mb: float = 8.0
-    seed: int = 0
+    # default seed of requests that give none (mixed role; in PD the router prepares requests)
+    seed: int | None = None
 
     def validate(self, check_port: bool = True) -> ServeConfig:
         if not self.model:
@@ -141,6 +147,12 @@ class ServeConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if not self.heartbeat_interval > 0:
             raise ConfigError(f"--heartbeat-interval must be positive, got {self.heartbeat_interval}")
+        _check_seed(self.seed)
+        if self.seed is not None and self.splitwise_role != Role.MIXED:
+            raise ConfigError(
+                f"--seed is the default seed of requests, applied where they are prepared: for a {self.splitwise_role} "
+                "instance that is the router (pdbus router --seed N)"
+            )
         _check_port("--port", self.host, self.port, free=check_port)
         return self
 
@@ -158,8 +170,11 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     max_body_mb: float = 8.0
     max_retries: int = 2
+    # default seed of requests that give none (prefill and decode then draw the same)
+    seed: int | None = None
 
     def validate(self, check_port: bool = True) -> RouterConfig:
+        _check_seed(self.seed)
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
         if not self.heartbeat_interval > 0:

@@ -43,6 +43,9 @@ class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=False, omit_defa
 # --------------------------------------------------------------------------- plain data
 
 
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # a seed (request or --seed) is any int64 or uint64
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True):
     """Per-request sampling settings (OpenAI + vLLM extras). Validated by the frontend."""
 
