@@ -72,6 +72,9 @@ SERVE_CASES = [
     (["--splitwise-role", "prefill"], ["--splitwise-role prefill needs --router"]),
     (["--splitwise-role", "decode"], ["--splitwise-role decode needs --router"]),
     (["--splitwise-role", "boss"], ["--splitwise-role", "boss"]),
+    (["--splitwise-role", "decode", "--router", "127.0.0.1:1", "--seed", "3"], ["--seed", "pdbus router --seed"]),
+    (["--seed", str(1 << 64)], ["--seed", "out of range"]),
+    (["--seed", "x"], ["--seed: 'x'"]),
     (["--splitwise-role", "decode", "--router", "localhost"], ["--router must be HOST:PORT", "localhost"]),
     (["--router", "127.0.0.1:99999"], ["--router must be HOST:PORT"]),
     (["--router", "127.0.0.1:http"], ["--router must be HOST:PORT"]),
@@ -122,8 +125,9 @@ def test_router_ports_in_use(busy_port):
         (["--port", "70000"], "--port 70000 is not a port number"),
         (["--heartbeat-interval", "-1"], "--heartbeat-interval must be positive"),
         (["--max-retries", "two"], "--max-retries"),
+        (["--seed", "-99999999999999999999"], "--seed -99999999999999999999 is out of range"),
     ],
-    ids=["same-ports", "port-range", "heartbeat", "not-int"],
+    ids=["same-ports", "port-range", "heartbeat", "not-int", "seed-range"],
 )
 def test_router_rejects(args, needle):
     port = str(free_port())

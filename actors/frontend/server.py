@@ -361,6 +361,7 @@ class _Run:
         started = False
         ids_opt = self.req.return_token_ids
         first_sent = [False] * len(self.choices)
+        continuous = self.req.continuous_usage_stats
 
         async def begin() -> None:
             nonlocal started
@@ -385,6 +386,9 @@ class _Run:
                 logprobs=self._logprobs_obj(c, start) if ids else None,
                 prompt_token_ids=self.prompt_ids if ids_opt and not first_sent[c.index] else None,
                 completion_token_ids=ids if ids_opt else None,
+                # stream_options.continuous_usage_stats: every chunk carries this choice's counts so
+                # far (vLLM's shape); include_usage alone adds only the final totals chunk
+                usage=P.usage(len(self.prompt_ids), len(c.token_ids)) if continuous else None,
             )
             if self.chat:
                 chunk = P.chat_chunk(content=text, first=not first_sent[c.index], **common)
