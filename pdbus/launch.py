@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pdbus import envs
 from pdbus.config import ConfigError, load_toml
-from pdbus.procs import http_json
+from pdbus.procs import http_json, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -128,18 +128,14 @@ class Launcher:
         return None
 
     def wait_health(self, url: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stopping:
-            if self.dead():
-                return False
-            try:
-                status, _ = http_json(url + "/health", timeout=2)
-                if status == 200:
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.25)
-        return False
+        def settled():  # healthy, or no point waiting longer
+            return self.stopping or self.dead() is not None or http_json(url + "/health", timeout=2)[0] == 200
+
+        try:
+            wait_until(settled, timeout, f"{url}/health", interval=0.25)
+        except TimeoutError:
+            return False
+        return not self.stopping and self.dead() is None
 
     def supervise(self) -> int:
         while not self.stopping:

@@ -325,34 +325,19 @@ class _Run:
             log.warning("req %s failed: %s", self.req_id, errors[0])
             return _error(500, f"Generation failed: {errors[0]}", "server_error")
         ids_opt = self.req.return_token_ids
-        if self.chat:
-            choices = [
-                P.chat_choice(
-                    c.index,
-                    c.text,
-                    c.finish_reason if c.finish_reason != "error" else "stop",
-                    logprobs=self._logprobs_obj(c, 0),
-                    prompt_token_ids=self.prompt_ids if ids_opt else None,
-                    completion_token_ids=c.token_ids if ids_opt else None,
-                )
-                for c in self.choices
-            ]
-            body = P.chat_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
-        else:
-            choices = [
-                P.completion_choice(
-                    c.index,
-                    c.text,
-                    c.finish_reason if c.finish_reason != "error" else "stop",
-                    logprobs=self._logprobs_obj(c, 0),
-                    prompt_token_ids=self.prompt_ids if ids_opt else None,
-                    completion_token_ids=c.token_ids if ids_opt else None,
-                )
-                for c in self.choices
-            ]
-            body = P.completion_response(
-                id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage()
+        make_choice, make_response = (P.chat_choice, P.chat_response) if self.chat else (P.completion_choice, P.completion_response)
+        choices = [
+            make_choice(
+                c.index,
+                c.text,
+                c.finish_reason if c.finish_reason != "error" else "stop",
+                logprobs=self._logprobs_obj(c, 0),
+                prompt_token_ids=self.prompt_ids if ids_opt else None,
+                completion_token_ids=c.token_ids if ids_opt else None,
             )
+            for c in self.choices
+        ]
+        body = make_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
         return web.Response(body=P.dumps(body).encode(), content_type="application/json")
 
     # ------------------------------------------------------------- streaming
