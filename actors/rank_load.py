@@ -57,9 +57,10 @@ class RankLoader:
                 dtype=cfg.dtype,
                 quantization=cfg.quantization,
                 device=self.device,
-                prepare=self.ep.prepare if self.ep is not None else None,  # EP: read only our experts
+                parallel=self.ep.context() if self.ep is not None else None,  # EP: read only our experts
             )
             if self.ep is not None:
+                self.ep.attach(self.model)
                 log.info("EP%d: rank %d holds experts %d..%d of each MoE layer", self.ep.size, self.ep.rank, *self.ep.expert_range)
             reserve = 0
             if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:

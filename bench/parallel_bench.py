@@ -39,7 +39,7 @@ CFG = dict(
 BLOCK, CTX = 16, 1024
 
 
-def _build(layers: int, quant: str, device: torch.device):
+def _build(layers: int, quant: str, device: torch.device, parallel=None):
     from native.model.config import ErnieConfig
     from native.model.ernie import ErnieForCausalLM
     from native.model.quant import quantize_model
@@ -47,7 +47,7 @@ def _build(layers: int, quant: str, device: torch.device):
     cfg = ErnieConfig.from_dict(dict(CFG, num_hidden_layers=layers, moe_layer_end_index=layers - 1))
     torch.manual_seed(0)
     with torch.device(device):
-        model = ErnieForCausalLM(cfg, dtype=torch.bfloat16)
+        model = ErnieForCausalLM(cfg, dtype=torch.bfloat16, parallel=parallel)
     return quantize_model(model, quant).eval(), cfg
 
 
@@ -81,11 +81,12 @@ def _rank(rank: int, args, port: int, out: str) -> None:
     for mode in ("none", "ep"):
         if mode == "none" and rank:
             continue  # one rank is enough for the model without EP
-        model, cfg = _build(args.layers, args.quant, device)
         ep = None
         if mode == "ep":
             ep = EPCoordinator(rank, args.ranks, f"127.0.0.1:{port}", device)
-            ep.prepare(model)
+        model, cfg = _build(args.layers, args.quant, device, ep.context() if ep is not None else None)
+        if ep is not None:
+            ep.attach(model)
         blocks = max(batches) * (CTX // BLOCK + 1) + 1
         cache = KVCache(cfg.num_hidden_layers, blocks, cfg.num_key_value_heads, BLOCK, cfg.head_dim, torch.bfloat16, device=device)
         graphs = DecodeGraphs(model, cache, max_batch=max(batches), max_model_len=CTX + 64)

@@ -8,8 +8,8 @@ replays the smallest bucket >= B; the padding rows have slot -1 (their K/V is no
 context length 0 (their attention reads nothing), and their outputs are ignored. Sampling stays
 outside the graph: the runner computes logits from the returned rows.
 
-The model must take the kernel path (native/model/gpu_ops.py), whose decode step reads no host
-value; its attention partitions do not depend on the batch, so a graph replay and an eager step
+The model must run on the kernel op table (native/model/gpu_ops.py), whose decode step reads no
+host value; its attention partitions do not depend on the batch, so a graph replay and an eager step
 of the same rows give the same bits.
 """
 
@@ -64,7 +64,7 @@ class DecodeGraphs:
         if reason is not None:
             log.warning("decode CUDA graphs disabled (steps run eagerly): %s", reason)
             return
-        self.ep = getattr(model, "ep", None)  # EP: every rank replays the bucket agreed in ep.plan
+        self.ep_rows = model.parallel.ep_rows  # EP: every rank replays the bucket agreed in ep.plan
         self.device = kv_cache.device
         bpp = gpu_ops.decode_blocks_per_partition(self.block_size)
         blocks = -(-max_model_len // self.block_size)
@@ -106,8 +106,8 @@ class DecodeGraphs:
     def _capture(self) -> None:
         pool = None
         for bs in reversed(self.buckets):
-            if self.ep is not None:
-                self.ep.tokens = bs  # the MoE dispatch buffers of this bucket (all ranks capture together)
+            if self.ep_rows is not None:
+                self.ep_rows.tokens = bs  # the MoE dispatch buffers of this bucket (all ranks capture together)
             meta = self._meta(bs)
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_cache, meta)
             self.model(*args)  # warm-up: compiles this bucket's kernels outside the capture
@@ -137,8 +137,8 @@ class DecodeGraphs:
         width = max(len(t) for t in block_tables)
         if width > self.max_blocks:
             return None
-        if self.ep is not None:
-            bs = self.ep.tokens  # agreed by all EP ranks; their eager steps pad to it too
+        if self.ep_rows is not None:
+            bs = self.ep_rows.tokens  # agreed by all EP ranks; their eager steps pad to it too
             if bs not in self.graphs:
                 return None
         else:

@@ -101,10 +101,10 @@ def profile_activation_peak(model, cfg, device: torch.device | str | None = None
             (prefill, [0] * len(prefill), tables),
             ([1] * decode_rows, [0] * decode_rows, [[1 + i % (num_blocks - 1)] for i in range(decode_rows)]),
         ]
-        ep = getattr(model, "ep", None)
+        ep_rows = model.parallel.ep_rows
         for qlens, starts, step_tables in steps:
-            if ep is not None:
-                ep.tokens = sum(qlens)  # every EP rank profiles the same steps, together
+            if ep_rows is not None:
+                ep_rows.tokens = sum(qlens)  # every EP rank profiles the same steps, together
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)

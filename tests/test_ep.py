@@ -40,12 +40,12 @@ def _ep_rank(rank: int, size: int, port: int, model_dir: str, quant: str, out: s
     from native.parallel.ep import EPCoordinator
 
     torch.set_num_threads(1)
-    model, cfg = load_model(model_dir, dtype="float32", quantization=quant)
+    ep = EPCoordinator(rank, size, f"127.0.0.1:{port}", torch.device("cpu")) if size > 1 else None
+    model, cfg = load_model(model_dir, dtype="float32", quantization=quant, parallel=ep.context() if ep else None)
     cache = KVCache(cfg.num_hidden_layers, 16, cfg.num_key_value_heads, 4, cfg.head_dim, torch.float32)
     ids = PROMPTS[rank % len(PROMPTS)]
-    if size > 1:
-        ep = EPCoordinator(rank, size, f"127.0.0.1:{port}", torch.device("cpu"))
-        ep.prepare(model)
+    if ep is not None:
+        ep.attach(model)
         # ranks of different prompt lengths pad to the longest; rank 2 has nothing to do and
         # joins both steps idle
         results = None

@@ -189,10 +189,10 @@ def test_store_kv_skips_padding_slots():
 @pytest.mark.parametrize("name", ["moe_shared", "moe_noshared_start2"])
 def test_sparse_moe_path_matches_hf(models, name, monkeypatch):
     """Force the per-expert loop (large steps take it) and check it against transformers."""
-    import native.model.ernie as ernie
+    import native.model.ops as ops
 
     hf, model, _ = models(name)
-    monkeypatch.setattr(ernie, "DENSE_MOE_MACS", 0)
+    monkeypatch.setattr(ops, "DENSE_MOE_MACS", 0)
     ids = _tokens(15, 9)
     runner = PagedRunner(model, block_size=4)
     out = torch.cat([runner.step({0: ids[:8]})[0], runner.step({0: ids[8:]})[0]])

@@ -4,7 +4,7 @@ Each case runs real rank processes (torch.multiprocessing) over a tiny random ER
 checkpoint (dense layer 0, 8 experts top-2, a shared expert, 4 heads / 2 KV heads): a prefill of
 the rank's prompts and 8 decode steps of fixed tokens through ModelRunner, and compares every
 step's logits with the same steps on one unsharded model (``check_parallel``). Ranks load
-through the shard-aware loader (``load_model(prepare=...)``).
+through the shard-aware loader (``load_model(parallel=...)``: built holding only their shard).
 
 * ``shared``: every rank on GPU 0. NCCL refuses two ranks on one GPU, so the data collectives go
   through gloo (host-staged) and decode runs eagerly: this checks the sharded kernel path.
@@ -65,22 +65,24 @@ def _rank(rank: int, size: int, port: int, model_dir: str, mode: str, quant: str
     from native.kv_cache import KVCache
     from native.model.loader import load_model
     from native.parallel.comm import init_groups
+    from native.parallel.context import ParallelContext
     from native.parallel.ep import EPCoordinator
-    from native.parallel.tp import shard_model_
     from native.runner import ModelRunner
 
     device = torch.device("cuda", rank if gpus == "own" else 0)
     torch.cuda.set_device(device)
-    # the shard-aware loader: the model is sharded on the meta device, then only its part is read
-    splits, ep = [], None
+    # the shard-aware loader: the model is built holding only its part, and only that is read
+    ep = None
     if mode == "tp":
         comm, _ = init_groups(rank, size, f"tcp://127.0.0.1:{port}", device, "TP")
-        prepare = lambda m: splits.append(shard_model_(m, rank, size, comm))  # noqa: E731
+        parallel = ParallelContext.tensor_parallel(rank, size, comm)
     else:  # "ep", or "ep-idle": rank 1 has no requests and joins every step idle
         ep = EPCoordinator(rank, size, f"127.0.0.1:{port}", device)
-        prepare = ep.prepare
-    model, cfg = load_model(model_dir, dtype="bfloat16", quantization=quant, device=device, prepare=prepare)
-    kv_heads = len(splits[0].kv_heads) if splits else cfg.num_key_value_heads
+        parallel = ep.context()
+    model, cfg = load_model(model_dir, dtype="bfloat16", quantization=quant, device=device, parallel=parallel)
+    if ep is not None:
+        ep.attach(model)
+    kv_heads = len(model.head_split.kv_heads)
     cache = KVCache(cfg.num_hidden_layers, 64, kv_heads, BLOCK, cfg.head_dim, torch.bfloat16, device=device)
     graphs = DecodeGraphs(model, cache, max_batch=4, max_model_len=8 * BLOCK)
     if ep is not None:

@@ -19,12 +19,14 @@ from conftest_model import PagedRunner, build_hf, rel_err, save_hf  # noqa: E402
 
 from native.model.ernie import Experts  # noqa: E402
 from native.model.export import save_pt  # noqa: E402
+from native.model.layers import LinearBase  # noqa: E402
 from native.model.loader import load_model  # noqa: E402
 from native.model.quant import (  # noqa: E402
     QuantExperts,
     WeightOnlyLinear,
     dequantize_int4,
     dequantize_int8,
+    int_weight,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -160,14 +162,19 @@ def test_quantized_model_equals_dequantized_float_model(bf16_dir, quantization):
     fmodel, _ = load_model(bf16_dir, dtype="float32")
     state = fmodel.state_dict()
     for name, mod in qmodel.named_modules():
-        if isinstance(mod, WeightOnlyLinear):
-            state[name + ".weight"] = mod.dequantized(torch.float32)
+        if _weight_only(mod):
+            state[name + ".weight"] = dequantize_int8(int_weight(mod.qweight, mod.bits), mod.scales, torch.float32)
         elif isinstance(mod, QuantExperts):
             unpack = (lambda t: t) if mod.bits == 8 else unpack_int4
             state[name + ".w13"] = dequantize_int8(unpack(mod.w13_q), mod.w13_s, torch.float32)
             state[name + ".w2"] = dequantize_int8(unpack(mod.w2_q), mod.w2_s, torch.float32)
     fmodel.load_state_dict(state)
     assert rel_err(_logits(qmodel), _logits(fmodel)) <= 1e-4
+
+
+def _weight_only(mod) -> bool:
+    """A weight-only linear of the model (any parallel kind)."""
+    return isinstance(mod, LinearBase) and mod.bits is not None
 
 
 def _bytes(model) -> int:
@@ -192,7 +199,7 @@ def test_quantized_storage_dtypes_and_bytes(bf16_dir):
     assert _bytes(w4) == base - dense_numel - expert_numel * 3 // 2 + 2 * (dense_rows + expert_rows)
     assert _bytes(w4) <= _bytes(w8) < base
     for name, mod in w4.named_modules():
-        if isinstance(mod, WeightOnlyLinear):
+        if _weight_only(mod):
             assert mod.qweight.dtype == torch.int8 and mod.scales.dtype == torch.bfloat16, name
         if isinstance(mod, QuantExperts):
             assert mod.w13_q.dtype == torch.uint8 and mod.w2_q.dtype == torch.uint8, name

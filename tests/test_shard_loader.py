@@ -1,15 +1,20 @@
-"""Shard-aware loading: ``load_model(..., prepare=shard)`` equals a full load sharded afterwards.
+"""Parallelism by construction: a model built for a TP / EP rank (``load_model(..., parallel=ctx)``)
+holds exactly its shard of the full model.
 
-For TP (``shard_model_``, every rank of TP2 / TP4) and EP (``shard_experts_``, every rank of EP2 /
-EP4), bf16 / wint8 / wint4, -PT and -Paddle layouts: the state dicts (parameters and buffers) are
-bit-identical, the sharded load allocates less, and an EP rank never reads another rank's experts.
+For TP (every rank of TP2 / TP4) and EP (every rank of EP2 / EP4), bf16 / wint8 / wint4, -PT and
+-Paddle layouts: every tensor (parameters and buffers) is bit-identical to the full load's tensor
+cut to the rows / columns / experts the layer records, the records are those of the split
+(native/parallel/tp.py), the sharded load allocates less, and an EP rank never reads another
+rank's experts. Plus: nothing in native/ shards by surgery (no forward hooks, no patched methods,
+no probes for parallel state).
 """
 
 from __future__ import annotations
 
-import copy
+import ast
 import dataclasses
 import os
+import pathlib
 import shutil
 import sys
 
@@ -25,9 +30,9 @@ from native.model import loader  # noqa: E402
 from native.model.config import ErnieConfig  # noqa: E402
 from native.model.ernie import ErnieForCausalLM  # noqa: E402
 from native.model.export import save_paddle, save_pt  # noqa: E402
+from native.model.layers import ExpertsBase  # noqa: E402
 from native.model.loader import LoadError, load_model  # noqa: E402
-from native.parallel.ep import shard_experts_  # noqa: E402
-from native.parallel.tp import shard_model_  # noqa: E402
+from native.parallel.context import Group, ParallelContext, StepRows  # noqa: E402
 
 # the existing tiny configs; experts raised to a multiple of 4 so that they split over EP2 and EP4
 # (heads, KV heads, intermediate sizes and vocab already split over TP2 and TP4; moe_shared has
@@ -37,7 +42,16 @@ CONFIGS = {
     "moe_noshared_start2": dict(moe_num_experts=4),
     "dense_hd": {},
 }
-SPLITS = {"tp": shard_model_, "ep": shard_experts_}
+
+
+def _context(split: str, rank: int, size: int) -> ParallelContext:
+    """A rank's context; the collectives are not needed to build and load (a stand-in comm)."""
+    if split == "tp":
+        return ParallelContext(tp=Group(rank, size, comm=_NO_COMM))
+    return ParallelContext(ep=Group(rank, size, comm=_NO_COMM), ep_rows=StepRows())
+
+
+_NO_COMM = object()  # never called: loading runs no collective
 QUANTS = ("bf16", "wint8", "wint4")
 
 
@@ -102,6 +116,46 @@ def _assert_identical(got, want, what: str) -> None:
         assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
 
 
+def _cut(t: torch.Tensor, rows, cols, packed: bool, lead: int = 0) -> torch.Tensor:
+    """``t`` cut to ``rows`` (dim ``lead``) and ``cols`` (the last dim; packed int4: bytes)."""
+    if rows is not None:
+        t = t.index_select(lead, rows)
+    if cols is not None and t.dim() > lead + 1:
+        a, b = (cols[0] // 2, cols[1] // 2) if packed else cols
+        t = t[..., a:b]
+    return t
+
+
+def _expected_shard(full, shard) -> dict[str, torch.Tensor]:
+    """The full model's tensors cut to what each layer of ``shard`` records it holds."""
+    want = dict(full.state_dict())
+    for name, mod in shard.named_modules():
+        pre = name + "." if name else ""
+        if isinstance(mod, ExpertsBase):
+            lo, hi = mod.shard_experts or (0, mod.total_experts)
+            packed = getattr(mod, "bits", None) == 4
+            for key in ("w13", "w13_q", "w13_s"):
+                if pre + key in want:
+                    want[pre + key] = _cut(want[pre + key][lo:hi], mod.shard_rows, None, packed, lead=1)
+            for key in ("w2", "w2_q", "w2_s"):
+                if pre + key in want:
+                    want[pre + key] = _cut(want[pre + key][lo:hi], None, mod.shard_cols if key != "w2_s" else None, packed)
+        elif hasattr(mod, "shard_rows"):
+            packed = getattr(mod, "bits", None) == 4
+            for key in ("weight", "qweight", "scales"):
+                if pre + key in want:
+                    want[pre + key] = _cut(want[pre + key], mod.shard_rows, mod.shard_cols, packed and key == "qweight")
+    return want
+
+
+def _assert_holds_shard(got, full, what: str) -> None:
+    a, b = got.state_dict(), _expected_shard(full, got)
+    assert list(a) == list(b), what
+    for key, t in a.items():
+        assert t.dtype == b[key].dtype and t.shape == b[key].shape, f"{what}: {key} {tuple(t.shape)} vs {tuple(b[key].shape)}"
+        assert torch.equal(t, b[key]), f"{what}: {key} differs"
+
+
 def _cases():
     for name in CONFIGS:
         for split, sizes in (("tp", (2, 4)), ("ep", (2, 4))):
@@ -129,20 +183,17 @@ def _routed_expert(name: str) -> int | None:
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("layout", ["pt", "paddle"])
 @pytest.mark.parametrize("name,split,size", list(_cases()))
-def test_sharded_load_equals_load_then_shard(checkpoints, monkeypatch, name, split, size, layout, quant):
+def test_rank_model_holds_exactly_its_shard(checkpoints, monkeypatch, name, split, size, layout, quant):
     path = checkpoints[name, layout]
-    shard = SPLITS[split]
     names = _tensor_names(path)
     full, cfg = load_model(path, quantization=quant)
     full_numel = _numel(full)
     log = _ReadLog(monkeypatch)
     for rank in range(size):
         what = f"{name} {layout} {quant} {split}{size} rank {rank}"
-        want = copy.deepcopy(full)
-        shard(want, rank, size, None)
         log.read.clear()
-        got, _ = load_model(path, quantization=quant, prepare=lambda m, r=rank: shard(m, r, size, None))
-        _assert_identical(got, want, what)
+        got, _ = load_model(path, quantization=quant, parallel=_context(split, rank, size))
+        _assert_holds_shard(got, full, what)
         assert _numel(got) < full_numel, what
         # TP reads every tensor once; EP skips the experts of other ranks without reading them
         held = range(rank * cfg.moe_num_experts // size, (rank + 1) * cfg.moe_num_experts // size)
@@ -152,11 +203,35 @@ def test_sharded_load_equals_load_then_shard(checkpoints, monkeypatch, name, spl
             assert len(keep) < len(names), what
 
 
-def test_noop_prepare_is_a_plain_load(checkpoints):
+def test_tp_records_are_the_split(checkpoints):
+    """TP2 rank 1 of moe_shared: its query / KV head rows, intermediate halves and vocabulary."""
+    path = checkpoints["moe_shared", "pt"]
+    model, cfg = load_model(path, parallel=_context("tp", 1, 2))
+    hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    q, kv = range(nh // 2, nh), range(nkv // 2, nkv)
+    rows = [r for h in q for r in range(h * hd, (h + 1) * hd)]
+    rows += [nh * hd + r for h in kv for r in range(h * hd, (h + 1) * hd)]
+    rows += [(nh + nkv) * hd + r for h in kv for r in range(h * hd, (h + 1) * hd)]
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.shard_rows.tolist() == rows
+    assert (attn.num_heads, attn.num_kv_heads) == (len(q), len(kv))
+    assert attn.o_proj.shard_cols == (nh // 2 * hd, nh * hd)
+    moe = model.moe_layers()[0]
+    mI = cfg.moe_intermediate_size
+    assert moe.experts.shard_cols == (mI // 2, mI) and moe.experts.shard_experts is None
+    assert moe.experts.shard_rows.tolist() == list(range(mI // 2, mI)) + list(range(mI + mI // 2, 2 * mI))
+    V = cfg.vocab_size
+    assert model.model.embed_tokens.shard_rows.tolist() == list(range(V // 2, V))
+    ep = load_model(path, parallel=_context("ep", 1, 2))[0].moe_layers()[0].experts
+    E = cfg.moe_num_experts
+    assert ep.shard_experts == (E // 2, E) and ep.shard_rows is None and ep.shard_cols is None
+
+
+def test_size_one_context_is_a_plain_load(checkpoints):
     path = checkpoints["moe_shared", "paddle"]
     want, _ = load_model(path, quantization="wint4")
-    got, _ = load_model(path, quantization="wint4", prepare=lambda m: None)
-    _assert_identical(got, want, "no-op prepare")
+    got, _ = load_model(path, quantization="wint4", parallel=ParallelContext())
+    _assert_identical(got, want, "TP1 / EP-less context")
 
 
 def _rewrite(path: str, fn) -> None:
@@ -183,4 +258,24 @@ def test_unread_expert_still_checked(checkpoints, tmp_path, damage):
 
     _rewrite(path, edit)
     with pytest.raises(LoadError, match="missing tensor" if damage == "drop" else "has shape"):
-        load_model(path, prepare=lambda m: shard_experts_(m, 0, 2, None))
+        load_model(path, parallel=_context("ep", 0, 2))
+
+
+NATIVE = pathlib.Path(__file__).resolve().parent.parent / "native"
+
+
+def test_no_parallelism_by_surgery_in_native():
+    """No forward hooks, no methods patched with MethodType, no getattr probes for parallel state."""
+    found = []
+    for path in sorted(NATIVE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(NATIVE.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and node.attr in ("register_forward_hook", "register_forward_pre_hook"):
+                found.append(f"{where} {node.attr}")
+            elif isinstance(node, ast.Name) and node.id == "MethodType":
+                found.append(f"{where} MethodType")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+                probe = node.args[1] if len(node.args) > 1 else None
+                if isinstance(probe, ast.Constant) and probe.value in ("tp_comm", "tp_split", "ep", "ep_lo", "ep_moes"):
+                    found.append(f"{where} {node.func.id}(..., {probe.value!r})")
+    assert not found, found

@@ -24,12 +24,13 @@ def _tp_logits(rank: int, size: int, port: int, model_dir: str, quant: str, out:
     from native.kv_cache import KVCache
     from native.model.loader import load_model
     from native.parallel.comm import init_groups
-    from native.parallel.tp import shard_model_
+    from native.parallel.context import ParallelContext
 
     torch.set_num_threads(1)
     comm, _ = init_groups(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu"), "TP")
-    model, cfg = load_model(model_dir, dtype="float32", quantization=quant)
-    split = shard_model_(model, rank, size, comm)
+    parallel = ParallelContext.tensor_parallel(rank, size, comm)  # built holding its shard only
+    model, cfg = load_model(model_dir, dtype="float32", quantization=quant, parallel=parallel)
+    split = model.head_split
     bs = 4
     cache = KVCache(cfg.num_hidden_layers, 32, len(split.kv_heads), bs, cfg.head_dim, torch.float32)
     ids = [3, 9, 27, 81, 50, 60, 70, 11, 12, 13]

@@ -19,24 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from pdbus import envs
+from .checks import INTERPRET, bf16_out, check_int_vec, check_kv_caches, require, require_cuda
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = envs.TRITON_INTERPRET
 _LOG2E = 1.4426950408889634
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 _SM_COUNT: dict[int, int] = {}
 
 
 def _num_sms(device: torch.device) -> int:
-    if _INTERPRET and device.type != "cuda":
+    if INTERPRET and device.type != "cuda":
         return 132
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
@@ -45,34 +39,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _check_common(q, k_cache, v_cache, block_tables, context_lens, B):
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("block_tables", block_tables), ("context_lens", context_lens)):
-        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor")
-        _require((t.is_cuda or _INTERPRET), f"{name} must be on a CUDA device, got {t.device}")
-        _require(t.device == q.device, f"{name} is on {t.device}, q is on {q.device}")
-    _require(q.dim() == 3, f"q must be 3-D, got shape {tuple(q.shape)}")
-    _require(q.dtype == _BF16, f"q must be bfloat16, got {q.dtype}")
-    _require(q.stride(2) == 1, "q must have a contiguous last dim")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _require(c.dim() == 4, f"{name} must be [num_blocks, kv_heads, block_size, head_dim], got {tuple(c.shape)}")
-        _require(c.dtype == _BF16, f"{name} must be bfloat16, got {c.dtype}")
-        _require(c.stride(3) == 1, f"{name} must have a contiguous last dim")
-    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache shapes differ")
-    _require(k_cache.stride() == v_cache.stride(), "k_cache and v_cache strides differ")
+    require_cuda(("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                 ("context_lens", context_lens))
+    require(q.dim() == 3, f"q must be 3-D, got shape {tuple(q.shape)}")
+    require(q.dtype == _BF16, f"q must be bfloat16, got {q.dtype}")
+    require(q.stride(2) == 1, "q must have a contiguous last dim")
+    check_kv_caches(k_cache, v_cache)
     nh, hd = q.shape[1], q.shape[2]
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
-    _require(k_cache.shape[3] == hd, f"cache head_dim {k_cache.shape[3]} != q head_dim {hd}")
-    _require(nh % kvh == 0, f"query heads {nh} not a multiple of kv heads {kvh}")
-    _require(hd >= 16 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two >= 16, got {hd}")
-    _require(bs >= 16 and (bs & (bs - 1)) == 0, f"block_size must be a power of two >= 16, got {bs}")
-    _require(block_tables.dim() == 2 and block_tables.shape[0] == B,
+    require(k_cache.shape[3] == hd, f"cache head_dim {k_cache.shape[3]} != q head_dim {hd}")
+    require(nh % kvh == 0, f"query heads {nh} not a multiple of kv heads {kvh}")
+    require(hd >= 16 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two >= 16, got {hd}")
+    require(bs >= 16 and (bs & (bs - 1)) == 0, f"block_size must be a power of two >= 16, got {bs}")
+    require(block_tables.dim() == 2 and block_tables.shape[0] == B,
              f"block_tables must be [{B}, max_blocks], got {tuple(block_tables.shape)}")
-    _require(block_tables.dtype in (torch.int32, torch.int64), f"block_tables must be int32/int64, got {block_tables.dtype}")
-    _require(block_tables.stride(1) == 1 or block_tables.shape[1] <= 1, "block_tables rows must be contiguous")
-    _require(context_lens.dim() == 1 and context_lens.shape[0] == B,
-             f"context_lens must be [{B}], got {tuple(context_lens.shape)}")
-    _require(context_lens.dtype in (torch.int32, torch.int64), f"context_lens must be int32/int64, got {context_lens.dtype}")
-    _require(context_lens.stride(0) == 1 or B <= 1, "context_lens must be contiguous")
+    require(block_tables.dtype in (torch.int32, torch.int64), f"block_tables must be int32/int64, got {block_tables.dtype}")
+    require(block_tables.stride(1) == 1 or block_tables.shape[1] <= 1, "block_tables rows must be contiguous")
+    check_int_vec("context_lens", context_lens, B)
 
 
 # ----------------------------------------------------------------------------------- decode
@@ -189,11 +172,7 @@ def paged_decode_attention(
     nh, hd = q.shape[1], q.shape[2]
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
     group = nh // kvh
-    if out is None:
-        out = torch.empty(q.shape, dtype=_BF16, device=q.device)
-    else:
-        _require(out.shape == q.shape and out.dtype == _BF16 and out.device == q.device and out.stride(2) == 1,
-                 "out must be a bfloat16 tensor shaped like q with a contiguous last dim")
+    out = bf16_out(out, q)
     if B == 0:
         return out
     max_blocks = block_tables.shape[1]
@@ -312,19 +291,12 @@ def prefill_attention(
     ``max_query_len`` avoids a device sync when given. Returns ``[T, nh, hd]`` bf16."""
     B = context_lens.shape[0] if context_lens.dim() == 1 else -1
     _check_common(q, k_cache, v_cache, block_tables, context_lens, B)
-    _require(isinstance(query_start_loc, torch.Tensor) and query_start_loc.device == q.device,
+    require(isinstance(query_start_loc, torch.Tensor) and query_start_loc.device == q.device,
              "query_start_loc must be a tensor on q's device")
-    _require(query_start_loc.dim() == 1 and query_start_loc.shape[0] == B + 1,
-             f"query_start_loc must be [{B + 1}], got {tuple(query_start_loc.shape)}")
-    _require(query_start_loc.dtype in (torch.int32, torch.int64), "query_start_loc must be int32/int64")
-    _require(query_start_loc.stride(0) == 1, "query_start_loc must be contiguous")
+    check_int_vec("query_start_loc", query_start_loc, B + 1)
     T, nh, hd = q.shape
     kvh, bs = k_cache.shape[1], k_cache.shape[2]
-    if out is None:
-        out = torch.empty(q.shape, dtype=_BF16, device=q.device)
-    else:
-        _require(out.shape == q.shape and out.dtype == _BF16 and out.device == q.device and out.stride(2) == 1,
-                 "out must be a bfloat16 tensor shaped like q with a contiguous last dim")
+    out = bf16_out(out, q)
     if T == 0 or B == 0:
         return out
     if max_query_len is None:

@@ -19,19 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pdbus import envs
-
+from .checks import on_kernel_device, require
 from .wlinear import TUNED, _wq_step, check_weight, m_bucket, weight_view
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = envs.TRITON_INTERPRET
 _BITS = {torch.bfloat16: 16, torch.int8: 8, torch.uint8: 4}
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------------- router
@@ -110,23 +103,23 @@ def moe_route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ERNIE's router. x ``[T, H]`` bf16, gate_weight ``[E, H]`` (fp32 preferred; any float),
     bias ``[E]`` or ``[1, E]`` fp32. Returns ``(topk_weights bf16 [T, k], topk_ids int32 [T, k])``."""
-    _require(isinstance(x, torch.Tensor) and (x.is_cuda or _INTERPRET), "x must be a CUDA tensor")
-    _require(x.dim() == 2 and x.dtype == _BF16 and x.stride(1) == 1, "x must be bf16 [T, H] with contiguous rows")
-    _require(isinstance(gate_weight, torch.Tensor) and gate_weight.device == x.device,
+    require(on_kernel_device(x), "x must be a CUDA tensor")
+    require(x.dim() == 2 and x.dtype == _BF16 and x.stride(1) == 1, "x must be bf16 [T, H] with contiguous rows")
+    require(isinstance(gate_weight, torch.Tensor) and gate_weight.device == x.device,
              "gate_weight must be a tensor on x's device")
-    _require(gate_weight.dim() == 2 and gate_weight.shape[1] == x.shape[1],
+    require(gate_weight.dim() == 2 and gate_weight.shape[1] == x.shape[1],
              f"gate_weight must be [E, {x.shape[1]}], got {tuple(gate_weight.shape)}")
-    _require(gate_weight.is_floating_point() and gate_weight.stride(1) == 1,
+    require(gate_weight.is_floating_point() and gate_weight.stride(1) == 1,
              "gate_weight must be a float tensor with contiguous rows")
     T, H = x.shape
     E = gate_weight.shape[0]
-    _require(1 <= top_k <= E, f"top_k must be in [1, {E}], got {top_k}")
+    require(1 <= top_k <= E, f"top_k must be in [1, {E}], got {top_k}")
     if e_score_correction_bias is not None:
         b = e_score_correction_bias
-        _require(isinstance(b, torch.Tensor) and b.device == x.device, "bias must be a tensor on x's device")
-        _require(b.numel() == E, f"e_score_correction_bias must have {E} elements, got {b.numel()}")
+        require(isinstance(b, torch.Tensor) and b.device == x.device, "bias must be a tensor on x's device")
+        require(b.numel() == E, f"e_score_correction_bias must have {E} elements, got {b.numel()}")
         b = b.reshape(E)
-        _require(b.is_contiguous() and b.is_floating_point(), "e_score_correction_bias must be a contiguous float tensor")
+        require(b.is_contiguous() and b.is_floating_point(), "e_score_correction_bias must be a contiguous float tensor")
     else:
         b = None
     ids = torch.empty((T, top_k), dtype=torch.int32, device=x.device)
@@ -209,9 +202,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     of ``block_m``. Returns ``(sorted_pair_ids int32 [max_pad] (padding = T*k), expert_of_tile
     int32 [max_blocks], num_padded int32 [1])``; pair ``p`` is token ``p // k``, slot ``p % k``.
     Sizes depend only on the shapes, so the call can be captured in a CUDA graph."""
-    _require(isinstance(topk_ids, torch.Tensor) and (topk_ids.is_cuda or _INTERPRET), "topk_ids must be a CUDA tensor")
-    _require(topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "topk_ids must be contiguous int32")
-    _require(block_m >= 16 and (block_m & (block_m - 1)) == 0, f"block_m must be a power of two >= 16, got {block_m}")
+    require(on_kernel_device(topk_ids), "topk_ids must be a CUDA tensor")
+    require(topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "topk_ids must be contiguous int32")
+    require(block_m >= 16 and (block_m & (block_m - 1)) == 0, f"block_m must be a power of two >= 16, got {block_m}")
     num_pairs = topk_ids.numel()
     max_pad, max_blocks = align_bounds(num_pairs, num_experts, block_m)
     dev = topk_ids.device
@@ -348,8 +341,8 @@ def moe_gemm(
     """One grouped GEMM over the sorted pairs; returns ``[T*k, N or N/2]`` bf16 indexed by pair.
     ``a`` is ``[T, K]`` (rows are tokens) or, with ``a_by_pair``, ``[T*k, K]`` (rows are pairs)."""
     bits = _BITS.get(w.dtype)
-    _require(bits is not None, f"expert weights must be bf16, int8 or uint8 (int4), got {w.dtype}")
-    _require(a.dim() == 2 and a.dtype == _BF16 and a.stride(1) == 1, "a must be bf16 [rows, K] with contiguous rows")
+    require(bits is not None, f"expert weights must be bf16, int8 or uint8 (int4), got {w.dtype}")
+    require(a.dim() == 2 and a.dtype == _BF16 and a.stride(1) == 1, "a must be bf16 [rows, K] with contiguous rows")
     K = a.shape[1]
     E = w.shape[0]
     N = check_weight("w", w, scales, bits, None, K, expert_dim=E)
@@ -380,12 +373,12 @@ def moe_gemm(
 def moe_combine(pair_out: torch.Tensor, top_k: int, shared: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = bf16(sum_j pair_out[t*k + j] (+ shared[t]))`` with fp32 accumulation."""
-    _require(pair_out.dim() == 2 and pair_out.dtype == _BF16 and pair_out.stride(1) == 1,
+    require(pair_out.dim() == 2 and pair_out.dtype == _BF16 and pair_out.stride(1) == 1,
              "pair_out must be bf16 [T*k, H] with contiguous rows")
-    _require(pair_out.shape[0] % top_k == 0, "pair_out rows must be a multiple of top_k")
+    require(pair_out.shape[0] % top_k == 0, "pair_out rows must be a multiple of top_k")
     T, H = pair_out.shape[0] // top_k, pair_out.shape[1]
     if shared is not None:
-        _require(shared.shape == (T, H) and shared.dtype == _BF16 and shared.stride(1) == 1
+        require(shared.shape == (T, H) and shared.dtype == _BF16 and shared.stride(1) == 1
                  and shared.device == pair_out.device, f"shared must be bf16 [{T}, {H}] on {pair_out.device}")
     if out is None:
         out = torch.empty((T, H), dtype=_BF16, device=pair_out.device)
@@ -426,23 +419,23 @@ def fused_moe(
     (``gate_weight [E_all, H]``) while w13 / w2 hold only experts ``expert_start ..
     expert_start + E - 1``; pairs routed elsewhere contribute zero (their rows of the pair output
     are zero), so summing every rank's output gives the whole MoE."""
-    _require(isinstance(x, torch.Tensor) and (x.is_cuda or _INTERPRET), "x must be a CUDA tensor")
-    _require(x.dim() == 2 and x.dtype == _BF16 and x.stride(1) == 1, "x must be bf16 [T, H] with contiguous rows")
+    require(on_kernel_device(x), "x must be a CUDA tensor")
+    require(x.dim() == 2 and x.dtype == _BF16 and x.stride(1) == 1, "x must be bf16 [T, H] with contiguous rows")
     T, H = x.shape
     for name, t in (("w13", w13), ("w2", w2)):
-        _require(isinstance(t, torch.Tensor) and t.device == x.device, f"{name} must be a tensor on {x.device}")
-        _require(t.dim() == 3, f"{name} must be 3-D [E, N, K], got {tuple(t.shape)}")
-    _require(w13.dtype == w2.dtype, f"w13 ({w13.dtype}) and w2 ({w2.dtype}) formats differ")
+        require(isinstance(t, torch.Tensor) and t.device == x.device, f"{name} must be a tensor on {x.device}")
+        require(t.dim() == 3, f"{name} must be 3-D [E, N, K], got {tuple(t.shape)}")
+    require(w13.dtype == w2.dtype, f"w13 ({w13.dtype}) and w2 ({w2.dtype}) formats differ")
     bits = _BITS.get(w13.dtype)
-    _require(bits is not None, f"expert weights must be bf16, int8 or uint8 (int4), got {w13.dtype}")
+    require(bits is not None, f"expert weights must be bf16, int8 or uint8 (int4), got {w13.dtype}")
     E = w13.shape[0]
     if expert_start is None:
-        _require(gate_weight.shape[0] == E, f"gate_weight has {gate_weight.shape[0]} experts, w13 has {E}")
+        require(gate_weight.shape[0] == E, f"gate_weight has {gate_weight.shape[0]} experts, w13 has {E}")
     else:
-        _require(0 <= expert_start and expert_start + E <= gate_weight.shape[0],
+        require(0 <= expert_start and expert_start + E <= gate_weight.shape[0],
                  f"experts {expert_start}..{expert_start + E - 1} are not among the gate's {gate_weight.shape[0]}")
     two_i = check_weight("w13", w13, w13_scales, bits, None, H, expert_dim=E)
-    _require(two_i % 2 == 0, f"w13 N must be 2*I, got {two_i}")
+    require(two_i % 2 == 0, f"w13 N must be 2*I, got {two_i}")
     inter = two_i // 2
     check_weight("w2", w2, w2_scales, bits, H, inter, expert_dim=E)
     topk_w, topk_ids = moe_route(x, gate_weight, top_k, e_score_correction_bias)
@@ -463,6 +456,6 @@ def fused_moe(
     h2 = moe_gemm(h1, w2, w2_scales, sorted_ids, expert_ids, npad, top_k, block_m,
                   swiglu=False, topk_weights=topk_w.view(-1), a_by_pair=True, out=h2, config=configs[1])
     if return_pairs:
-        _require(shared_out is None, "return_pairs leaves the shared expert to the combine: pass shared_out there")
+        require(shared_out is None, "return_pairs leaves the shared expert to the combine: pass shared_out there")
         return h2
     return moe_combine(h2, top_k, shared_out)

@@ -12,26 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pdbus import envs
+from .checks import check_int_vec, check_kv_caches, require, require_cuda
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = envs.TRITON_INTERPRET
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _require_cuda(*named: tuple[str, torch.Tensor]) -> None:
-    dev = None
-    for name, t in named:
-        _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor")
-        _require((t.is_cuda or _INTERPRET), f"{name} must be on a CUDA device, got {t.device}")
-        if dev is None:
-            dev = t.device
-        _require(t.device == dev, f"{name} is on {t.device}, expected {dev}")
 
 
 # ------------------------------------------------------------------------------------ rmsnorm
@@ -83,17 +67,17 @@ def _rmsnorm_kernel(
 
 
 def _check_norm_args(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> None:
-    _require_cuda(("x", x), ("weight", weight))
-    _require(x.dim() == 2, f"x must be 2-D [T, H], got shape {tuple(x.shape)}")
-    _require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
-    _require(weight.dtype == _BF16, f"weight must be bfloat16, got {weight.dtype}")
-    _require(weight.shape == (x.shape[1],), f"weight must be [{x.shape[1]}], got {tuple(weight.shape)}")
-    _require(weight.stride(0) == 1, "weight must be contiguous")
-    _require(x.stride(1) == 1, "x rows must be contiguous (stride(1) == 1)")
+    require_cuda(("x", x), ("weight", weight))
+    require(x.dim() == 2, f"x must be 2-D [T, H], got shape {tuple(x.shape)}")
+    require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
+    require(weight.dtype == _BF16, f"weight must be bfloat16, got {weight.dtype}")
+    require(weight.shape == (x.shape[1],), f"weight must be [{x.shape[1]}], got {tuple(weight.shape)}")
+    require(weight.stride(0) == 1, "weight must be contiguous")
+    require(x.stride(1) == 1, "x rows must be contiguous (stride(1) == 1)")
     if out is not None:
-        _require_cuda(("out", out), ("x", x))
-        _require(out.shape == x.shape and out.dtype == _BF16, "out must be a bfloat16 tensor shaped like x")
-        _require(out.stride(1) == 1, "out rows must be contiguous")
+        require_cuda(("out", out), ("x", x))
+        require(out.shape == x.shape and out.dtype == _BF16, "out must be a bfloat16 tensor shaped like x")
+        require(out.stride(1) == 1, "out rows must be contiguous")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,10 +105,10 @@ def fused_add_rmsnorm(
 ) -> torch.Tensor:
     """``residual += x`` (in place, rounded to bf16), then return ``rmsnorm(residual)``."""
     _check_norm_args(x, weight, out)
-    _require_cuda(("residual", residual), ("x", x))
-    _require(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    _require(residual.dtype == _BF16, f"residual must be bfloat16, got {residual.dtype}")
-    _require(residual.stride(1) == 1, "residual rows must be contiguous")
+    require_cuda(("residual", residual), ("x", x))
+    require(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    require(residual.dtype == _BF16, f"residual must be bfloat16, got {residual.dtype}")
+    require(residual.stride(1) == 1, "residual rows must be contiguous")
     if out is None:
         out = torch.empty_like(x)
     T, H = x.shape
@@ -150,17 +134,17 @@ def moe_combine_add_rmsnorm(
     """The MoE combine fused into the next norm: ``moe = bf16(sum_j pair_out[t*k+j] (+ shared[t]))``
     (fp32 sum), ``residual += moe`` (bf16), returns ``rmsnorm(residual)``. ``pair_out`` is
     ``[T*k, H]`` as ``fused_moe(..., return_pairs=True)`` gives it."""
-    _require_cuda(("pair_out", pair_out), ("residual", residual), ("weight", weight))
-    _require(pair_out.dim() == 2 and pair_out.dtype == _BF16 and pair_out.stride(1) == 1,
+    require_cuda(("pair_out", pair_out), ("residual", residual), ("weight", weight))
+    require(pair_out.dim() == 2 and pair_out.dtype == _BF16 and pair_out.stride(1) == 1,
              "pair_out must be bf16 [T*k, H] with contiguous rows")
-    _require(top_k >= 1 and pair_out.shape[0] == residual.shape[0] * top_k,
+    require(top_k >= 1 and pair_out.shape[0] == residual.shape[0] * top_k,
              f"pair_out has {pair_out.shape[0]} rows, expected {residual.shape[0]} x top_k={top_k}")
     _check_norm_args(residual, weight, out)
     T, H = residual.shape
-    _require(pair_out.shape[1] == H, f"pair_out width {pair_out.shape[1]} != {H}")
+    require(pair_out.shape[1] == H, f"pair_out width {pair_out.shape[1]} != {H}")
     if shared is not None:
-        _require_cuda(("shared", shared), ("residual", residual))
-        _require(shared.shape == (T, H) and shared.dtype == _BF16 and shared.stride(1) == 1,
+        require_cuda(("shared", shared), ("residual", residual))
+        require(shared.shape == (T, H) and shared.dtype == _BF16 and shared.stride(1) == 1,
                  f"shared must be bf16 [{T}, {H}] with contiguous rows")
     if out is None:
         out = torch.empty_like(residual)
@@ -248,42 +232,31 @@ def _rope_store_kernel(
 
 
 def _check_heads(name: str, t: torch.Tensor, T: int | None, hd: int | None) -> None:
-    _require(t.dim() == 3, f"{name} must be 3-D [T, heads, head_dim], got shape {tuple(t.shape)}")
-    _require(t.dtype == _BF16, f"{name} must be bfloat16, got {t.dtype}")
-    _require(t.stride(2) == 1, f"{name} must have a contiguous last dim")
+    require(t.dim() == 3, f"{name} must be 3-D [T, heads, head_dim], got shape {tuple(t.shape)}")
+    require(t.dtype == _BF16, f"{name} must be bfloat16, got {t.dtype}")
+    require(t.stride(2) == 1, f"{name} must have a contiguous last dim")
     if T is not None:
-        _require(t.shape[0] == T, f"{name} has {t.shape[0]} tokens, expected {T}")
+        require(t.shape[0] == T, f"{name} has {t.shape[0]} tokens, expected {T}")
     if hd is not None:
-        _require(t.shape[2] == hd, f"{name} head_dim {t.shape[2]} != {hd}")
+        require(t.shape[2] == hd, f"{name} head_dim {t.shape[2]} != {hd}")
 
 
 def _check_cache(k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require_cuda(("k_cache", k_cache), ("v_cache", v_cache), ("k", k))
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _require(c.dim() == 4, f"{name} must be [num_blocks, kv_heads, block_size, head_dim], got {tuple(c.shape)}")
-        _require(c.dtype == _BF16, f"{name} must be bfloat16, got {c.dtype}")
-        _require(c.stride(3) == 1, f"{name} must have a contiguous last dim")
-    _require(k_cache.shape == v_cache.shape, "k_cache and v_cache shapes differ")
-    _require(k_cache.stride() == v_cache.stride(), "k_cache and v_cache strides differ")
-    _require(k_cache.shape[1] == k.shape[1], f"cache has {k_cache.shape[1]} kv heads, k has {k.shape[1]}")
-    _require(k_cache.shape[3] == k.shape[2], f"cache head_dim {k_cache.shape[3]} != k head_dim {k.shape[2]}")
-
-
-def _check_int_vec(name: str, t: torch.Tensor, n: int) -> None:
-    _require(t.dim() == 1 and t.shape[0] == n, f"{name} must be 1-D of length {n}, got {tuple(t.shape)}")
-    _require(t.dtype in (torch.int32, torch.int64), f"{name} must be int32/int64, got {t.dtype}")
-    _require(t.stride(0) == 1 or n <= 1, f"{name} must be contiguous")
+    require_cuda(("k_cache", k_cache), ("v_cache", v_cache), ("k", k))
+    check_kv_caches(k_cache, v_cache)
+    require(k_cache.shape[1] == k.shape[1], f"cache has {k_cache.shape[1]} kv heads, k has {k.shape[1]}")
+    require(k_cache.shape[3] == k.shape[2], f"cache head_dim {k_cache.shape[3]} != k head_dim {k.shape[2]}")
 
 
 def rope_interleaved(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
     """Rotate q ``[T, nh, hd]`` and k ``[T, kvh, hd]`` (bf16, views allowed) **in place**; returns them."""
-    _require_cuda(("q", q), ("k", k), ("positions", positions))
+    require_cuda(("q", q), ("k", k), ("positions", positions))
     T = q.shape[0]
     _check_heads("q", q, None, None)
     hd = q.shape[2]
     _check_heads("k", k, T, hd)
-    _require(hd % 2 == 0 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two, got {hd}")
-    _check_int_vec("positions", positions, T)
+    require(hd % 2 == 0 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two, got {hd}")
+    check_int_vec("positions", positions, T)
     if T == 0:
         return q, k
     inv = rope_inv_freq(theta, hd, q.device)
@@ -306,13 +279,13 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write k, v ``[T, kvh, hd]`` into the paged caches at ``slot_mapping`` (``-1`` = skip)."""
-    _require_cuda(("k", k), ("v", v), ("slot_mapping", slot_mapping))
+    require_cuda(("k", k), ("v", v), ("slot_mapping", slot_mapping))
     _check_heads("k", k, None, None)
     T, hd = k.shape[0], k.shape[2]
     _check_heads("v", v, T, hd)
-    _require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     _check_cache(k, k_cache, v_cache)
-    _check_int_vec("slot_mapping", slot_mapping, T)
+    check_int_vec("slot_mapping", slot_mapping, T)
     if T == 0:
         return
     _rope_store_kernel[(T,)](
@@ -337,16 +310,16 @@ def rope_store_kv(
 ) -> torch.Tensor:
     """Fused ``rope_interleaved`` + ``store_kv``: q is rotated in place (and returned); the rotated
     k goes only to the cache (k itself is left unrotated), v is copied to the cache."""
-    _require_cuda(("q", q), ("k", k), ("v", v), ("positions", positions), ("slot_mapping", slot_mapping))
+    require_cuda(("q", q), ("k", k), ("v", v), ("positions", positions), ("slot_mapping", slot_mapping))
     _check_heads("q", q, None, None)
     T, hd = q.shape[0], q.shape[2]
-    _require(hd % 2 == 0 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two, got {hd}")
+    require(hd % 2 == 0 and (hd & (hd - 1)) == 0, f"head_dim must be a power of two, got {hd}")
     _check_heads("k", k, T, hd)
     _check_heads("v", v, T, hd)
-    _require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    require(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     _check_cache(k, k_cache, v_cache)
-    _check_int_vec("positions", positions, T)
-    _check_int_vec("slot_mapping", slot_mapping, T)
+    check_int_vec("positions", positions, T)
+    check_int_vec("slot_mapping", slot_mapping, T)
     if T == 0:
         return q
     inv = rope_inv_freq(theta, hd, q.device)

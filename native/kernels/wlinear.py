@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pdbus import envs
+from .checks import INTERPRET, on_kernel_device, require
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = envs.TRITON_INTERPRET
 _WDTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.uint8}
 
 # (kind, m_bucket, N, K, bits, swiglu) -> config dict; filled by tuning (bench/gpu_bench.py).
@@ -30,12 +29,7 @@ TUNED: dict[tuple, dict] = {}
 # Dequantization path per weight bits (see _wq_step), from the H100 sweeps: the PTX path (2)
 # made the int4 MoE GEMMs 1.3-2x faster than plain casts (0); for int8 the plain cast was ~5%
 # faster. The PTX path does not run under TRITON_INTERPRET.
-DEFAULT_CVT = {4: 0 if _INTERPRET else 2, 8: 0}
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+DEFAULT_CVT = {4: 0 if INTERPRET else 2, 8: 0}
 
 
 def m_bucket(m: int) -> int:
@@ -258,31 +252,31 @@ def default_config(M: int, N_out: int, K: int, bits: int, swiglu: bool) -> dict:
 def check_weight(name: str, w: torch.Tensor, scales: torch.Tensor | None, bits: int,
                  N: int | None, K: int, expert_dim: int | None = None) -> int:
     """Validate a (possibly batched over experts) weight; returns N."""
-    _require(bits in _WDTYPE, f"bits must be 16, 8 or 4, got {bits}")
-    _require(isinstance(w, torch.Tensor) and (w.is_cuda or _INTERPRET), f"{name} must be a CUDA tensor")
+    require(bits in _WDTYPE, f"bits must be 16, 8 or 4, got {bits}")
+    require(on_kernel_device(w), f"{name} must be a CUDA tensor")
     lead = 0 if expert_dim is None else 1
-    _require(w.dim() == 2 + lead, f"{name} must be {'[E, N, K]' if lead else '[N, K]'}-shaped, got {tuple(w.shape)}")
-    _require(w.dtype == _WDTYPE[bits], f"{name} must be {_WDTYPE[bits]} for bits={bits}, got {w.dtype}")
+    require(w.dim() == 2 + lead, f"{name} must be {'[E, N, K]' if lead else '[N, K]'}-shaped, got {tuple(w.shape)}")
+    require(w.dtype == _WDTYPE[bits], f"{name} must be {_WDTYPE[bits]} for bits={bits}, got {w.dtype}")
     if lead:
-        _require(w.shape[0] == expert_dim, f"{name} has {w.shape[0]} experts, expected {expert_dim}")
+        require(w.shape[0] == expert_dim, f"{name} has {w.shape[0]} experts, expected {expert_dim}")
     kw = K // 2 if bits == 4 else K
     if bits == 4:
-        _require(K % 2 == 0, f"K must be even for int4 weights, got {K}")
-    _require(w.shape[-1] == kw, f"{name} last dim is {w.shape[-1]}, expected {kw} (K={K}, bits={bits})")
-    _require(w.stride(-1) == 1, f"{name} must have a contiguous last dim")
+        require(K % 2 == 0, f"K must be even for int4 weights, got {K}")
+    require(w.shape[-1] == kw, f"{name} last dim is {w.shape[-1]}, expected {kw} (K={K}, bits={bits})")
+    require(w.stride(-1) == 1, f"{name} must have a contiguous last dim")
     n = w.shape[-2]
     if N is not None:
-        _require(n == N, f"{name} has N={n}, expected {N}")
+        require(n == N, f"{name} has N={n}, expected {N}")
     if bits == 16:
-        _require(scales is None, f"{name}: scales must be None for bf16 weights")
+        require(scales is None, f"{name}: scales must be None for bf16 weights")
     else:
-        _require(isinstance(scales, torch.Tensor) and scales.device == w.device,
+        require(isinstance(scales, torch.Tensor) and scales.device == w.device,
                  f"{name}: scales must be a tensor on {w.device}")
         want = (expert_dim, n) if lead else (n,)
-        _require(tuple(scales.shape) == want, f"{name}: scales must be {list(want)}, got {list(scales.shape)}")
-        _require(scales.dtype in (torch.bfloat16, torch.float16, torch.float32),
+        require(tuple(scales.shape) == want, f"{name}: scales must be {list(want)}, got {list(scales.shape)}")
+        require(scales.dtype in (torch.bfloat16, torch.float16, torch.float32),
                  f"{name}: scales must be a float tensor, got {scales.dtype}")
-        _require(scales.stride(-1) == 1, f"{name}: scales must have a contiguous last dim")
+        require(scales.stride(-1) == 1, f"{name}: scales must have a contiguous last dim")
     return n
 
 
@@ -297,24 +291,24 @@ def wlinear(
 ) -> torch.Tensor:
     """``x [M, K]`` bf16 times a weight-only quantized ``[N, K]`` matrix (see the module doc);
     returns ``[M, N]`` bf16, or ``[M, N/2]`` with ``act="swiglu"``."""
-    _require(isinstance(x, torch.Tensor) and (x.is_cuda or _INTERPRET), "x must be a CUDA tensor")
-    _require(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    _require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
-    _require(x.stride(1) == 1, "x must have a contiguous last dim")
-    _require(act in (None, "swiglu"), f"act must be None or 'swiglu', got {act!r}")
+    require(on_kernel_device(x), "x must be a CUDA tensor")
+    require(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
+    require(x.stride(1) == 1, "x must have a contiguous last dim")
+    require(act in (None, "swiglu"), f"act must be None or 'swiglu', got {act!r}")
     M, K = x.shape
     N = check_weight("qweight", qweight, scales, bits, None, K)
-    _require(qweight.device == x.device, f"qweight is on {qweight.device}, x on {x.device}")
+    require(qweight.device == x.device, f"qweight is on {qweight.device}, x on {x.device}")
     swiglu = act == "swiglu"
     if swiglu:
-        _require(N % 2 == 0, f"swiglu needs an even N, got {N}")
+        require(N % 2 == 0, f"swiglu needs an even N, got {N}")
     n_out = N // 2 if swiglu else N
     if out is None:
         out = torch.empty((M, n_out), dtype=_BF16, device=x.device)
     else:
-        _require(out.shape == (M, n_out) and out.dtype == _BF16 and out.device == x.device,
+        require(out.shape == (M, n_out) and out.dtype == _BF16 and out.device == x.device,
                  f"out must be bf16 [{M}, {n_out}] on {x.device}")
-        _require(out.stride(1) == 1, "out must have a contiguous last dim")
+        require(out.stride(1) == 1, "out must have a contiguous last dim")
     if M == 0:
         return out
     cfg = config or TUNED.get(("wlinear", m_bucket(M), N, K, bits, swiglu)) or default_config(M, n_out, K, bits, swiglu)

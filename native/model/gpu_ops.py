@@ -1,8 +1,8 @@
-"""ErnieForCausalLM on the Triton kernels (native.kernels): the GPU dispatch layer.
+"""The kernel op table (native/model/ops.py's :class:`Ops` on the Triton kernels of native.kernels).
 
-``ErnieForCausalLM.forward`` hands a step here when its weights are CUDA bf16 and the KV cache
-suits the kernels (:func:`kernels_supported`); the CPU path in ernie.py stays the reference.
-One layer of a step:
+``ErnieForCausalLM`` takes this table for its layers when its weights are CUDA bf16 and the KV
+cache suits the kernels (:func:`kernels_supported`); the torch table stays the reference. The
+module tree is the same; one layer of a step on this table:
 
     input norm (the previous block's output added to the residual in the same kernel)
     qkv GEMM -> RoPE + K/V store (one kernel) -> prefill or paged-decode attention -> o GEMM
@@ -10,10 +10,11 @@ One layer of a step:
     dense MLP (GEMM, silu * up, GEMM) or MoE (router, sort, two grouped GEMMs; the combine of
     the k expert outputs and the shared expert is fused into the next layer's input norm)
 
-Under TP (native/parallel/tp.py: ``model.tp_comm``) the attention output, the dense MLP's and the
-MoE block's outputs and the embedding are all-reduced; under EP (native/parallel/ep.py) a MoE
-block all-gathers the step's rows, runs this rank's experts and reduce-scatters (``moe_ep``).
-On NCCL these collectives are captured in the decode graphs with the rest.
+The layers own their collectives (native/model/layers.py): under TP ``o_proj`` / ``down_proj``
+all-reduce, the MoE block combines its pairs (:meth:`KernelOps.combine`) and all-reduces, the
+embedding all-reduces; under EP the MoE block all-gathers the step's rows, runs this rank's
+experts (``fused_moe(expert_start=...)``) and reduce-scatters. On NCCL these collectives are
+captured in the decode graphs with the rest.
 
 bf16 linears are torch matmuls; weight-only int8 / int4 linears and experts run the kernels on
 the formats native/model/quant.py stores (no second copy). A decode step (every query length 1)
@@ -28,7 +29,6 @@ hold token for token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from ..attn_meta import AttnMeta
 from ..kv_cache import KVCache
-from .quant import QuantExperts, WeightOnlyLinear
+from .ops import Ops, padded_rows, split_qkv
 
 # flash-decoding partition length; partitions never depend on the batch
 DECODE_PARTITION_TOKENS = 256
@@ -71,9 +71,10 @@ def kernels_supported(model, kv_cache: KVCache | None = None) -> str | None:
 
 def graph_blocker(model) -> str | None:
     """None when a decode step of ``model`` can be captured in a CUDA graph, else why not."""
-    for what, comm in (("tensor", getattr(model, "tp_comm", None)), ("expert", getattr(getattr(model, "ep", None), "comm", None))):
-        if comm is not None and comm.size > 1 and not comm.capturable:
-            return f"the {what}-parallel collectives run on {comm.backend}, which a CUDA graph cannot capture"
+    parallel = model.parallel
+    for what, group in (("tensor", parallel.tp), ("expert", parallel.ep)):
+        if group.size > 1 and not group.comm.capturable:
+            return f"the {what}-parallel collectives run on {group.comm.backend}, which a CUDA graph cannot capture"
     return None
 
 
@@ -88,7 +89,7 @@ def pad_block_tables(block_tables: torch.Tensor, block_size: int) -> torch.Tenso
     return F.pad(block_tables, (0, extra)) if extra else block_tables
 
 
-# ------------------------------------------------------------------------------------ blocks
+# ------------------------------------------------------------------------------------ the table
 
 
 @dataclass
@@ -100,49 +101,24 @@ class MoEPairs:
     shared: torch.Tensor | None
 
 
-Delta = torch.Tensor | MoEPairs | None
+@dataclass
+class KernelStep:
+    meta: AttnMeta
+    positions: torch.Tensor
+    theta: float
+    decode_tables: torch.Tensor | None  # decode: block tables padded to whole partitions
 
 
-def add_norm(residual: torch.Tensor, delta: Delta, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``residual += delta`` in place (bf16), then RMSNorm of it."""
-    if delta is None:
-        return K.rmsnorm(residual, weight, eps)
-    if isinstance(delta, MoEPairs):
-        return K.moe_combine_add_rmsnorm(delta.pairs, delta.top_k, delta.shared, residual, weight, eps)
-    return K.fused_add_rmsnorm(delta, residual, weight, eps)
-
-
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, WeightOnlyLinear):
-        return K.wlinear(x, module.qweight, module.scales, module.bits)
-    return F.linear(x, module.weight)
-
-
-def mlp(module, x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU MLP; a quantized gate/up projection fuses silu(gate) * up into its GEMM."""
-    gate_up = module.gate_up_proj
-    if isinstance(gate_up, WeightOnlyLinear):
-        h = K.wlinear(x, gate_up.qweight, gate_up.scales, gate_up.bits, act="swiglu")
-    else:
-        gate, up = F.linear(x, gate_up.weight).chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    return linear(module.down_proj, h)
-
-
-def routed_pairs(module, x: torch.Tensor, expert_start: int | None = None) -> torch.Tensor:
+def routed_pairs(moe, x: torch.Tensor, expert_start: int | None = None) -> torch.Tensor:
     """The routed experts' weighted outputs ``[T*k, H]``, uncombined (fused_moe's pairs)."""
-    experts = module.experts
-    if isinstance(experts, QuantExperts):
-        w13, w2, s13, s2 = experts.w13_q, experts.w2_q, experts.w13_s, experts.w2_s
-    else:
-        w13, w2, s13, s2 = experts.w13, experts.w2, None, None
+    w13, w2, s13, s2 = moe.experts.stacks()
     return K.fused_moe(
         x,
-        module.gate.weight,
+        moe.gate.weight,
         w13,
         w2,
-        module.top_k,
-        module.e_score_correction_bias,
+        moe.top_k,
+        moe.e_score_correction_bias,
         w13_scales=s13,
         w2_scales=s2,
         return_pairs=True,
@@ -150,107 +126,74 @@ def routed_pairs(module, x: torch.Tensor, expert_start: int | None = None) -> to
     )
 
 
-def moe(module, x: torch.Tensor, comm=None) -> Delta:
-    """The MoE block; under TP (``comm``) its partial output is combined and all-reduced here."""
-    if getattr(module, "ep", None) is not None:
-        return moe_ep(module, x)
-    pairs = routed_pairs(module, x)
-    shared = mlp(module.shared_experts, x) if module.shared_experts is not None else None
-    if comm is None:
-        return MoEPairs(pairs, module.top_k, shared)
-    return comm.all_reduce(K.moe_combine(pairs, module.top_k, shared))
+class KernelOps(Ops):
+    name = "kernels"
 
+    def begin(self, model, positions, meta):
+        tables = pad_block_tables(meta.block_tables, meta.block_size) if meta.is_decode else None
+        return KernelStep(meta, positions, model.cfg.rope_theta, tables)
 
-def moe_ep(module, x: torch.Tensor) -> MoEPairs:
-    """The MoE block under expert parallelism (native/parallel/ep.py): all-gather every rank's
-    rows (padded to the step's agreed size), apply this rank's experts, reduce-scatter."""
-    from native.parallel.ep import padded_rows
+    def rmsnorm(self, x, weight, eps):
+        return K.rmsnorm(x, weight, eps)
 
-    ep = module.ep
-    T = x.shape[0]
-    pairs = routed_pairs(module, ep.comm.all_gather(padded_rows(x, ep.tokens)), expert_start=module.ep_lo)
-    mine = ep.comm.reduce_scatter(K.moe_combine(pairs, module.top_k))[:T]
-    shared = mlp(module.shared_experts, x) if module.shared_experts is not None and T else None
-    return MoEPairs(mine, 1, shared)
+    def add_rmsnorm(self, delta, residual, weight, eps):
+        """``residual += delta`` in place (bf16), then RMSNorm of it (a MoE delta combined here)."""
+        if delta is None:
+            return K.rmsnorm(residual, weight, eps), residual
+        if isinstance(delta, MoEPairs):
+            return K.moe_combine_add_rmsnorm(delta.pairs, delta.top_k, delta.shared, residual, weight, eps), residual
+        return K.fused_add_rmsnorm(delta, residual, weight, eps), residual
 
+    def linear(self, layer, x):
+        if layer.bits is None:
+            return F.linear(x, layer.weight)
+        return K.wlinear(x, layer.qweight, layer.scales, layer.bits)
 
-def attention(
-    attn,
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttnMeta,
-    theta: float,
-    decode_tables: torch.Tensor | None,
-) -> torch.Tensor:
-    """x [T, H] -> o_proj(attention) [T, H]; stores this step's K/V at ``meta.slot_mapping``."""
-    T = x.shape[0]
-    nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = linear(attn.qkv_proj, x)
-    q = qkv[:, : nh * hd].view(T, nh, hd)
-    k = qkv[:, nh * hd : (nh + nkv) * hd].view(T, nkv, hd)
-    v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)
-    K.rope_store_kv(q, k, v, positions, theta, k_cache, v_cache, meta.slot_mapping)
-    if decode_tables is not None:
-        n_parts = decode_tables.shape[1] // decode_blocks_per_partition(meta.block_size)
-        o = K.paged_decode_attention(
-            q, k_cache, v_cache, decode_tables, meta.context_lens_t, attn.scale, num_partitions=n_parts
-        )
-    else:
-        o = K.prefill_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.query_start_loc,
-            meta.context_lens_t,
-            meta.block_tables,
-            attn.scale,
-            max_query_len=meta.max_query_len,
-            block_m=PREFILL_BLOCK_M,
-        )
-    return linear(attn.o_proj, o.view(T, nh * hd))
+    def swiglu(self, gate_up, x):
+        """A quantized gate/up projection fuses silu(gate) * up into its GEMM."""
+        if gate_up.bits is not None:
+            return K.wlinear(x, gate_up.qweight, gate_up.scales, gate_up.bits, act="swiglu")
+        gate, up = F.linear(x, gate_up.weight).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
-
-def embed(module, input_ids: torch.Tensor, comm) -> torch.Tensor:
-    """Token embeddings; under TP each rank holds a vocabulary slice and the rows are all-reduced."""
-    if comm is None:
-        return F.embedding(input_ids, module.weight)
-    local = (input_ids >= module.start) & (input_ids < module.stop)
-    rows = F.embedding(torch.where(local, input_ids - module.start, 0), module.weight)
-    return comm.all_reduce(rows.masked_fill_(~local[:, None], 0))
-
-
-def forward(
-    model,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    kv_cache: KVCache,
-    meta: AttnMeta,
-    layer_done: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """The kernel path of ``ErnieForCausalLM.forward``: input_ids, positions [T] -> hidden [T, H]."""
-    cfg = model.cfg
-    eps = cfg.rms_norm_eps
-    inner = model.model
-    decode_tables = pad_block_tables(meta.block_tables, meta.block_size) if meta.is_decode else None
-    comm = getattr(model, "tp_comm", None)  # TP: heads, MLP and vocabulary are sharded
-    residual = embed(inner.embed_tokens, input_ids, comm)
-    delta: Delta = None
-    for i, layer in enumerate(inner.layers):
-        x = add_norm(residual, delta, layer.input_layernorm.weight, eps)
-        o = attention(
-            layer.self_attn, x, positions, kv_cache.k[i], kv_cache.v[i], meta, cfg.rope_theta, decode_tables
-        )
-        if layer_done is not None:
-            layer_done(i)
-        if comm is not None:
-            o = comm.all_reduce(o)
-        x = K.fused_add_rmsnorm(o, residual, layer.post_attention_layernorm.weight, eps)
-        if hasattr(layer.mlp, "experts"):
-            delta = moe(layer.mlp, x, comm)
+    def attention(self, attn, qkv, k_cache, v_cache, step: KernelStep):
+        T = qkv.shape[0]
+        q, k, v = split_qkv(attn, qkv)
+        meta = step.meta
+        K.rope_store_kv(q, k, v, step.positions, step.theta, k_cache, v_cache, meta.slot_mapping)
+        if step.decode_tables is not None:
+            n_parts = step.decode_tables.shape[1] // decode_blocks_per_partition(meta.block_size)
+            o = K.paged_decode_attention(
+                q, k_cache, v_cache, step.decode_tables, meta.context_lens_t, attn.scale, num_partitions=n_parts
+            )
         else:
-            delta = mlp(layer.mlp, x)
-            if comm is not None:
-                delta = comm.all_reduce(delta)
-    return add_norm(residual, delta, inner.norm.weight, eps)
+            o = K.prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.query_start_loc,
+                meta.context_lens_t,
+                meta.block_tables,
+                attn.scale,
+                max_query_len=meta.max_query_len,
+                block_m=PREFILL_BLOCK_M,
+            )
+        return o.view(T, attn.num_heads * attn.head_dim)
+
+    def moe_experts(self, moe, x):
+        return routed_pairs(moe, x)
+
+    def moe_output(self, routed, top_k, shared, dtype):
+        return MoEPairs(routed, top_k, shared)
+
+    def combine(self, delta):
+        return K.moe_combine(delta.pairs, delta.top_k, delta.shared)
+
+    def ep_payload(self, moe, x, rows):
+        return padded_rows(x, rows)
+
+    def ep_experts(self, moe, gathered):
+        return K.moe_combine(routed_pairs(moe, gathered, expert_start=moe.experts.expert_start), moe.top_k)
+
+
+KERNEL_OPS = KernelOps()

@@ -13,17 +13,17 @@ streamed in, checked against an expectation table (unexpected / wrong shape / mi
 :class:`LoadError` naming the tensor) and written — quantized row by row when requested, so no
 full-precision copy of the experts is ever held. MTP tensors are skipped.
 
-Shard-aware loading: ``load_model(..., prepare=fn)`` runs ``fn`` on the meta model before
-anything is allocated, e.g. ``lambda m: shard_model_(m, rank, size, comm)`` (TP) or
-``lambda m: shard_experts_(m, rank, size, group)`` (EP). The modules they slice record which part
-of the checkpoint they hold, and the writes keep exactly that part:
+Shard-aware loading: ``load_model(..., parallel=ctx)`` builds the model for a
+:class:`~native.parallel.context.ParallelContext` (TP rank / size, EP rank / size). Its layers
+(native/model/layers.py) are built holding only their part and record which part of the
+checkpoint that is; the writes keep exactly that part:
 
-* ``shard_rows`` (Linear / WeightOnlyLinear / embedding / lm_head; routed experts' w13 rows):
-  global output rows held, in local order. A checkpoint tensor holding the module's global rows
+* ``shard_rows`` (linears, embedding, lm_head; routed experts' w13 rows): global output rows
+  held, in local order (None: all). A checkpoint tensor holding the module's global rows
   ``[row_start, row_start + n)`` (q / k / v, gate / up are separate tensors in the -PT layout)
   writes the rows of that block the shard holds, to their local positions.
-* ``shard_cols = (start, stop)`` (Linear / WeightOnlyLinear; routed experts' w2): input columns
-  held. Quantized rows are quantized whole, then narrowed, so scales are those of full rows.
+* ``shard_cols = (start, stop)`` (row-parallel linears; routed experts' w2): input columns held.
+  Quantized rows are quantized whole, then narrowed, so scales are those of full rows.
 * ``shard_experts = (lo, hi)`` (routed experts): only experts ``lo..hi-1`` are held, at ``e - lo``.
 
 A tensor of which the shard holds nothing (another EP rank's expert) is shape-checked from the
@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 from native.kv_cache import DTYPES
 
+from ..parallel.context import ParallelContext
 from .config import ErnieConfig
 from .ernie import ErnieForCausalLM
-from .quant import check_quantization, expert_storage, linear_storage, store_rows
+from .quant import check_quantization, store_rows
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -140,9 +141,8 @@ def _rows_writer(
 
 
 def _module_rows(module, n: int, row_start: int = 0) -> Writer | None:
-    """Rows of a (weight-only) Linear or embedding, honouring its ``shard_rows`` / ``shard_cols``."""
-    shard_rows, shard_cols = getattr(module, "shard_rows", None), getattr(module, "shard_cols", None)
-    return _rows_writer(linear_storage(module), n, row_start, shard_rows, shard_cols)
+    """Rows of a (weight-only) linear or embedding, honouring its ``shard_rows`` / ``shard_cols``."""
+    return _rows_writer(module.storage(), n, row_start, module.shard_rows, module.shard_cols)
 
 
 def _expert_rows(experts, which: str, local: int | None, n: int, row_start: int = 0) -> Writer | None:
@@ -150,10 +150,10 @@ def _expert_rows(experts, which: str, local: int | None, n: int, row_start: int 
     here), honouring the stacks' ``shard_rows`` (w13 rows) and ``shard_cols`` (w2 columns)."""
     if local is None:
         return None
-    storage = expert_storage(experts, which, local)
+    storage = experts.storage(which, local)
     if which == "w13":
-        return _rows_writer(storage, n, row_start, shard_rows=getattr(experts, "shard_rows", None))
-    return _rows_writer(storage, n, row_start, shard_cols=getattr(experts, "shard_cols", None))
+        return _rows_writer(storage, n, row_start, shard_rows=experts.shard_rows)
+    return _rows_writer(storage, n, row_start, shard_cols=experts.shard_cols)
 
 
 def expected_tensors(model: ErnieForCausalLM, layout: str) -> dict[str, _Entry]:
@@ -210,7 +210,7 @@ def expected_tensors(model: ErnieForCausalLM, layout: str) -> dict[str, _Entry]:
             ((1, E), (E,)), _copy_into(moe.e_score_correction_bias), keep_fp32=True
         )
         ex = moe.experts
-        lo, hi = getattr(ex, "shard_experts", (0, E))  # EP: only experts lo..hi-1 are held
+        lo, hi = ex.shard_experts or (0, E)  # EP: only experts lo..hi-1 are held
         for e in range(E):
             pe = f"{p}mlp.experts.{e}."
             local = e - lo if lo <= e < hi else None
@@ -238,12 +238,11 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     quantization: str = "bf16",
     device: str | torch.device = "cpu",
-    prepare: Callable[[ErnieForCausalLM], object] | None = None,
+    parallel: ParallelContext | None = None,
 ) -> tuple[ErnieForCausalLM, ErnieConfig]:
     """Build ErnieForCausalLM from a checkpoint directory; quantize at load time.
 
-    ``prepare`` runs on the model while it is still on the meta device (its result is ignored):
-    a TP / EP sharding function there makes this rank allocate and read only its shard.
+    ``parallel``: the TP / EP rank the model is built for; it allocates and reads only its shard.
     """
     model_dir = os.fspath(model_dir)
     check_quantization(quantization)
@@ -258,9 +257,7 @@ def load_model(
     layout = detect_layout([n for names in names_by_file for n in names])
 
     with torch.device("meta"):
-        model = ErnieForCausalLM(cfg, dtype=torch_dtype, quantization=quantization)
-    if prepare is not None:
-        prepare(model)  # outside the meta context: index tensors it records stay real
+        model = ErnieForCausalLM(cfg, dtype=torch_dtype, quantization=quantization, parallel=parallel)
     model.to_empty(device=device)
     table = expected_tensors(model, layout)
     seen: set[str] = set()

@@ -1,7 +1,8 @@
 """Weight-only quantization with Paddle's semantics (shared/ERNIE.md §5, §8), gpt-fast style.
 
 Primitives first (quantize / pack / unpack / dequantize on plain tensors), modules after
-(:class:`WeightOnlyLinear`, :class:`QuantExperts`), module swapping last (:func:`quantize_model`).
+(:class:`WeightOnlyLinear`, :class:`QuantExperts`; the model's parallel linears in layers.py store
+the same format), module swapping last (:func:`quantize_model`).
 
 * Symmetric, per output channel: ``scale[n] = max_k |w[n, k]| / B`` stored in the model dtype,
   ``q = clip(round(w / scale), -B, B)`` with C ``round()`` (half away from zero); B = 127 (int8)
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import Experts, ExpertsBase, LinearBase, ReplicatedLinear, allocate_weight
 
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
 INT8_MAX = 127
@@ -138,39 +141,27 @@ def store_rows(
     weight[rows] = w.to(weight.dtype)
 
 
-def _int_weight(stored: torch.Tensor, bits: int) -> torch.Tensor:
+def int_weight(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """The int8 values of a stored weight (int8 as is; packed int4 unpacked)."""
     return stored if bits == 8 else unpack_int4(stored)
 
 
 # ---------------------------------------------------------------------------------- modules
-class WeightOnlyLinear(nn.Module):
-    """y = x @ (q * scale)^T, with q stored as int8 [N, K] or packed int4 uint8 [N, K/2]."""
+class WeightOnlyLinear(ReplicatedLinear):
+    """y = x @ (q * scale)^T, with q stored as int8 [N, K] or packed int4 uint8 [N, K/2] (a whole,
+    replicated Linear; the model's parallel linears of layers.py store the same format)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"unsupported bits {bits}")
-        if bits == 4 and in_features % 2:
-            raise ValueError(f"int4 needs an even in_features, got {in_features}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bits = bits
-        width = in_features if bits == 8 else in_features // 2
-        qdtype = torch.int8 if bits == 8 else torch.uint8
-        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=qdtype))
-        self.register_buffer("scales", torch.zeros(out_features, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # per-output-channel scale commutes with the GEMM (gpt-fast's int8 linear)
-        w = _int_weight(self.qweight, self.bits).to(x.dtype)
-        return F.linear(x, w) * self.scales.to(x.dtype)
+        super().__init__(in_features, out_features, bits, dtype)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int8(_int_weight(self.qweight, self.bits), self.scales, dtype)
+        return dequantize_int8(int_weight(self.qweight, self.bits), self.scales, dtype)
 
     def load_rows(self, row_start: int, w: torch.Tensor) -> None:
         """Quantize output rows ``row_start:row_start+len(w)`` from a float weight slice."""
-        store_rows(self.qweight, self.scales, self.bits, slice(row_start, row_start + w.shape[0]), w)
+        store_rows(*self.storage(), slice(row_start, row_start + w.shape[0]), w)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> WeightOnlyLinear:
@@ -181,111 +172,101 @@ class WeightOnlyLinear(nn.Module):
         m.load_rows(0, linear.weight.detach())
         return m
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
 
+class QuantExperts(ExpertsBase):
+    """Routed experts as quantized stacks: w13 (gate rows first, then up) [E, 2mI, H] and w2 [E, H, mI],
+    of the experts and intermediate slice this rank holds (layers.ExpertsBase).
 
-class QuantExperts(nn.Module):
-    """Routed experts as quantized stacks: w13 (gate rows first, then up) [E, 2mI, H] and w2 [E, H, mI].
-
-    Same interface as the bf16 ``Experts`` of ernie.py: ``forward_expert(e, x)``, ``load_rows``.
+    Same interface as the float ``layers.Experts``: ``forward_expert(e, x)``, ``load_rows``.
     """
 
     def __init__(
-        self, num_experts: int, hidden: int, inter: int, bits: int, dtype: torch.dtype = torch.bfloat16
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        bits: int,
+        dtype: torch.dtype = torch.bfloat16,
+        expert_range: tuple[int, int] | None = None,
+        inter_range: tuple[int, int] | None = None,
     ):
-        super().__init__()
+        super().__init__(num_experts, hidden, inter, expert_range, inter_range)
         if bits not in (4, 8):
             raise ValueError(f"unsupported bits {bits}")
-        if bits == 4 and (hidden % 2 or inter % 2):
-            raise ValueError("int4 experts need even hidden and moe_intermediate sizes")
-        self.num_experts, self.hidden, self.inter, self.bits = num_experts, hidden, inter, bits
+        E, mI = self.num_experts, self.inter
+        if bits == 4 and (hidden % 2 or mI % 2):
+            raise ValueError("int4 experts need even hidden and moe_intermediate sizes (per TP rank)")
+        self.bits = bits
         qdtype = torch.int8 if bits == 8 else torch.uint8
         div = 1 if bits == 8 else 2
-        self.register_buffer("w13_q", torch.zeros(num_experts, 2 * inter, hidden // div, dtype=qdtype))
-        self.register_buffer("w13_s", torch.zeros(num_experts, 2 * inter, dtype=dtype))
-        self.register_buffer("w2_q", torch.zeros(num_experts, hidden, inter // div, dtype=qdtype))
-        self.register_buffer("w2_s", torch.zeros(num_experts, hidden, dtype=dtype))
+        self.register_buffer("w13_q", torch.zeros(E, 2 * mI, hidden // div, dtype=qdtype))
+        self.register_buffer("w13_s", torch.zeros(E, 2 * mI, dtype=dtype))
+        self.register_buffer("w2_q", torch.zeros(E, hidden, mI // div, dtype=qdtype))
+        self.register_buffer("w2_s", torch.zeros(E, hidden, dtype=dtype))
+
+    def storage(self, which: str, e: int):
+        if which == "w13":
+            return self.w13_q[e], self.w13_s[e], self.bits
+        return self.w2_q[e], self.w2_s[e], self.bits
+
+    def stacks(self):
+        return self.w13_q, self.w2_q, self.w13_s, self.w2_s
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        w13 = _int_weight(self.w13_q[e], self.bits).to(dt)
+        w13 = int_weight(self.w13_q[e], self.bits).to(dt)
         gate_up = F.linear(x, w13) * self.w13_s[e].to(dt)
         gate, up = gate_up.chunk(2, dim=-1)
-        w2 = _int_weight(self.w2_q[e], self.bits).to(dt)
+        w2 = int_weight(self.w2_q[e], self.bits).to(dt)
         return F.linear(F.silu(gate) * up, w2) * self.w2_s[e].to(dt)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token: x [T, H] -> [E, T, H]."""
         dt = x.dtype
-        w13 = _int_weight(self.w13_q, self.bits).to(dt)
+        w13 = int_weight(self.w13_q, self.bits).to(dt)
         gate_up = torch.matmul(x, w13.transpose(1, 2)) * self.w13_s[:, None, :].to(dt)
         gate, up = gate_up.chunk(2, dim=-1)
-        w2 = _int_weight(self.w2_q, self.bits).to(dt)
+        w2 = int_weight(self.w2_q, self.bits).to(dt)
         return torch.matmul(F.silu(gate) * up, w2.transpose(1, 2)) * self.w2_s[:, None, :].to(dt)
 
     def load_rows(self, which: str, e: int, row_start: int, w: torch.Tensor) -> None:
         """Quantize rows of expert ``e``'s ``which`` ("w13" or "w2") from a float slice."""
-        store_rows(*expert_storage(self, which, e), slice(row_start, row_start + w.shape[0]), w)
+        store_rows(*self.storage(which, e), slice(row_start, row_start + w.shape[0]), w)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden}, inter={self.inter}, bits={self.bits}"
 
 
-def make_linear(
-    in_features: int, out_features: int, bits: int | None, dtype: torch.dtype
-) -> nn.Linear | WeightOnlyLinear:
-    if bits is None:
-        return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
-    return WeightOnlyLinear(in_features, out_features, bits, dtype)
-
-
-def load_linear_rows(module: nn.Module, row_start: int, w: torch.Tensor) -> None:
-    """Write float rows into a plain or weight-only Linear (quantizing on the way in)."""
-    store_rows(*linear_storage(module), slice(row_start, row_start + w.shape[0]), w)
-
-
-def linear_storage(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-    """(weight, scales, bits) of a weight-only Linear, (weight, None, None) of a plain one (or an
-    Embedding): the first arguments of :func:`store_rows`."""
-    if isinstance(module, WeightOnlyLinear):
-        return module.qweight, module.scales, module.bits
-    return module.weight, None, None
-
-
-def expert_storage(
-    experts: nn.Module, which: str, e: int
-) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-    """Like :func:`linear_storage` for expert ``e``'s ``which`` ("w13" or "w2") of a
-    :class:`QuantExperts` or bf16 ``Experts`` stack."""
-    if isinstance(experts, QuantExperts):
-        return getattr(experts, which + "_q")[e], getattr(experts, which + "_s")[e], experts.bits
-    return getattr(experts, which)[e], None, None
-
-
 # ---------------------------------------------------------------------------------- swapping
 @torch.no_grad()
-def quantize_model(model: nn.Module, quantization: str) -> nn.Module:
-    """Swap a float ERNIE model's Linears and expert stacks for weight-only ones, in place.
+def quantize_linear_(layer: LinearBase, bits: int) -> None:
+    """Turn a float layers.LinearBase weight-only in place (its shard record kept)."""
+    w = layer.weight.detach()
+    del layer.weight
+    allocate_weight(layer, layer.out_features, layer.in_features, bits, w.dtype, w.device)
+    store_rows(*layer.storage(), slice(None), w)
 
-    Skips ``lm_head`` (stays in the model dtype) and the fp32 router ``gate``.
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, quantization: str) -> nn.Module:
+    """Make a float ERNIE model's linears and expert stacks weight-only, in place.
+
+    The vocabulary embedding / head and the fp32 router ``gate`` stay as they are. Scales are
+    those of the rows held (exact for a model that holds whole rows: TP1, or EP).
     """
     if check_quantization(quantization) == "bf16":
         return model
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and not full.endswith(("lm_head", ".gate")):
-                setattr(
-                    parent, child_name, WeightOnlyLinear.from_linear(child, linear_bits(quantization, False))
-                )
-            elif hasattr(child, "w13") and hasattr(child, "w2"):  # ernie.Experts
+    for module in list(model.modules()):
+        if isinstance(module, LinearBase) and module.bits is None:
+            quantize_linear_(module, linear_bits(quantization, False))
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Experts):
                 bits = linear_bits(quantization, True)
-                E, two_i, H = child.w13.shape
-                q = QuantExperts(E, H, two_i // 2, bits, child.w13.dtype).to(child.w13.device)
-                for e in range(E):
+                q = QuantExperts(child.total_experts, child.hidden, child.total_inter, bits, child.w13.dtype,
+                                 child.expert_range, child.inter_range).to(child.w13.device)
+                for e in range(child.num_experts):
                     q.load_rows("w13", e, 0, child.w13[e])
                     q.load_rows("w2", e, 0, child.w2[e])
-                setattr(parent, child_name, q)
+                setattr(module, child_name, q)
     model.quantization = quantization
     return model

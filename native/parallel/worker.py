@@ -36,18 +36,17 @@ def build_shard(spec: WorkerSpec, device: torch.device, comm, control):
 
     from native.kv_cache import KVCache, kv_blocks_for_budget
     from native.model.loader import load_model
-    from native.parallel.tp import shard_model_
+    from native.parallel.context import ParallelContext
     from native.runner import profile_activation_peak
 
-    splits = []  # sharded on the meta device, before anything is allocated or read
-    model, cfg = load_model(
+    model, cfg = load_model(  # built holding only this rank's shard, and only that is read
         spec.model,
         dtype=spec.dtype,
         quantization=spec.quantization,
         device=device,
-        prepare=lambda m: splits.append(shard_model_(m, spec.rank, spec.size, comm)),
+        parallel=ParallelContext.tensor_parallel(spec.rank, spec.size, comm),
     )
-    split = splits[0]
+    split = model.head_split
     heads = split.kv_heads
     sizing = spec.sizing
     reserve = 0
