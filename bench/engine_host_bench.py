@@ -18,6 +18,11 @@ import torch
 from actors.engine.engine import Engine, EngineEvents, EngineLimits
 from pdbus.messages import SamplingParams
 
+try:
+    from native.runner import Runner
+except ImportError:  # before the runner protocol existed (to measure the old engine)
+    Runner = object
+
 VOCAB = 1024
 
 
@@ -26,7 +31,7 @@ class NullCache:
         self.num_blocks, self.block_size = num_blocks, block_size
 
 
-class NullRunner:
+class NullRunner(Runner):
     """Takes a step's inputs like ModelRunner and returns zero logits for the sampled rows."""
 
     def __init__(self, cache: NullCache):
