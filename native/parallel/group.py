@@ -27,6 +27,7 @@ import zmq
 
 from native.parallel.comm import GroupBroken, first_line
 from native.parallel.tp import HeadSplit, head_overlaps
+from native.runner import Runner
 from native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
 from pdbus.log import get_logger
 
@@ -229,7 +230,7 @@ class TPGroup:
         self.ctx.term()
 
 
-class TPRunner:
+class TPRunner(Runner):
     """The engine's runner for TP > 1: broadcast the step, run rank 0's shard."""
 
     def __init__(self, runner, control_group):
