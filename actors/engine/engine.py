@@ -64,7 +64,7 @@ class EngineLimits:
 class Engine:
     def __init__(
         self,
-        runner,  # native.runner.ModelRunner
+        runner,  # native.runner.Runner: ModelRunner, or a wrapper (TP, EP)
         sampler,  # native.sampler.Sampler
         events: EngineEvents,
         limits: EngineLimits,
@@ -122,12 +122,12 @@ class Engine:
         self._inbox.put(fn)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        self.submit(lambda: self._add(Sequence(req_id, list(prompt_token_ids), sampling)))
+        self.submit(lambda: self._add(Sequence(req_id, prompt_token_ids, sampling)))
 
     def add_prefill(
         self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, dest: Destination, num_outputs: int = 0
     ) -> None:
-        seq = Sequence(req_id, list(prompt_token_ids), sampling, dest=dest, num_prompt_outputs=num_outputs)
+        seq = Sequence(req_id, prompt_token_ids, sampling, dest=dest, num_prompt_outputs=num_outputs)
         self.submit(lambda: self._add(seq))
 
     def add_decode(
