@@ -33,9 +33,8 @@ import torch
 from aiohttp import web
 
 from actors.engine.engine import Engine, EngineEvents, EngineLimits
-from actors.rank_load import RankLoader
+from actors.rank_load import LoadedRank, load_rank
 from actors.rank_setup import tune_cpu_runtime
-from native.parallel.comm import GroupBroken
 from pdbus import envs
 from pdbus.actor import BusMember
 from pdbus.config import ServeConfig
@@ -45,7 +44,6 @@ from pdbus.messages import (
     Abort,
     Busy,
     Decode,
-    Endpoint,
     Failed,
     Hello,
     Load,
@@ -169,33 +167,33 @@ class RankBus(BusMember):
 # --------------------------------------------------------------------------- the server
 
 
-class RankServer(RankLoader):
+class RankServer:
+    """Serves one loaded rank (``self.rank``, from actors.rank_load) through its engine."""
+
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.instance_id = f"{cfg.splitwise_role}-{socket.gethostname()}-{cfg.port}-{uuid.uuid4().hex[:6]}"
+        self.rank: LoadedRank | None = None
         self.engine: Engine | None = None
         self.bus: RankBus | None = None
-        self.transfers: dict = {}
-        self.endpoints: dict[str, Endpoint] = {}  # protocol -> what Hello publishes
         self.local: LocalBackend | None = None
-        self.tokenizer = None
         self.prefill_started: dict[str, float] = {}
-        self.tp_group = None
         self.counters = {"transfer_bytes": 0, "transfer_seconds": 0.0, "prefilled": 0, "failed": 0}
         self._stop = asyncio.Event()
         self._exit_code = 0
 
     def hello(self) -> Hello:
+        rank = self.rank
         return Hello(
             protocol=PROTOCOL_VERSION,
             instance_id=self.instance_id,
             role=self.cfg.splitwise_role,
             host=self.cfg.host,
             http_port=self.cfg.port,
-            model=self.model_name,
-            config_hash=self.model_cfg.config_hash(),
-            kv=self.kv_cache.layout(),
-            transfer=self.endpoints,
+            model=rank.model_name,
+            config_hash=rank.model_cfg.config_hash(),
+            kv=rank.kv_cache.layout(),
+            transfer=rank.endpoints,
             max_num_seqs=self.cfg.max_num_seqs,
             max_model_len=self.cfg.max_model_len,
             dp_rank=self.cfg.data_parallel_rank,
@@ -206,7 +204,8 @@ class RankServer(RankLoader):
         )
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        return self.tokenizer.files() if self.tokenizer is not None else {}
+        tokenizer = self.rank.tokenizer
+        return tokenizer.files() if tokenizer is not None else {}
 
     def stats(self) -> dict:
         e = self.engine
@@ -297,12 +296,12 @@ class RankServer(RankLoader):
             self.local = LocalBackend(self)
             self.frontend = OpenAIServer(
                 self.local,
-                self.tokenizer,
-                self.model_name,
+                self.rank.tokenizer,
+                self.rank.model_name,
                 self.cfg.max_model_len,
                 api_key=self.cfg.api_key,
-                eos_token_ids=self.eos_ids,
-                vocab_size=self.model_cfg.vocab_size,
+                eos_token_ids=self.rank.eos_ids,
+                vocab_size=self.rank.model_cfg.vocab_size,
                 default_seed=self.cfg.seed,
             )
             self.frontend.add_routes(app)
@@ -317,13 +316,14 @@ class RankServer(RankLoader):
     # ----------------------------------------------------------------- run
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.load()
-        if self.cfg.splitwise_role != "mixed":
-            self._make_transfers()
+        self.rank = rank = load_rank(self.cfg)
         from native.sampler import Sampler
 
+        def die(why: str) -> None:  # from the engine thread or a TP group's watcher
+            loop.call_soon_threadsafe(self._die, why)
+
         self.engine = Engine(
-            self.runner,
+            rank.runner,
             Sampler(),
             _LoopEvents(loop, self),
             EngineLimits(
@@ -332,18 +332,16 @@ class RankServer(RankLoader):
                 max_model_len=self.cfg.max_model_len,
                 transfer_timeout_s=envs.PDBUS_TRANSFER_TIMEOUT_S,
             ),
-            self.eos_ids,
+            rank.eos_ids,
             role=self.cfg.splitwise_role,
-            transfer_engines=self.transfers,
+            transfer_engines=rank.transfers,
             name=f"engine.{self.cfg.splitwise_role}",
+            lockstep=rank.lockstep,
+            on_fatal=die,
         )
-        if self.ep is not None:
-            self.engine.ep = self.ep
-        self.engine.lockstep = self.ep is not None or self.tp_group is not None
-        self.engine.on_fatal = lambda why: loop.call_soon_threadsafe(self._die, why)
         self.engine.start()
-        if self.tp_group is not None:
-            self.tp_group.on_dead = lambda why: loop.call_soon_threadsafe(self._die, why)
+        if rank.tp_group is not None:
+            rank.tp_group.on_dead = die
         runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -374,19 +372,7 @@ class RankServer(RankLoader):
             await self.bus.close()
         await runner.cleanup()
         self.engine.stop()
-        if self.tp_group is not None:
-            if self.tp_group.dead is None and self.engine.fatal is None:
-                with contextlib.suppress(GroupBroken):  # a worker died just now: close() reaps it
-                    self.tp_runner.stop()
-            self.tp_group.close()
-        for eng in self.transfers.values():
-            with contextlib.suppress(Exception):
-                eng.close()
-        self.kv_cache.close()
-        if self.tp_group is not None or self.ep is not None:
-            from native.parallel.comm import shutdown
-
-            shutdown(clean=self.engine.fatal is None and (self.tp_group is None or self.tp_group.dead is None))
+        rank.close(clean=self.engine.fatal is None)
         return self._exit_code
 
     async def _discover_bus(self) -> tuple[str, float]:
@@ -421,10 +407,11 @@ def serve(cfg: ServeConfig) -> int:
         code = asyncio.run(server.run())
     except KeyboardInterrupt:
         return 0
-    if server.tp_group is not None or getattr(server, "ep", None) is not None:
+    rank = server.rank
+    if rank is not None and rank.lockstep:
         # process groups: a broken collective may leave the engine thread stuck in C code, and gloo
         # threads still referenced at interpreter teardown can abort the process: leave now
         logging.shutdown()
-        dead = server.tp_group is not None and server.tp_group.dead
+        dead = rank.tp_group is not None and rank.tp_group.dead
         os._exit((code or 1) if dead else code)
     return code

@@ -1,9 +1,10 @@
 """Start-up of a rank server: device, model (TP and EP shards included), KV cache, decode CUDA
-graphs, runner, tokenizer and transfer engines. :class:`RankLoader` is a mixin of
-``actors.rank.RankServer``, split out so that rank.py holds what a running rank does."""
+graphs, runner, tokenizer and transfer engines. :func:`load_rank` returns them as one
+:class:`LoadedRank`, which ``actors.rank.RankServer`` holds and closes when it stops."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -15,14 +16,54 @@ from actors.rank_setup import (
     pick_device,
 )
 from native.kv_cache import kv_blocks_for_budget
+from native.runner import Runner
 from native.transfer.base import host_id
 from pdbus import envs
+from pdbus.config import ServeConfig
 from pdbus.log import get_logger
 
 log = get_logger("rank")
 
 
-class RankLoader:
+def load_rank(cfg: ServeConfig) -> LoadedRank:
+    """Load everything a rank serves with; in prefill / decode role its transfer engines too."""
+    rank = LoadedRank(cfg)
+    rank.load()
+    if cfg.splitwise_role != "mixed":
+        rank._make_transfers()
+    return rank
+
+
+class LoadedRank:
+    """One rank's loaded state: the device, the model and its config, the KV cache, the runner
+    the engine drives (wrapped for TP, EP and fault injection), the tokenizer and eos ids, the
+    TP group or EP coordinator, and the KV transfer engines with the endpoints this rank
+    publishes."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.device = None
+        self.model = None
+        self.model_cfg = None
+        self.model_name = ""
+        self.kv_dtype = None
+        self.kv_cache = None
+        self.runner: Runner | None = None
+        self.tokenizer = None  # None with --skip-tokenizer-init
+        self.eos_ids: set[int] = set()
+        self.tp_group = None  # TPGroup: the spawned TP ranks 1..N-1 (TP > 1)
+        self.tp_control = None
+        self.tp_split = None
+        self.tp_runner = None
+        self.ep = None  # EPCoordinator (--enable-expert-parallel, DP > 1)
+        self.transfers: dict = {}  # protocol -> TransferEngine
+        self.endpoints: dict[str, dict] = {}  # protocol -> what the Hello publishes
+
+    @property
+    def lockstep(self) -> bool:
+        """Other ranks run each step's collectives with this one (TP or EP)."""
+        return self.tp_group is not None or self.ep is not None
+
     # ----------------------------------------------------------------- startup
     def load(self) -> None:
         from native.kv_cache import KVCache
@@ -93,6 +134,10 @@ class RankLoader:
         if self.ep is not None:
             self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        if self.ep is not None:
+            from native.parallel.ep_runner import EPRunner
+
+            self.runner = EPRunner(self.runner, self.ep)
         if self.tp_group is not None:
             from native.parallel.group import TPRunner
 
@@ -181,3 +226,23 @@ class RankLoader:
                     self.endpoints[proto] = TPEndpoint(host, host_id(), [engine.endpoint(), *workers_eps])
             except Exception as exc:
                 raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc
+
+    # ----------------------------------------------------------------- shutdown
+    def close(self, clean: bool) -> None:
+        """Stop the TP ranks, close the transfer engines, the cache and the process groups;
+        ``clean`` is False when the engine stopped because its group broke."""
+        from native.parallel.comm import GroupBroken
+
+        if self.tp_group is not None:
+            if self.tp_group.dead is None and clean:
+                with contextlib.suppress(GroupBroken):  # a worker died just now: close() reaps it
+                    self.tp_runner.stop()
+            self.tp_group.close()
+        for eng in self.transfers.values():
+            with contextlib.suppress(Exception):
+                eng.close()
+        self.kv_cache.close()
+        if self.lockstep:
+            from native.parallel.comm import shutdown
+
+            shutdown(clean=clean and (self.tp_group is None or self.tp_group.dead is None))

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from native.runner import Runner
 from pdbus.config import ServeConfig
 
 
@@ -15,11 +16,22 @@ def pick_device(cfg: ServeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-class FaultSlowRunner:
+class FaultSlowRunner(Runner):
     """Fault injection (tests): every step takes ``delay`` longer."""
 
-    def __init__(self, runner, delay: float):
+    def __init__(self, runner: Runner, delay: float):
         self.inner, self.delay, self.kv_cache = runner, delay, runner.kv_cache
+        self.idle_wait_s = runner.idle_wait_s
+
+    def plan(self, num_tokens: int, decode_only: bool) -> bool:
+        return self.inner.plan(num_tokens, decode_only)
+
+    def idle_step(self) -> None:
+        self.inner.idle_step()
+
+    @property
+    def busy(self) -> bool:
+        return self.inner.busy
 
     def execute(self, *args, **kwargs):
         time.sleep(self.delay)

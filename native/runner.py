@@ -17,7 +17,31 @@ from native.attn_meta import AttnMeta
 from native.kv_cache import KVCache
 
 
-class ModelRunner:
+class Runner:
+    """What the engine calls each step. A runner alone decides by itself; a runner of a group
+    whose ranks must step together (native.parallel.ep_runner.EPRunner) overrides the step
+    agreement: ``plan`` before every step, ``idle_step`` when this rank has nothing to run."""
+
+    # how long an engine with nothing to do may wait before it must plan again (None: forever)
+    idle_wait_s: float | None = None
+
+    def plan(self, num_tokens: int, decode_only: bool) -> bool:
+        """Step now? ``num_tokens`` is this rank's step (0: nothing scheduled here)."""
+        return num_tokens > 0
+
+    def idle_step(self) -> None:
+        """Run the step the plan agreed on with no tokens of this rank's own."""
+
+    @property
+    def busy(self) -> bool:
+        """Other ranks are mid-work and wait for this one: plan again at once."""
+        return False
+
+    def execute(self, token_chunks, start_positions, block_tables, sample_rows, layer_done=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ModelRunner(Runner):
     def __init__(self, model, kv_cache: KVCache, device: torch.device | str = "cpu", graphs=None):
         self.model = model
         self.kv_cache = kv_cache

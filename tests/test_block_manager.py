@@ -136,11 +136,14 @@ def test_lease_expiry_with_explicit_now(bm):
     bm.reserve("early", BLOCK_SIZE, lease_s=1.0, now=0.0)  # 0.0 is a time, not "unset"
     bm.reserve("late", BLOCK_SIZE, lease_s=10.0, now=0.0)
     assert bm.leases["early"].expires_at == 1.0
+    assert bm.next_expiry() == 1.0  # the engine sleeps until then, not in a polling loop
     assert bm.expire(now=0.5) == []
     assert bm.expire(now=1.0) == ["early"]
     assert set(bm.leases) == {"late"} and bm.num_free == NUM_BLOCKS - 1
+    assert bm.next_expiry() == 10.0
     assert bm.expire(now=9.99) == []
     assert bm.expire(now=10.0) == ["late"]
+    assert bm.next_expiry() is None
 
 
 def test_lease_refused_when_full(bm):

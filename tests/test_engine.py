@@ -151,6 +151,7 @@ def make_engine(
     transfers: dict | None = None,
     cache: KVCache | None = None,
     events: Collector | None = None,
+    transfer_timeout_s: float = 30.0,
 ) -> tuple[Engine, Collector]:
     cfg = model.cfg
     if cache is None:
@@ -166,6 +167,7 @@ def make_engine(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
+            transfer_timeout_s=transfer_timeout_s,
         ),
         eos if eos is not None else {cfg.eos_token_id},
         role=role,
@@ -460,7 +462,7 @@ def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, bu
         assert nbytes == 2 * cfg.num_hidden_layers * n_blocks * decode_cache.block_bytes and seconds >= 0
         assert "pd" not in p_events.tokens  # the first token goes out only through on_prefilled
         assert prefill.blocks.num_free == prefill.blocks.num_blocks, "prefill kept its local blocks"
-        assert not prefill.transferring
+        assert not prefill.export.in_flight
 
         got_kv = _layer_kv(decode_cache, dest_blocks, len(prompt))
         for layer, (got, want) in enumerate(zip(got_kv, mixed_kv)):
@@ -557,3 +559,82 @@ def test_a_bad_destination_fails_only_its_own_prefill(model, prompts, reference)
     assert "reserved 1 blocks" in events.failed["blocks"]
     assert "failed" in events.failed["endpoint"]
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+# --------------------------------------------------------------------------- transfer completion
+
+
+class HeldTransfer:
+    """A transfer engine (the neighbour of the engine, faked): writes are counted, and a commit's
+    handle completes only when the test completes it."""
+
+    def __init__(self):
+        self.handles: dict = {}
+        self.committed = threading.Event()
+        self.aborted: list[str] = []
+        self.writes = 0
+
+    def open_peer(self, peer_id, endpoint) -> None:
+        pass
+
+    def write(self, req_id, peer_id, op) -> None:
+        self.writes += 1
+
+    def commit(self, req_id, peer_id):
+        from native.transfer.base import TransferHandle
+
+        self.handles[req_id] = handle = TransferHandle(req_id)
+        self.committed.set()
+        return handle
+
+    def abort(self, req_id) -> None:
+        self.aborted.append(req_id)
+        if req_id in self.handles:
+            self.handles[req_id].set_failed("aborted")
+
+
+def _held_prefill(model, prompt, timeout_s: float):
+    held = HeldTransfer()
+    engine, events = make_engine(model, role="prefill", transfers={"held": held}, transfer_timeout_s=timeout_s)
+    dest = Destination(instance_id="decode-0", protocol="held", endpoint={}, block_ids=list(range(8)))
+    engine.add_prefill("p", prompt, greedy(), dest)
+    return held, engine, events
+
+
+def test_a_landed_transfer_wakes_the_idle_engine_at_once(model, prompts, reference):
+    held, engine, events = _held_prefill(model, prompts[4], timeout_s=3600.0)
+    engine.start()
+    try:
+        assert held.committed.wait(WAIT_S), "the prefill never committed its KV"
+        # while the KV is in flight the engine sleeps on its inbox until the transfer's deadline
+        waits: list = []
+        probed = threading.Event()
+        engine.submit(lambda: (waits.append(engine._wait_s()), probed.set()))
+        assert probed.wait(WAIT_S)
+        assert waits[0] > 3000, f"the engine wakes every {waits[0]}s while a transfer is in flight"
+        assert "p" not in events.prefilled
+        landed = time.monotonic()
+        threading.Thread(target=held.handles["p"].set_done, args=(1234, 0.25)).start()
+        events.wait(lambda: "p" in events.prefilled, "on_prefilled", timeout=5.0)
+        assert time.monotonic() - landed < 5.0
+    finally:
+        engine.stop()
+    first, nbytes, seconds = events.prefilled["p"]
+    assert first.token_ids == reference[4][:1] and (nbytes, seconds) == (1234, 0.25)
+    assert held.writes == model.cfg.num_hidden_layers and not held.aborted
+    assert not engine.export.in_flight and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_transfer_that_never_lands_fails_at_its_deadline(model, prompts):
+    held, engine, events = _held_prefill(model, prompts[4], timeout_s=0.3)
+    started = time.monotonic()
+    engine.start()
+    try:
+        events.wait(lambda: "p" in events.failed, "the timeout", timeout=10.0)
+        elapsed = time.monotonic() - started
+    finally:
+        engine.stop()
+    assert "timed out" in events.failed["p"] and "p" not in events.prefilled
+    assert 0.3 <= elapsed < 10.0
+    assert held.aborted == ["p"]  # the transfer engine dropped its writes
+    assert not engine.export.in_flight and engine.blocks.num_free == engine.blocks.num_blocks

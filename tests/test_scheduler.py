@@ -63,8 +63,8 @@ class Sim:
             seq.num_computed_tokens += s.num_new_tokens
             if not sample:
                 continue
-            seq.output_token_ids.append(fake_token(seq.req_id, seq.num_tokens))
-            if len(seq.output_token_ids) >= seq.sampling.max_tokens:
+            seq.append_token(fake_token(seq.req_id, seq.num_tokens))
+            if seq.num_completion_tokens >= seq.sampling.max_tokens:
                 self.sched.remove(seq)
                 self.blocks.free(seq.block_table)
                 seq.block_table = []
@@ -111,10 +111,10 @@ def test_chunked_prefill_splits_a_long_prompt_and_puts_decodes_first():
         assert batch[1].seq.req_id == "b"
         chunks.append((batch[1].num_new_tokens, batch[1].samples))
     assert chunks == [(7, False), (7, False), (6, True)]  # 20 tokens under a budget of 8 - 1
-    assert sim.sched.running[1].output_token_ids == [fake_token("b", 20)]
+    assert sim.sched.running[1].completion_token_ids == [fake_token("b", 20)]
     sim.run()
-    assert sim.finished["a"].output_token_ids == expected_outputs("a", 3, 10)
-    assert sim.finished["b"].output_token_ids == expected_outputs("b", 20, 2)
+    assert sim.finished["a"].completion_token_ids == expected_outputs("a", 3, 10)
+    assert sim.finished["b"].completion_token_ids == expected_outputs("b", 20, 2)
     assert sim.blocks.num_free == 64
 
 
@@ -124,7 +124,7 @@ def test_a_prompt_longer_than_the_budget_alone():
     sim.run()
     prefill = [step[0] for step in sim.history[:4]]
     assert prefill == [("long", 0, 5), ("long", 5, 5), ("long", 10, 5), ("long", 15, 2)]
-    assert sim.finished["long"].output_token_ids == expected_outputs("long", 17, 3)
+    assert sim.finished["long"].completion_token_ids == expected_outputs("long", 17, 3)
     assert sim.blocks.num_free == 64
 
 
@@ -135,7 +135,7 @@ def test_without_chunking_a_long_prompt_waits_for_an_empty_step():
     batch = sim.step()
     assert [x.seq.req_id for x in batch] == ["a"]  # b does not fit beside a; no chunk of it
     sim.run()
-    assert sim.finished["b"].output_token_ids == expected_outputs("b", 12, 2)
+    assert sim.finished["b"].completion_token_ids == expected_outputs("b", 12, 2)
     assert sim.blocks.num_free == 64
 
 
@@ -153,7 +153,7 @@ def test_max_num_seqs_bounds_the_running_batch():
     assert [x.seq.req_id for x in batch] == ["r1", "r2"]
     sim.run()
     for i, max_tokens in enumerate((2, 5, 3)):
-        assert sim.finished[f"r{i}"].output_token_ids == expected_outputs(f"r{i}", 4, max_tokens)
+        assert sim.finished[f"r{i}"].completion_token_ids == expected_outputs(f"r{i}", 4, max_tokens)
     assert sim.blocks.num_free == 64
 
 
@@ -168,20 +168,20 @@ def test_preemption_by_recompute_picks_the_most_recent_and_it_finishes_later():
     sim.step()  # both decode position 6 ...
     sim.step()  # ... and 7: still two blocks each
     assert sim.sched.num_preemptions == 0
-    b_outputs_before = list(b.output_token_ids)
+    b_outputs_before = list(b.completion_token_ids)
     batch = sim.step()  # a needs block 3 for position 8: b (admitted last) is preempted
     assert sim.sched.num_preemptions == 1
     assert [x.seq for x in batch] == [a]
     assert b.status is Status.WAITING and sim.sched.waiting[0] is b
     assert b.block_table == [] and b.num_computed_tokens == 0
-    assert b.output_token_ids == b_outputs_before  # outputs are kept, their KV is recomputed
+    assert b.completion_token_ids == b_outputs_before  # outputs are kept, their KV is recomputed
     assert len(a.block_table) == 3
     sim.run()
     # b came back and recomputed prompt + outputs from position 0 in one chunk
     restarts = [(start, n) for step in sim.history for (req, start, n) in step if req == "b" and start == 0]
     assert restarts == [(0, 6), (0, 6 + len(b_outputs_before))]
-    assert sim.finished["a"].output_token_ids == expected_outputs("a", 6, 6)
-    assert sim.finished["b"].output_token_ids == expected_outputs("b", 6, 4)
+    assert sim.finished["a"].completion_token_ids == expected_outputs("a", 6, 6)
+    assert sim.finished["b"].completion_token_ids == expected_outputs("b", 6, 4)
     assert sim.blocks.num_free == 4
 
 
@@ -209,7 +209,7 @@ def test_waits_while_the_cache_is_full():
     assert sim.sched.pending_prefill_tokens == 5
     sim.blocks.release("decode-side")
     sim.run()
-    assert sim.finished["w"].output_token_ids == expected_outputs("w", 5, 2)
+    assert sim.finished["w"].completion_token_ids == expected_outputs("w", 5, 2)
     assert sim.blocks.num_free == 4
 
 
@@ -266,5 +266,34 @@ def test_random_load_with_preemption_matches_the_oracle(seed):
             sim.step()
         steps += 1
         assert steps < 20_000
-    assert {k: v.output_token_ids for k, v in sim.finished.items()} == want
+    assert {k: list(v.completion_token_ids) for k, v in sim.finished.items()} == want
     assert sim.blocks.num_free == num_blocks and all(r == 0 for r in sim.blocks.ref_counts)
+
+
+def test_a_sequence_keeps_one_token_list_and_reads_its_last_token_in_place():
+    prompt = list(range(10))
+    seq = Sequence("s", prompt, SamplingParams(max_tokens=4), output_token_ids=[20])
+    ids = seq.token_ids
+    assert ids == [*range(10), 20] and ids is not prompt  # the caller's list is copied once, here
+    assert (seq.num_prompt_tokens, seq.num_completion_tokens, seq.last_token) == (10, 1, 20)
+    sim = Sim(num_blocks=8, block_size=4, max_num_seqs=8, budget=64)
+    sim.sched.add(seq)
+    while sim.sched.has_work():
+        sim.step()
+    # every step appended to the same list: nothing rebuilt prompt + outputs
+    assert seq.token_ids is ids and seq.num_tokens == len(ids) == 14
+    assert seq.last_token == ids[-1] == fake_token("s", 13)
+    # prompt and outputs are views of that list, not copies
+    prompt_view, outputs = seq.sampling_history()
+    assert len(prompt_view) == 10 and len(outputs) == 4 and outputs[-1] == ids[-1]
+    assert list(outputs) == ids[10:] and seq.completion_token_ids == ids[10:]
+    ids.append(99)  # a view is fixed when taken: a later token does not join it
+    assert len(outputs) == 4 and seq.num_completion_tokens == 5
+
+
+def test_a_re_prefill_counts_its_generated_prompt_tail_as_outputs():
+    seq = Sequence("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), num_prompt_outputs=2)
+    prompt, outputs = seq.sampling_history()
+    assert list(prompt) == [1, 2, 3] and list(outputs) == [4, 5] and seq.num_sampled == 2
+    seq.append_token(6)
+    assert list(seq.sampling_history()[1]) == [4, 5, 6] and seq.num_sampled == 3

@@ -114,6 +114,10 @@ class BlockManager:
         self.free(lease.block_ids)
         return True
 
+    def next_expiry(self) -> float | None:
+        """When the first lease runs out (``time.monotonic`` clock); None without leases."""
+        return min((lease.expires_at for lease in self.leases.values()), default=None)
+
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now  # an explicit 0.0 is a time too
         gone = [r for r, lease in self.leases.items() if lease.expires_at <= now]

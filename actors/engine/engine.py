@@ -6,14 +6,22 @@ A request's walk through it, by role:
   finished (eos / stop ids / max_tokens / max_model_len) -> blocks freed.
 * prefill: ``add_prefill`` carries a destination (decode instance, protocol, its block ids).
   During the step that computes the prompt's last chunk, each layer's KV is written into the
-  destination blocks as soon as that layer is done (``layer_done`` hook); after sampling token 1
-  the sequence waits in TRANSFERRING until the transfer engine confirms every byte landed, then
-  ``on_prefilled`` fires and the local blocks are freed.
+  destination blocks as soon as that layer is done (``layer_done`` hook, actors.engine.kv_export);
+  after sampling token 1 the sequence waits in TRANSFERRING until the transfer handle's callback
+  posts its completion to the inbox, then ``on_prefilled`` fires and the local blocks are freed.
 * decode: ``reserve`` leases blocks for a coming request; ``add_decode`` claims them (the KV is
   already there) and the sequence joins the running batch with its first token.
 
 Every other thread talks to the engine through ``submit`` (a queue drained between steps); the
-engine answers through the ``EngineEvents`` callbacks, which must be thread-safe.
+engine answers through the ``EngineEvents`` callbacks, which must be thread-safe. With nothing
+to run the thread sleeps on that queue until a command, a landed transfer or the next deadline
+(a lease's or a transfer's expiry); it polls nothing.
+
+The runner (native.runner.Runner) decides with the engine whether to step: ``plan`` before each
+step, ``idle_step`` when the rank has nothing of its own but its group steps (expert parallelism,
+native.parallel.ep_runner), ``busy`` while the group waits for this rank. ``lockstep`` says that
+other ranks run each step's collectives with this one (TP or EP), so a step that fails after it
+started is fatal (``GroupBroken``): ``on_fatal`` is called once and the engine stops.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.engine.block_manager import BlockManager
-from actors.engine.scheduler import ScheduledSeq, Scheduler
+from actors.engine.kv_export import KVExport
+from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence, Status
 from native.parallel.comm import GroupBroken
 from pdbus.log import get_logger
@@ -55,7 +64,7 @@ class EngineLimits:
 class Engine:
     def __init__(
         self,
-        runner,  # native.runner.ModelRunner
+        runner,  # native.runner.Runner: ModelRunner, or a wrapper (TP, EP)
         sampler,  # native.sampler.Sampler
         events: EngineEvents,
         limits: EngineLimits,
@@ -63,6 +72,9 @@ class Engine:
         role: str = "mixed",
         transfer_engines: dict | None = None,
         name: str = "engine",
+        *,
+        lockstep: bool = False,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.runner = runner
         self.sampler = sampler
@@ -70,7 +82,6 @@ class Engine:
         self.limits = limits
         self.eos_token_ids = set(eos_token_ids)
         self.role = role
-        self.transfers = transfer_engines or {}
         self.log = get_logger(name)
         cache = runner.kv_cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size)
@@ -80,15 +91,13 @@ class Engine:
         self.vocab_size: int | None = getattr(model_cfg, "vocab_size", None)
         self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self.transferring: list[Sequence] = []
-        self.ep = None  # EPCoordinator when experts are sharded over the DP group
-        self.on_fatal: Callable[[str], None] | None = None  # the engine cannot go on (called once)
+        self.on_fatal = on_fatal  # the engine cannot go on (called once)
         # TP or EP: other ranks run each step's collectives with this one, so a step that fails
         # after it started cannot be recovered from (GroupBroken)
-        self.lockstep = False
+        self.lockstep = lockstep
         self.fatal: str | None = None  # why the group broke and the engine stopped
-        self.write_errors: dict[str, str] = {}  # req -> KV write error of its last prefill step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.export = KVExport(transfer_engines or {}, self.blocks, self.submit, self._landed, limits.transfer_timeout_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -113,12 +122,12 @@ class Engine:
         self._inbox.put(fn)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        self.submit(lambda: self._add(Sequence(req_id, list(prompt_token_ids), sampling)))
+        self.submit(lambda: self._add(Sequence(req_id, prompt_token_ids, sampling)))
 
     def add_prefill(
         self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, dest: Destination, num_outputs: int = 0
     ) -> None:
-        seq = Sequence(req_id, list(prompt_token_ids), sampling, dest=dest, num_prompt_outputs=num_outputs)
+        seq = Sequence(req_id, prompt_token_ids, sampling, dest=dest, num_prompt_outputs=num_outputs)
         self.submit(lambda: self._add(seq))
 
     def add_decode(
@@ -141,29 +150,29 @@ class Engine:
         return Load(
             free_blocks=self.blocks.num_free,
             total_blocks=self.blocks.num_blocks,
-            running=len(self.scheduler.running) + len(self.transferring),
+            running=len(self.scheduler.running) + len(self.export),
             waiting=len(self.scheduler.waiting),
             pending_prefill_tokens=self.scheduler.pending_prefill_tokens,
             reserved_blocks=self.blocks.num_reserved,
         )
 
     # ------------------------------------------------------------------ loop
+    def _wait_s(self) -> float | None:
+        """How long the loop may sleep on the inbox before it must step (None: until a command)."""
+        if (self.scheduler.has_work() and not self._stalled) or self.runner.busy:
+            return 0.0  # work to run, or a busy group waiting for this rank in plan
+        # stalled: the blocks it waits for come back only through the inbox (a command, a landed
+        # transfer) or when a lease expires
+        wait = self.runner.idle_wait_s
+        deadlines = [d for d in (self.blocks.next_expiry(), self.export.next_deadline()) if d is not None]
+        if deadlines:
+            until = max(0.0, min(deadlines) - time.monotonic())
+            wait = until if wait is None else min(wait, until)
+        return wait
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.scheduler.has_work() and not self._stalled:
-                timeout: float | None = 0.0
-            elif self.transferring:
-                timeout = 0.001
-            elif self._stalled:  # waiting for blocks that only a command or an expiring lease frees
-                timeout = 0.01
-            elif self.ep is not None:
-                timeout = 0.01  # EP ranks meet in ep.plan every 10 ms while nobody has work
-            elif self.blocks.leases:
-                timeout = 0.5
-            else:
-                timeout = None
-            if self.ep is not None and self.ep.tokens:
-                timeout = 0.0  # the EP group is busy: a busy rank waits for us in ep.plan
+            timeout = self._wait_s()
             try:
                 item = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
             except queue.Empty:
@@ -190,6 +199,7 @@ class Engine:
         if self._stop.is_set():
             return
         self._expire_leases()
+        self._expire_transfers()
         try:
             self.step()
         except GroupBroken:
@@ -214,11 +224,11 @@ class Engine:
         if seq.req_id in self.seqs:
             self.events.on_failed(seq.req_id, f"duplicate request id {seq.req_id}", False)
             return
-        if not seq.prompt_token_ids:
+        if not seq.token_ids:
             self.events.on_failed(seq.req_id, "empty prompt", False)
             return
         if self.vocab_size is not None:
-            bad = next((t for t in seq.prompt_token_ids if not 0 <= t < self.vocab_size), None)
+            bad = next((t for t in seq.token_ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:  # would crash the step and with it every request in the batch
                 self.events.on_failed(seq.req_id, f"token id {bad} outside the vocabulary ({self.vocab_size})", False)
                 return
@@ -232,35 +242,19 @@ class Engine:
             return
         if seq.dest is not None:
             # checked here, not when the last chunk runs: a step that raises fails every request in it
-            error = self._check_destination(seq)
+            error = self.export.check(seq)
             if error is not None:
                 self.events.on_failed(seq.req_id, error, True)
                 return
         self.seqs[seq.req_id] = seq
         self.scheduler.add(seq)
 
-    def _check_destination(self, seq: Sequence) -> str | None:
-        dest = seq.dest
-        engine = self.transfers.get(dest.protocol)
-        if engine is None:
-            return f"no {dest.protocol} transfer engine on this instance"
-        need = self.blocks.blocks_for(seq.num_tokens)
-        if need > len(dest.block_ids):
-            return f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {need}"
-        from native.transfer.base import TransferError
-
-        try:
-            engine.open_peer(dest.instance_id, dest.endpoint)
-        except (TransferError, OSError) as exc:
-            return f"KV transfer to {dest.instance_id} failed: {exc}"
-        return None
-
     def _add_decode(self, req_id: str, prompt: list[int], outputs: list[int], sampling: SamplingParams) -> None:
         blocks = self.blocks.claim(req_id)
         if blocks is None:
             self.events.on_failed(req_id, "no reservation for this request (expired?)", True)
             return
-        seq = Sequence(req_id, list(prompt), sampling, output_token_ids=list(outputs), block_table=blocks)
+        seq = Sequence(req_id, prompt, sampling, output_token_ids=outputs, block_table=blocks)
         seq.num_computed_tokens = seq.num_tokens - 1
         self.seqs[req_id] = seq
         if self._check_finished(seq):
@@ -279,10 +273,6 @@ class Engine:
 
     def _release(self, req_id: str) -> None:
         self.blocks.release(req_id)
-        for engine in self.transfers.values():
-            forget = getattr(engine, "forget", None)
-            if forget:
-                forget(req_id)
 
     def _abort(self, req_id: str, reason: str) -> None:
         self._release(req_id)
@@ -290,13 +280,10 @@ class Engine:
         if seq is None:
             return
         if seq.status is Status.TRANSFERRING:
-            self.transferring.remove(seq)
-            engine = self.transfers.get(seq.dest.protocol) if seq.dest else None
-            if engine is not None:
-                engine.abort(req_id)
+            self.export.abort(seq)
         else:
             self.scheduler.remove(seq)
-        seq.finish_reason = FinishReason.ABORT.value
+        seq.finish_reason = FinishReason.ABORT
         self._finish(seq)
         self.log.info("req %s aborted: %s", req_id, reason)
         if seq.dest is not None:
@@ -308,8 +295,24 @@ class Engine:
             for req_id in self.blocks.expire():
                 self.log.warning("req %s: reservation expired, blocks reclaimed", req_id)
 
+    def _expire_transfers(self) -> None:
+        if self.export.in_flight:
+            for seq in self.export.expire():
+                self._finish(seq)
+                self.events.on_failed(
+                    seq.req_id, f"KV transfer timed out after {self.limits.transfer_timeout_s:.0f}s", True
+                )
+
+    def _landed(self, seq: Sequence, handle) -> None:
+        """Inbox: ``seq``'s KV transfer completed or failed (posted by the handle's callback)."""
+        self._finish(seq)
+        if handle.error is not None:
+            self.events.on_failed(seq.req_id, f"KV transfer failed: {handle.error}", True)
+        else:
+            self.events.on_prefilled(seq.req_id, seq.first_token, handle.nbytes, handle.seconds)
+
     def _finish(self, seq: Sequence) -> None:
-        self.write_errors.pop(seq.req_id, None)
+        self.export.discard(seq)
         if seq.status is not Status.FINISHED:
             self.blocks.free(seq.block_table)
             seq.block_table = []
@@ -319,43 +322,34 @@ class Engine:
     def _fail_all(self, error: str) -> None:
         for seq in list(self.seqs.values()):
             self.scheduler.remove(seq)
-            if seq in self.transferring:
-                self.transferring.remove(seq)
             self._finish(seq)
             self.events.on_failed(seq.req_id, error, True)
 
     # ------------------------------------------------------------------ step
     def step(self) -> None:
-        self._poll_transfers()
         batch = self.scheduler.schedule()
         self._stalled = not batch and self.scheduler.has_work()
-        finishing_prefill = [s for s in batch if s.seq.dest is not None and s.samples]
         layer_done = None
-        if finishing_prefill:  # before the EP plan: a bad destination drops its request, not the step
-            layer_done, dropped = self._make_layer_hook(finishing_prefill)
-            for s, error in dropped:
-                batch.remove(s)
-                finishing_prefill.remove(s)
-                self.scheduler.remove(s.seq)
-                self._finish(s.seq)
-                self.events.on_failed(s.seq.req_id, error, True)
-            if not finishing_prefill:
-                layer_done = None
-        if self.ep is not None:
-            # every EP rank agrees on the step's size, then steps, or joins the collectives idle
-            decode_only = not finishing_prefill and all(s.num_new_tokens == 1 for s in batch)
-            if not self.ep.plan(sum(s.num_new_tokens for s in batch), decode_only):
-                return  # no EP rank has work
-            if not batch:
-                self.ep.idle_step()
-                return
-        elif not batch:
+        finishing = [s.seq for s in batch if s.seq.dest is not None and s.samples]
+        if finishing:  # before the plan: a bad destination drops its request, not the step
+            layer_done, dropped = self.export.writer(finishing)
+            for seq, error in dropped:
+                batch = [s for s in batch if s.seq is not seq]
+                self.scheduler.remove(seq)
+                self._finish(seq)
+                self.events.on_failed(seq.req_id, error, True)
+        # the runner's group (EP) agrees on the step, then steps, or joins its collectives idle
+        decode_only = layer_done is None and all(s.num_new_tokens == 1 for s in batch)
+        if not self.runner.plan(sum(s.num_new_tokens for s in batch), decode_only):
+            return  # nothing to run here (nor, in a group, anywhere)
+        if not batch:
+            self.runner.idle_step()
             return
         self.steps += 1
         sampled = [s for s in batch if s.samples]
         try:
             logits = self.runner.execute(
-                [s.seq.all_token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
+                [s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
                 [s.seq.num_computed_tokens for s in batch],
                 [s.seq.block_table for s in batch],
                 [i for i, s in enumerate(batch) if s.samples],
@@ -369,7 +363,7 @@ class Engine:
             raise
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
-            if s.seq.num_computed_tokens <= len(s.seq.prompt_token_ids):
+            if s.seq.num_computed_tokens <= s.seq.num_prompt_tokens:
                 self.prompt_tokens_computed += s.num_new_tokens
         if not sampled:
             return
@@ -385,15 +379,20 @@ class Engine:
         for j, s in enumerate(sampled):
             seq = s.seq
             tok = out.token_ids[j]
-            seq.output_token_ids.append(tok)
+            seq.append_token(tok)
             self.tokens_generated += 1
             item = TokenOut(seq.req_id, [tok])
             if out.logprobs is not None and seq.sampling.logprobs is not None:
                 item.logprobs = [out.logprobs[j]]
                 tops = out.top_logprobs[j] if out.top_logprobs else None
                 item.top_logprobs = [[TokenLogprob(t, lp) for t, lp in (tops or [])]]
-            if seq.dest is not None:
-                self._start_transfer_wait(seq, item)
+            if seq.dest is not None:  # prefill role: token 1 waits for the KV to land
+                self.scheduler.remove(seq)
+                seq.first_token = item
+                error = self.export.commit(seq)
+                if error is not None:
+                    self._finish(seq)
+                    self.events.on_failed(seq.req_id, error, True)
                 continue
             if self._check_finished(seq):
                 item.finish_reason = seq.finish_reason
@@ -405,95 +404,13 @@ class Engine:
 
     def _check_finished(self, seq: Sequence) -> bool:
         sp = seq.sampling
-        _, outputs = seq.sampling_history()
-        n_out = len(outputs)
-        tok = seq.output_token_ids[-1] if seq.output_token_ids else None
+        n_out = seq.num_sampled
+        tok = seq.last_token if seq.num_completion_tokens else None
         if tok is not None and n_out >= sp.min_tokens:
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
-                seq.finish_reason = FinishReason.STOP.value
+                seq.finish_reason = FinishReason.STOP
                 return True
         if n_out >= sp.max_tokens or seq.num_tokens >= self.max_len:
-            seq.finish_reason = FinishReason.LENGTH.value
+            seq.finish_reason = FinishReason.LENGTH
             return True
         return False
-
-    # ------------------------------------------------------------------ prefill role: KV out
-    def _make_layer_hook(self, finishing: list[ScheduledSeq]):
-        """(layer_done, [(scheduled seq, error)]): the hook writes each finishing prefill's KV as
-        its layers complete; a request whose destination is unusable is returned, not raised, and a
-        write that fails mid-step is recorded (the request fails at commit), never raised inside
-        the forward, which other ranks may be running in lockstep."""
-        from native.transfer.base import TransferError, WriteOp
-
-        plans, dropped = [], []
-        for s in finishing:
-            seq = s.seq
-            dest = seq.dest
-            engine = self.transfers.get(dest.protocol)
-            n = self.blocks.blocks_for(seq.num_tokens)
-            if engine is None:
-                dropped.append((s, f"no {dest.protocol} transfer engine on this instance"))
-                continue
-            if n > len(dest.block_ids):
-                dropped.append((s, f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {n}"))
-                continue
-            try:
-                engine.open_peer(dest.instance_id, dest.endpoint)
-            except (TransferError, OSError) as exc:
-                dropped.append((s, f"KV transfer to {dest.instance_id} failed: {exc}"))
-                continue
-            plans.append((engine, seq.req_id, dest.instance_id, seq.block_table[:n], dest.block_ids[:n]))
-
-        def layer_done(layer: int) -> None:
-            for engine, req_id, peer, src, dst in plans:
-                if req_id in self.write_errors:
-                    continue
-                try:
-                    engine.write(req_id, peer, WriteOp(layer, src, dst))
-                except (TransferError, OSError) as exc:
-                    self.write_errors[req_id] = str(exc)
-
-        return layer_done, dropped
-
-    def _start_transfer_wait(self, seq: Sequence, first: TokenOut) -> None:
-        engine = self.transfers[seq.dest.protocol]
-        try:
-            error = self.write_errors.pop(seq.req_id, None)
-            if error is not None:
-                engine.abort(seq.req_id)
-                raise RuntimeError(error)
-            seq.transfer = engine.commit(seq.req_id, seq.dest.instance_id)
-        except Exception as exc:
-            self.scheduler.remove(seq)
-            self._finish(seq)
-            self.events.on_failed(seq.req_id, f"KV transfer failed: {exc}", True)
-            return
-        seq.first_token = first
-        seq.transfer_started = time.monotonic()
-        self.scheduler.remove(seq)
-        seq.status = Status.TRANSFERRING
-        self.transferring.append(seq)
-        self._poll_transfers()
-
-    def _poll_transfers(self) -> None:
-        now = time.monotonic()
-        for seq in list(self.transferring):
-            handle = seq.transfer
-            if handle.done():
-                self.transferring.remove(seq)
-                seq.status = Status.RUNNING
-                self._finish(seq)
-                if handle.error is not None:
-                    self.events.on_failed(seq.req_id, f"KV transfer failed: {handle.error}", True)
-                else:
-                    self.events.on_prefilled(seq.req_id, seq.first_token, handle.nbytes, handle.seconds)
-            elif now - seq.transfer_started > self.limits.transfer_timeout_s:
-                self.transferring.remove(seq)
-                engine = self.transfers[seq.dest.protocol]
-                engine.abort(seq.req_id)
-                seq.status = Status.RUNNING
-                self._finish(seq)
-                self.events.on_failed(
-                    seq.req_id, f"KV transfer timed out after {self.limits.transfer_timeout_s:.0f}s", True
-                )
-

@@ -1,10 +1,16 @@
-"""A request inside one engine: its tokens, its blocks, where it is in its life."""
+"""A request inside one engine: its tokens, its blocks, where it is in its life.
+
+One list holds every token of the sequence (prompt, then outputs), as in nano-vllm: a decode row
+reads its last token in O(1) and a step appends one; nothing is concatenated per step. The
+prompt and the outputs are :class:`TokenSpan` views of that list, copied only when read.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as SequenceABC
 
 from pdbus.messages import Destination, SamplingParams
 
@@ -16,42 +22,105 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+class TokenSpan(SequenceABC):
+    """``ids[start:stop]`` without the copy: O(1) to make and to measure; the sampler reads the
+    contents only for rows with penalties."""
+
+    __slots__ = ("_ids", "_start", "_stop")
+
+    def __init__(self, ids: list[int], start: int, stop: int):
+        self._ids, self._start, self._stop = ids, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._ids[self._start : self._stop][i]
+        n = self._stop - self._start
+        if not -n <= i < n:
+            raise IndexError("token index out of range")
+        return self._ids[self._start + (i if i >= 0 else n + i)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids[self._start : self._stop])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, TokenSpan)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"TokenSpan({list(self)})"
+
+
 class Sequence:
-    req_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    output_token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    status: Status = Status.WAITING
-    arrival: float = field(default_factory=time.monotonic)
-    dest: Destination | None = None  # prefill role: where the KV goes
-    num_prompt_outputs: int = 0  # re-prefill: trailing prompt tokens that were generated outputs
-    finish_reason: str | None = None
-    transfer: object | None = None  # TransferHandle while TRANSFERRING
-    first_token: object | None = None  # prefill role: token 1, held until the KV has landed
-    transfer_started: float = 0.0
+    def __init__(
+        self,
+        req_id: str,
+        prompt_token_ids: Iterable[int],
+        sampling: SamplingParams,
+        *,
+        output_token_ids: Iterable[int] = (),
+        block_table: list[int] | None = None,
+        dest: Destination | None = None,
+        num_prompt_outputs: int = 0,
+    ):
+        self.req_id = req_id
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then every output
+        self.num_prompt_tokens = len(self.token_ids)
+        self.token_ids.extend(output_token_ids)
+        self.sampling = sampling
+        self.block_table: list[int] = block_table if block_table is not None else []
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.status = Status.WAITING
+        self.arrival = time.monotonic()
+        self.dest = dest  # prefill role: where the KV goes
+        # re-prefill: trailing prompt tokens that were generated outputs (the sampler counts them
+        # as outputs: penalties, min_tokens, max_tokens and the seeded draw continue from there)
+        self.num_prompt_outputs = num_prompt_outputs
+        self.finish_reason: str | None = None
+        self.first_token: object | None = None  # prefill role: token 1, held until the KV has landed
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.req_id!r}, {self.num_prompt_tokens}+{self.num_completion_tokens} tokens, {self.status.value})"
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> TokenSpan:
+        return TokenSpan(self.token_ids, 0, self.num_prompt_tokens)
+
+    @property
+    def completion_token_ids(self) -> TokenSpan:
+        return TokenSpan(self.token_ids, self.num_prompt_tokens, len(self.token_ids))
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_prefill_done(self) -> bool:
-        return self.num_computed_tokens >= self.num_tokens - 1 and bool(self.output_token_ids)
+        return self.num_computed_tokens >= len(self.token_ids) - 1 and self.num_completion_tokens > 0
 
-    def sampling_history(self) -> tuple[list[int], list[int]]:
-        """(prompt ids, output ids) as the sampler sees them (re-prefill keeps outputs as outputs)."""
-        if self.num_prompt_outputs:
-            cut = len(self.prompt_token_ids) - self.num_prompt_outputs
-            return self.prompt_token_ids[:cut], self.prompt_token_ids[cut:] + self.output_token_ids
-        return self.prompt_token_ids, self.output_token_ids
+    @property
+    def num_sampled(self) -> int:
+        """Outputs as the sampler counts them (a re-prefill's generated prompt tail included)."""
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_prompt_outputs
+
+    def sampling_history(self) -> tuple[TokenSpan, TokenSpan]:
+        """(prompt ids, output ids) as the sampler sees them (re-prefill keeps outputs as outputs):
+        views of the one token list, O(1)."""
+        cut = self.num_prompt_tokens - self.num_prompt_outputs
+        return TokenSpan(self.token_ids, 0, cut), TokenSpan(self.token_ids, cut, len(self.token_ids))

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import zmq
 
 from native.parallel.comm import GroupBroken, first_line
+from native.runner import Runner
 from native.transfer.base import TransferHandle
 from pdbus import envs
 from pdbus.log import get_logger
@@ -258,7 +259,7 @@ class TPGroup:
         self.ctx.term()
 
 
-class TPRunner:
+class TPRunner(Runner):
     """The engine's runner for TP > 1: broadcast the step, run rank 0's shard."""
 
     def __init__(self, runner, control_group):
