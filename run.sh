@@ -19,8 +19,8 @@ ensure_env() {
     return 0
   fi
   local base="${PYTHON:-python3}"
-  if ! "$base" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; then
-    log "pdbus needs Python >= 3.10 (set PYTHON=...)"; exit 1
+  if ! "$base" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+    log "pdbus needs Python >= 3.11 (set PYTHON=...)"; exit 1
   fi
   if [[ ! -x "$PY" ]]; then
     log "creating $VENV"

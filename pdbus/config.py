@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
-
+import sys
 import tomllib
+from dataclasses import dataclass, field, fields
 
 from pdbus import envs
 from pdbus.messages import SEED_RANGE, Role, TransferProtocol
@@ -208,12 +208,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", default=None, help=helps.get(f.name))
             continue
         p.add_argument(flag, default=None, help=helps.get(f.name))
-    # FastDeploy spellings accepted for compatibility
-    p.add_argument("--pd-comm-port", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--rdma-comm-ports", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--engine-worker-queue-port", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cache-queue-port", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--metrics-port", default=None, help=argparse.SUPPRESS)
+    # FastDeploy's launch scripts pass these; pdbus has no such channel (each says why, once)
+    for name in FASTDEPLOY_ONLY:
+        p.add_argument(_flag(name), default=None, help=argparse.SUPPRESS)
 
 
 def _coerce(cls, name: str, value):
@@ -283,11 +280,35 @@ def build(cls, args: argparse.Namespace, sections: list[str]):
     return cls(**values)
 
 
+# FastDeploy flags for channels pdbus does not have, with where that traffic goes instead. They
+# are accepted so that FastDeploy's launch scripts run unchanged, and each one given says in one
+# line that it has no effect.
+FASTDEPLOY_ONLY = {
+    "pd_comm_port": "prefill/decode control messages travel over the router's bus",
+    "rdma_comm_ports": "Mooncake picks its own RPC ports (MC_MIN_RPC_PORT / MC_MAX_RPC_PORT)",
+    "engine_worker_queue_port": "the engine runs inside the rank server's process",
+    "cache_queue_port": "KV transfers run inside the rank server's process",
+    "metrics_port": "metrics are served on --port at /metrics",
+}
+
+
+def fastdeploy_only_notes(args: argparse.Namespace) -> list[str]:
+    """One line for each FastDeploy-only flag that was given: what pdbus does instead."""
+    return [
+        f"{_flag(name)} {value} is FastDeploy's and has no effect here: {why}"
+        for name, why in FASTDEPLOY_ONLY.items()
+        if (value := getattr(args, name, None)) is not None
+    ]
+
+
 def serve_config_from_args(args: argparse.Namespace, check_port: bool = True) -> ServeConfig:
     role = args.splitwise_role
     sections = ["serve"] + ([role] if role else [])
     cfg = build(ServeConfig, args, sections)
-    return cfg.validate(check_port=check_port)
+    cfg = cfg.validate(check_port=check_port)
+    for line in fastdeploy_only_notes(args):
+        print(f"pdbus serve: {line}", file=sys.stderr)
+    return cfg
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:

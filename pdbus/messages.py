@@ -89,7 +89,7 @@ class KVLayout(msgspec.Struct, frozen=True):
 # --------------------------------------------------------------------------- KV transfer endpoints
 
 
-class TransferProtocol(str, enum.Enum):
+class TransferProtocol(enum.StrEnum):
     """The ``--cache-transfer-protocol`` names, defined here once."""
 
     IPC = "ipc"  # one host: CUDA IPC between GPUs, POSIX shared memory between CPU caches

@@ -311,3 +311,13 @@ def test_shipped_topologies_load(name):
 
     conf = load_toml(str(Path(__file__).resolve().parent.parent / "conf" / name))
     assert "router" in conf and "serve" in conf
+
+
+def test_fastdeploy_only_flags_say_they_have_no_effect(model_dir, capsys):
+    args = _serve_args(["--model", model_dir, "--pd-comm-port", "8201", "--engine-worker-queue-port", "8202"])
+    cfg = serve_config_from_args(args, check_port=False)
+    assert cfg.splitwise_role == "mixed"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert "--pd-comm-port 8201 is FastDeploy's and has no effect here: prefill/decode control messages travel over the router's bus" in lines[0]
+    assert "--engine-worker-queue-port 8202" in lines[1]

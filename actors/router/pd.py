@@ -213,7 +213,7 @@ class PDBackend:
                 continue
             try:
                 block_ids, reason = await asyncio.wait_for(fut, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.reserve_waiters.pop(st.req_id, None)
                 busy_seen.add(decode.identity)
                 continue
@@ -253,7 +253,7 @@ class PDBackend:
                     while True:
                         try:
                             ev = await asyncio.wait_for(st.queue.get(), timeout=self.request_timeout_s)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             raise BackendUnavailable(f"decode silent for {self.request_timeout_s:.0f}s") from None
                         if isinstance(ev, TokenOut):
                             outputs.extend(ev.token_ids)
