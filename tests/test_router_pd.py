@@ -473,12 +473,17 @@ def test_every_decode_busy_until_the_reserve_timeout_is_a_503_with_retry_after()
         bus, backend, _, (d,) = cluster(reserve_timeout_s=0.3)
         c = Client(backend)
         answered = 0
-        while not c.task.done():
-            answered += 1
-            reserve = await bus.next(Reserve, d, answered)
-            backend.on_reserve_answer(d.identity, reserve.req_id, None, "no free blocks")
-            await asyncio.sleep(0)
+
+        async def busy_decode():  # the decode answers every Reserve with Busy
+            nonlocal answered
+            while True:
+                reserve = await bus.next(Reserve, d, answered + 1)
+                answered += 1
+                backend.on_reserve_answer(d.identity, reserve.req_id, None, "no free blocks")
+
+        decode = asyncio.get_running_loop().create_task(busy_decode())
         await c.done()
+        decode.cancel()
         assert isinstance(c.error, BackendUnavailable) and "no decode instance has room" in str(c.error)
         assert answered >= 2
         assert_clean(backend)

@@ -175,6 +175,13 @@ class PDBackend:
     def _load(self, ident: bytes) -> InstanceLoad:
         return self.inflight.setdefault(ident, InstanceLoad())
 
+    def _uncharge(self, ident: bytes | None, **amounts: int) -> None:
+        """Take back what was charged to an instance (nothing once it is gone: its entry went with it)."""
+        load = self.inflight.get(ident)
+        if load is not None:
+            for name, n in amounts.items():
+                setattr(load, name, getattr(load, name) - n)
+
     def pick_decode(self, exclude: set[bytes]) -> Peer | None:
         cands = [p for p in self._alive("decode") if p.identity not in exclude]
         if len(cands) > 2:
@@ -210,8 +217,8 @@ class PDBackend:
         self._load(decode).reserved_blocks += blocks
 
     def _drop_lease_charge(self, flow: Flow) -> None:
-        if flow.decode is not None and flow.lease_blocks:
-            self._load(flow.decode).reserved_blocks -= flow.lease_blocks
+        if flow.lease_blocks:
+            self._uncharge(flow.decode, reserved_blocks=flow.lease_blocks)
         flow.lease_blocks = 0
 
     def _start_prefill(self, flow: Flow, prefill: bytes, tokens: int) -> None:
@@ -221,7 +228,7 @@ class PDBackend:
     def _prefill_ended(self, flow: Flow) -> None:
         """The prefill answered (or died): it writes no more into the lease."""
         if flow.prefill is not None:
-            self._load(flow.prefill).pending_prefill_tokens -= flow.prefill_tokens
+            self._uncharge(flow.prefill, pending_prefill_tokens=flow.prefill_tokens)
         flow.prefill, flow.prefill_tokens = None, 0
 
     def _start_decode(self, flow: Flow) -> None:
@@ -232,8 +239,8 @@ class PDBackend:
     def _decode_ended(self, flow: Flow) -> None:
         """The decode holds nothing more for the request (it finished, dropped it, or died)."""
         self._drop_lease_charge(flow)
-        if flow.decoding and flow.decode is not None:
-            self._load(flow.decode).active -= 1
+        if flow.decoding:
+            self._uncharge(flow.decode, active=1)
         flow.decode, flow.decoding = None, False
 
     def _close(self, flow: Flow, how: Exit) -> None:
