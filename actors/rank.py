@@ -45,6 +45,7 @@ from pdbus.messages import (
     Abort,
     Busy,
     Decode,
+    Endpoint,
     Failed,
     Hello,
     Load,
@@ -175,7 +176,7 @@ class RankServer(RankLoader):
         self.engine: Engine | None = None
         self.bus: RankBus | None = None
         self.transfers: dict = {}
-        self.endpoints: dict[str, dict] = {}
+        self.endpoints: dict[str, Endpoint] = {}  # protocol -> what Hello publishes
         self.local: LocalBackend | None = None
         self.tokenizer = None
         self.prefill_started: dict[str, float] = {}

@@ -154,27 +154,29 @@ class RankLoader:
 
     def _make_transfers(self) -> None:
         from native.transfer.base import create_transfer_engine
+        from native.transfer.tp_routing import TPTransfer
+        from pdbus.messages import SenderEndpoint, TPEndpoint
 
         host = self.cfg.transfer_host or self.cfg.host
         for proto in self.cfg.cache_transfer_protocol:
             try:
                 self.transfers[proto] = engine = create_transfer_engine(proto, self.kv_cache, host)
-                if self.cfg.splitwise_role == "prefill":
-                    from native.parallel.group import TPTransfer
-                    from native.parallel.tp import HeadSplit
+                if self.cfg.splitwise_role == "prefill":  # KV heads routed onto the decode's TP ranks
+                    workers = None
+                    if self.tp_group is not None:
+                        from native.parallel.group import WorkerTransfers
 
-                    mc = self.model_cfg
-                    split = self.tp_split if self.tp_group is not None else HeadSplit(0, 1, mc.num_attention_heads, mc.num_key_value_heads)
-                    self.transfers[proto] = TPTransfer(proto, engine, self.tp_group, getattr(self, "tp_control", None), split)
+                        workers = WorkerTransfers(self.tp_group, self.tp_control)
+                    self.transfers[proto] = TPTransfer(engine, workers)
                 if envs.PDBUS_FAULT_TRANSFER and self.cfg.splitwise_role == "prefill":
                     self.transfers[proto] = FaultTransfer(self.transfers[proto], envs.PDBUS_FAULT_TRANSFER)
                 # decode publishes where to write (every TP rank's slice); prefill only its host
                 if self.cfg.splitwise_role != "decode":
-                    self.endpoints[proto] = {"host_id": host_id()}
+                    self.endpoints[proto] = SenderEndpoint(host, host_id())
                 elif self.tp_group is None:
                     self.endpoints[proto] = engine.endpoint()
                 else:
-                    ranks = [engine.endpoint()] + [self.tp_group.endpoints[r][proto] for r in range(1, self.cfg.tensor_parallel_size)]
-                    self.endpoints[proto] = {"host_id": host_id(), "ranks": ranks}
+                    workers_eps = [self.tp_group.endpoints[r][proto] for r in range(1, self.cfg.tensor_parallel_size)]
+                    self.endpoints[proto] = TPEndpoint(host, host_id(), [engine.endpoint(), *workers_eps])
             except Exception as exc:
                 raise RuntimeError(f"--cache-transfer-protocol {proto}: {exc}") from exc

@@ -79,7 +79,9 @@ def role_recv(protocol: str, host: str) -> None:
     cache = _cache(2 * BLOCKS)
     kwargs = {"use_tcp": True} if protocol == "rdma" else {}
     rx = create_transfer_engine(protocol, cache, host, **kwargs)
-    print(json.dumps(rx.endpoint()), flush=True)
+    import msgspec
+
+    print(msgspec.json.encode(rx.endpoint()).decode(), flush=True)  # a typed endpoint, as on the bus
     sys.stdin.readline()
     rx.close()
     cache.close()
@@ -102,15 +104,18 @@ def role_send(protocol: str, endpoint: dict, reps: int) -> None:
                     times.append(time.perf_counter() - t0)
         print(json.dumps(times), flush=True)
         return
+    import msgspec
     import torch
 
     from native.transfer.base import WriteOp, create_transfer_engine
+    from pdbus.messages import Endpoint
 
+    ep = msgspec.convert(endpoint, Endpoint)
     cache = _cache(BLOCKS)
     cache.buffer.copy_(torch.randn(cache.shape))
     kwargs = {"use_tcp": True} if protocol == "rdma" else {}
-    tx = create_transfer_engine(protocol, cache, endpoint.get("host", "127.0.0.1"), **kwargs)
-    tx.open_peer("decode", endpoint)
+    tx = create_transfer_engine(protocol, cache, ep.host, **kwargs)
+    tx.open_peer("decode", ep)
     src, dst = list(range(BLOCKS)), _dst_blocks()
     for i in range(reps + 1):
         t0 = time.perf_counter()

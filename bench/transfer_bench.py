@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from native.kv_cache import KVCache
-from native.transfer.base import ResolvedOp, WriteOp, copy_blocks, create_transfer_engine
+from native.transfer.base import WriteOp, create_transfer_engine
+from native.transfer.blocks import ResolvedOp, copy_blocks
 
 
 @dataclass(frozen=True)

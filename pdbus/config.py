@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, fields
 
 import tomllib
 
+from pdbus.messages import TransferProtocol
 from pdbus.sockets import port_in_use
 
-KNOWN_PROTOCOLS = ("ipc", "tcp", "rdma")
+KNOWN_PROTOCOLS = tuple(p.value for p in TransferProtocol)
 ROLES = ("mixed", "prefill", "decode")
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
 DTYPES = ("auto", "bfloat16", "float32")

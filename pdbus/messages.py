@@ -11,6 +11,7 @@ Nothing here knows about models: sampling parameters and KV layouts are plain da
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 import msgspec
 
@@ -77,6 +78,92 @@ class KVLayout(msgspec.Struct, frozen=True):
     head_start: int = 0
 
 
+# --------------------------------------------------------------------------- KV transfer endpoints
+
+
+class TransferProtocol(str, enum.Enum):
+    """The ``--cache-transfer-protocol`` names, defined here once."""
+
+    IPC = "ipc"  # one host: CUDA IPC between GPUs, POSIX shared memory between CPU caches
+    TCP = "tcp"  # pdbus's own socket transport (native/transfer/tcp.py)
+    RDMA = "rdma"  # Mooncake's TransferEngine
+
+
+class _Endpoint(msgspec.Struct, tag_field="kind", frozen=True):
+    """What a peer needs to reach this instance's KV cache. ``host_id`` names the machine (its
+    boot id, or PDBUS_HOST_ID): ``ipc`` pairs need the same one."""
+
+    host: str
+    host_id: str
+
+
+class ShmEndpoint(_Endpoint, tag="shm"):
+    """``ipc`` into a CPU cache held in POSIX shared memory."""
+
+    protocol: ClassVar[TransferProtocol] = TransferProtocol.IPC
+    shm_name: str
+    nbytes: int
+    layout: KVLayout
+
+
+class CudaIpcEndpoint(_Endpoint, tag="cuda_ipc"):
+    """``ipc`` into a GPU cache: the allocation's IPC handle and the cache's offset inside it."""
+
+    protocol: ClassVar[TransferProtocol] = TransferProtocol.IPC
+    device: int
+    device_uuid: str
+    handle: bytes
+    offset: int
+    nbytes: int
+    layout: KVLayout
+
+
+class TcpEndpoint(_Endpoint, tag="tcp"):
+    """``tcp``: the receiver's listening port on ``host``."""
+
+    protocol: ClassVar[TransferProtocol] = TransferProtocol.TCP
+    port: int
+    layout: KVLayout
+
+
+class RdmaEndpoint(_Endpoint, tag="rdma"):
+    """``rdma``: a Mooncake session (``host:rpc_port``) and the registered buffer's address;
+    ``transport`` is Mooncake's own (``rdma``, or ``tcp`` where no NIC exists)."""
+
+    protocol: ClassVar[TransferProtocol] = TransferProtocol.RDMA
+    session: str
+    base: int
+    nbytes: int
+    layout: KVLayout
+    transport: str = "rdma"
+
+
+RankEndpoint = ShmEndpoint | CudaIpcEndpoint | TcpEndpoint | RdmaEndpoint
+
+
+class TPEndpoint(_Endpoint, tag="tp"):
+    """A TP decode: one endpoint per TP rank, each with its KV head slice in its layout."""
+
+    ranks: list[RankEndpoint]
+
+    def __post_init__(self):
+        if not self.ranks:
+            raise ValueError("a TP endpoint needs at least one rank")
+        if len({type(r) for r in self.ranks}) > 1:
+            raise ValueError("a TP endpoint's ranks must all be of one kind")
+
+    @property
+    def protocol(self) -> TransferProtocol:
+        return self.ranks[0].protocol
+
+
+class SenderEndpoint(_Endpoint, tag="sender"):
+    """A prefill's entry: it receives nothing, it tells only the host it sends from."""
+
+
+Endpoint = RankEndpoint | TPEndpoint | SenderEndpoint
+
+
 class Load(msgspec.Struct, omit_defaults=True):
     free_blocks: int = 0
     total_blocks: int = 0
@@ -116,7 +203,7 @@ class Hello(_Msg, tag="hello"):
     model: str
     config_hash: str
     kv: KVLayout | None = None
-    transfer: dict[str, dict] = {}  # protocol name -> endpoint description
+    transfer: dict[TransferProtocol, Endpoint] = {}
     max_num_seqs: int = 0
     max_model_len: int = 0
     dp_rank: int = 0
@@ -172,8 +259,8 @@ class Busy(_Msg, tag="busy"):
 
 class Destination(msgspec.Struct, omit_defaults=True):
     instance_id: str
-    protocol: str
-    endpoint: dict
+    protocol: TransferProtocol
+    endpoint: Endpoint
     block_ids: list[int]
     kv: KVLayout | None = None
 

@@ -65,8 +65,10 @@ TOKEN = m.TokenOut(
     error=TEXT,
 )
 ENDPOINTS = {
-    "tcp": {"host": "10.0.0.1", "port": 5555, "nics": ["eth0"]},
-    "rdma": {"session": "host-b:17000", "buffers": [[0, 1 << 40], [BIG_UINT, 1]], "ok": True, "none": None},
+    m.TransferProtocol.TCP: m.TPEndpoint(
+        "10.0.0.1", "boot-b", [m.TcpEndpoint("10.0.0.1", "boot-b", 5555, KV), m.TcpEndpoint("10.0.0.1", "boot-b", 5556, KV)]
+    ),
+    m.TransferProtocol.RDMA: m.RdmaEndpoint("host-b", "boot-b", "host-b:17000", BIG_UINT, 1 << 40, KV, transport="tcp"),
 }
 
 SAMPLES: dict[type, m.Message] = {
@@ -86,7 +88,10 @@ SAMPLES: dict[type, m.Message] = {
     m.Busy: m.Busy(req_id="r1", reason="no free blocks"),
     m.Prefill: m.Prefill(
         req_id="r1", prompt_token_ids=list(range(1000)), sampling=SAMPLING,
-        dest=m.Destination(instance_id="d0", protocol="rdma", endpoint=ENDPOINTS["rdma"], block_ids=[9, 8, 7], kv=KV),
+        dest=m.Destination(
+            instance_id="d0", protocol=m.TransferProtocol.RDMA, endpoint=ENDPOINTS[m.TransferProtocol.RDMA],
+            block_ids=[9, 8, 7], kv=KV,
+        ),
         num_output_tokens=12,
     ),
     m.Prefilled: m.Prefilled(req_id="r1", first=TOKEN, transfer_bytes=BIG_UINT, transfer_s=0.0125),

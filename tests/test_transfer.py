@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -299,10 +300,10 @@ def test_tcp_receiver_killed_mid_transfer_fails_the_handle():
         rx.stop()
 
 
-def _silent_peer(endpoint_like: dict) -> tuple[socket.socket, dict]:
+def _silent_peer(endpoint_like):
     """A socket that accepts connections and never answers: commits stay pending."""
     lsock = socket.create_server(("127.0.0.1", 0))
-    return lsock, dict(endpoint_like, port=lsock.getsockname()[1])
+    return lsock, msgspec.structs.replace(endpoint_like, port=lsock.getsockname()[1])
 
 
 def test_tcp_close_peer_fails_pending_handles_and_reopen_works():
@@ -355,29 +356,29 @@ def test_tcp_receiver_validates_what_arrives():
     """A crafted write outside the cache is read and dropped, and its commit is refused."""
     import numpy as np
 
-    from native.transfer import tcp
+    from native.transfer import tcp_wire as tcp
 
     cache = make_cache(4)
     rx = engine("tcp", cache)
     try:
         ep = rx.endpoint()
-        with socket.create_connection(("127.0.0.1", ep["port"]), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as sock:
             payload = bytes(range(256)) * (2 * BLOCK * HEAD_DIM * 2 // 256)  # one block, 2 heads
             rid = b"bad"
             ids = np.asarray([7], dtype="<u4").tobytes()  # block 7 of a 4-block cache
-            sock.sendall(tcp._HDR.pack(tcp._MAGIC, tcp._WRITE, 0, 0, len(rid), 0, 2, 1, len(payload)) + rid + ids)
+            sock.sendall(tcp.HDR.pack(tcp.MAGIC, tcp.WRITE, 0, 0, len(rid), 0, 2, 1, len(payload)) + rid + ids)
             sock.sendall(payload)
-            sock.sendall(tcp._HDR.pack(tcp._MAGIC, tcp._COMMIT, 0, 0, len(rid), 0, 0, 0, 0) + rid)
+            sock.sendall(tcp.HDR.pack(tcp.MAGIC, tcp.COMMIT, 0, 0, len(rid), 0, 0, 0, 0) + rid)
             ack = b""
-            while len(ack) < tcp._ACK.size:
+            while len(ack) < tcp.ACK.size:
                 ack += sock.recv(4096)
-            _, mtype, status, req_len, err_len, _ = tcp._ACK.unpack_from(ack)
-            while len(ack) < tcp._ACK.size + req_len + err_len:
+            _, mtype, status, req_len, err_len, _ = tcp.ACK.unpack_from(ack)
+            while len(ack) < tcp.ACK.size + req_len + err_len:
                 ack += sock.recv(4096)
-            assert (mtype, status) == (tcp._ACK_TYPE, 1)
-            assert b"block 7 outside" in ack[tcp._ACK.size + req_len :]
+            assert (mtype, status) == (tcp.ACK_TYPE, 1)
+            assert b"block 7 outside" in ack[tcp.ACK.size + req_len :]
             assert torch.count_nonzero(cache.buffer) == 0
-        with socket.create_connection(("127.0.0.1", ep["port"]), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             try:  # not our protocol: the receiver hangs up (a reset when our bytes were unread)
                 assert sock.recv(10) == b""
@@ -393,9 +394,9 @@ def test_tcp_listens_on_the_given_host_only():
     rx = engine("tcp", cache)
     try:
         ep = rx.endpoint()
-        assert ep["host"] == "127.0.0.1" and ep["port"] > 0
+        assert ep.host == "127.0.0.1" and ep.port > 0
         assert rx._listener.getsockname()[0] == "127.0.0.1"
-        assert ep["layout"]["block_size"] == BLOCK
+        assert ep.layout.block_size == BLOCK
     finally:
         rx.close()
         cache.close()
@@ -410,7 +411,7 @@ def test_shm_needs_a_shared_cache_and_the_same_host():
         with pytest.raises(TransferError, match="shared=True"):
             rx_plain.endpoint()
         with pytest.raises(TransferError, match="one host"):
-            tx.open_peer("d", dict(rx.endpoint(), host_id="another-machine"))
+            tx.open_peer("d", msgspec.structs.replace(rx.endpoint(), host_id="another-machine"))
     finally:
         for x in (rx_plain, rx, tx):
             x.close()

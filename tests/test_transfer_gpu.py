@@ -9,6 +9,7 @@ import importlib.util
 import multiprocessing as mp
 import threading
 
+import msgspec
 import pytest
 import torch
 
@@ -89,7 +90,7 @@ def _transfer_and_check(rx: Receiver, src_device: str) -> None:
     tx = create_transfer_engine("ipc", src)
     try:
         tx.open_peer("decode0", rx.endpoint)
-        assert rx.endpoint["offset"] > 0  # the cache sits inside a larger allocation
+        assert rx.endpoint.offset > 0  # the cache sits inside a larger allocation
         sliced = (list(zip([1, 3, 5, 7, 8, 9, 0], [0, 2, 4, 6, 10, 11, 13], strict=True)), (2, 4), (0, 2))
         whole = (list(zip([2, 3, 4, 10, 11, 12], [20, 21, 22, 30, 17, 18], strict=True)), (0, HEADS), (0, HEADS))
         run = (list(zip([14, 15], [24, 25], strict=True)), (0, HEADS), (0, HEADS))  # one contiguous run
@@ -155,9 +156,10 @@ def test_cuda_ipc_abort_close_and_refusals():
     tx = create_transfer_engine("ipc", src)
     try:
         with pytest.raises(TransferError, match="one host"):
-            tx.open_peer("x", dict(rx.endpoint, host_id="elsewhere"))
+            tx.open_peer("x", msgspec.structs.replace(rx.endpoint, host_id="elsewhere"))
         with pytest.raises(TransferError, match="block_size"):
-            tx.open_peer("x", dict(rx.endpoint, layout=dict(rx.endpoint["layout"], block_size=32)))
+            other = msgspec.structs.replace(rx.endpoint.layout, block_size=32)
+            tx.open_peer("x", msgspec.structs.replace(rx.endpoint, layout=other))
         tx.open_peer("d", rx.endpoint)
         tx.write("gone", "d", WriteOp(0, [0], [0]))
         tx.abort("gone")

@@ -40,6 +40,7 @@ from pdbus.messages import (
     Abort,
     Decode,
     Destination,
+    Endpoint,
     Failed,
     Prefill,
     Prefilled,
@@ -47,6 +48,7 @@ from pdbus.messages import (
     Reserve,
     SamplingParams,
     TokenOut,
+    TransferProtocol,
 )
 from pdbus.sockets import BusError
 
@@ -200,13 +202,13 @@ class PDBackend:
         return min(cands, key=lambda p: self._load(p.identity).pending_prefill_tokens, default=None)
 
     @staticmethod
-    def choose_protocol(prefill: Peer, decode: Peer) -> tuple[str, dict] | None:
-        p_node = next((ep.get("host_id") for ep in prefill.hello.transfer.values() if ep.get("host_id")), None)
-        for proto in prefill.hello.transfer:
+    def choose_protocol(prefill: Peer, decode: Peer) -> tuple[TransferProtocol, Endpoint] | None:
+        """The first of the prefill's protocols that the decode offers and that applies."""
+        for proto, mine in prefill.hello.transfer.items():
             ep = decode.hello.transfer.get(proto)
             if ep is None:
                 continue
-            if proto == "ipc" and (not p_node or ep.get("host_id") != p_node):
+            if proto == TransferProtocol.IPC and ep.host_id != mine.host_id:
                 continue  # ipc needs one host
             return proto, ep
         return None

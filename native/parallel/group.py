@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 
 import msgspec
 import torch
@@ -26,9 +25,9 @@ import torch.distributed as dist
 import zmq
 
 from native.parallel.comm import GroupBroken, first_line
-from native.parallel.tp import HeadSplit, head_overlaps
-from native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp
+from native.transfer.base import TransferHandle
 from pdbus.log import get_logger
+from pdbus.messages import Endpoint, RankEndpoint, TransferProtocol
 
 log = get_logger("tp")
 
@@ -42,9 +41,9 @@ class StepCmd(msgspec.Struct, tag="step"):
 
 class TransferCmd(msgspec.Struct, tag="transfer"):
     req_id: str
-    protocol: str
+    protocol: TransferProtocol
     peer: str
-    endpoint: dict
+    endpoint: Endpoint
     src_blocks: list[int]
     dst_blocks: list[int]
 
@@ -60,6 +59,27 @@ class StopCmd(msgspec.Struct, tag="stop"):
 Command = StepCmd | TransferCmd | AbortCmd | StopCmd
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Command)
+
+
+class EndpointsReport(msgspec.Struct, tag="endpoints"):
+    """Worker -> leader, once loaded: where a decode's peers write into this rank's heads."""
+
+    rank: int
+    endpoints: dict[TransferProtocol, RankEndpoint]
+
+
+class TransferReport(msgspec.Struct, tag="transfer_done"):
+    """Worker -> leader: this rank's writes of a request have landed (or failed)."""
+
+    rank: int
+    req_id: str
+    error: str | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+Report = EndpointsReport | TransferReport
+_report_dec = msgspec.msgpack.Decoder(Report)
 
 
 class CacheSizing(msgspec.Struct):
@@ -123,23 +143,6 @@ def init_group(rank: int, size: int, master_port: int, device: torch.device):
     return init_groups(rank, size, f"tcp://127.0.0.1:{master_port}", device, "TP")
 
 
-def split_writes(split: HeadSplit, local_layout: dict, endpoint: dict) -> list[tuple[int, dict, tuple, tuple]]:
-    """For this rank's KV heads and a peer's endpoint (one rank, or {"ranks": [...]}), the writes:
-    (dest rank index, dest endpoint, src head range, dst head range)."""
-    if not split.owns_kv:
-        return []
-    dests = endpoint.get("ranks") or [endpoint]
-    out = []
-    src_start = local_layout["head_start"]
-    src_count = local_layout["num_kv_heads"]
-    for i, ep in enumerate(dests):
-        lay = ep["layout"]
-        ov = head_overlaps(src_start, src_count, lay.get("head_start", 0), lay["num_kv_heads"])
-        if ov is not None:
-            out.append((i, ep, ov[0], ov[1]))
-    return out
-
-
 class TPGroup:
     """Leader side: spawn the workers, join the process group, collect their reports."""
 
@@ -151,8 +154,8 @@ class TPGroup:
         port = self.pull.bind_to_random_port("tcp://127.0.0.1")
         self.report_endpoint = f"tcp://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
-        self.endpoints: dict[int, dict] = {}  # worker rank -> {protocol: endpoint}
-        self.pending: dict[str, _Combined] = {}
+        self.endpoints: dict[int, dict[TransferProtocol, RankEndpoint]] = {}  # worker rank -> its endpoints
+        self.pending: dict[str, dict[int, TransferHandle]] = {}  # req -> worker rank -> its handle
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.dead: str | None = None
@@ -185,18 +188,44 @@ class TPGroup:
             try:
                 if not self.pull.poll(200):
                     continue
-                msg = msgspec.msgpack.decode(self.pull.recv())
+                msg = _report_dec.decode(self.pull.recv())
             except zmq.ZMQError:
                 return
-            if "endpoints" in msg:
-                self.endpoints[msg["rank"]] = msg["endpoints"]
+            except msgspec.ValidationError as exc:  # a bug, not a peer: the workers are ours
+                log.error("TP group: dropping a malformed worker report: %s", exc)
+                continue
+            if isinstance(msg, EndpointsReport):
+                self.endpoints[msg.rank] = msg.endpoints
                 if len(self.endpoints) == self.spec.size - 1:
                     self._ready.set()
                 continue
             with self._lock:
-                combined = self.pending.get(msg["req_id"])
-            if combined is not None:
-                combined.report(msg["rank"], msg.get("error"), msg.get("nbytes", 0))
+                handles = self.pending.get(msg.req_id, {})
+                handle = handles.pop(msg.rank, None)
+                if not handles:
+                    self.pending.pop(msg.req_id, None)
+            if handle is None:
+                continue  # aborted meanwhile
+            if msg.error:
+                handle.set_failed(f"TP rank {msg.rank}: {msg.error}")
+            else:
+                handle.set_done(msg.nbytes, msg.seconds)
+
+    # ----- the workers' KV transfers (transfer/tp_routing.RankFanOut)
+    def start_transfer(self, control, cmd: TransferCmd) -> list[TransferHandle]:
+        """Tell every worker to write its heads of ``cmd.req_id``; one handle per worker."""
+        handles = {rank: TransferHandle(cmd.req_id) for rank in range(1, self.spec.size)}
+        with self._lock:
+            self.pending[cmd.req_id] = dict(handles)
+        broadcast_cmd(cmd, control)
+        return list(handles.values())
+
+    def abort_transfer(self, control, req_id: str) -> None:
+        broadcast_cmd(AbortCmd(req_id), control)
+        with self._lock:
+            handles = self.pending.pop(req_id, {})
+        for handle in handles.values():
+            handle.set_failed(f"transfer of {req_id} was aborted")
 
     def _watchdog(self) -> None:
         while not self._closing:
@@ -245,103 +274,15 @@ class TPRunner:
         broadcast_cmd(StopCmd(), self.group)
 
 
-@dataclass
-class _Combined:
-    """Completes when the leader's own handles and every worker's report are in."""
+class WorkerTransfers:
+    """The leader's view of its workers' KV writes (transfer/tp_routing.RankFanOut): a
+    TransferCmd broadcast on the control group; each worker's report completes its handle."""
 
-    handle: TransferHandle
-    waiting: set[int]
-    local: list[TransferHandle] = field(default_factory=list)
-    nbytes: int = 0
-    error: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, group: TPGroup, control):
+        self.group, self.control = group, control
 
-    def report(self, rank: int, error: str | None, nbytes: int) -> None:
-        with self.lock:
-            self.waiting.discard(rank)
-            self.nbytes += nbytes
-            if error and not self.error:
-                self.error = f"TP rank {rank}: {error}"
-        self.check()
-
-    def check(self) -> None:
-        with self.lock:
-            if self.waiting or not all(h.done() for h in self.local):
-                return
-            errors = [h.error for h in self.local if h.error] + ([self.error] if self.error else [])
-            if errors:
-                self.handle.set_failed(errors[0])
-            else:
-                self.handle.set_done(self.nbytes + sum(h.nbytes for h in self.local), max((h.seconds for h in self.local), default=0.0))
-
-
-class TPTransfer(TransferEngine):
-    """The prefill side's transfer engine: it maps this rank's KV heads onto the decode's TP
-    ranks (an endpoint with ``ranks`` lists one per decode TP rank) and writes each overlap as a
-    head slice, layer by layer as the prefill goes. With TP > 1 the workers are told at commit to
-    write their slices, and the handle completes once every rank's writes have landed."""
-
-    def __init__(self, name: str, local: TransferEngine, group: TPGroup | None, control_group, split: HeadSplit):
-        super().__init__(local.cache, local.host)
-        self.name = name
-        self.local = local
-        self.tp = group
-        self.control = control_group
-        self.split = split
-        self.layout = msgspec.structs.asdict(local.cache.layout())
-        self.plans: dict[str, tuple] = {}  # peer -> (endpoint, writes of this rank's heads)
-        self.blocks: dict[str, tuple] = {}  # req -> (src blocks, dst blocks) of its writes
-
-    def endpoint(self) -> dict:
-        return self.local.endpoint()
-
-    def open_peer(self, peer_id: str, endpoint: dict) -> None:
-        self.plans[peer_id] = (endpoint, split_writes(self.split, self.layout, endpoint))
-        for i, ep, _, _ in self.plans[peer_id][1]:
-            self.local.open_peer(f"{peer_id}#{i}", ep)
-
-    def write(self, req_id: str, peer_id: str, op: WriteOp) -> None:
-        for i, _ep, src_heads, dst_heads in self.plans[peer_id][1]:
-            self.local.write(req_id, f"{peer_id}#{i}", WriteOp(op.layer, op.src_blocks, op.dst_blocks, src_heads, dst_heads))
-        self.blocks[req_id] = (op.src_blocks, op.dst_blocks)
-
-    def commit(self, req_id: str, peer_id: str) -> TransferHandle:
-        endpoint, writes = self.plans[peer_id]
-        src, dst = self.blocks.pop(req_id)
-        combined = _Combined(TransferHandle(req_id), waiting=set(range(1, self.split.size)))
-        combined.local = [self.local.commit(req_id, f"{peer_id}#{i}") for i, *_ in writes]
-        if self.tp is not None:
-            with self.tp._lock:
-                self.tp.pending[req_id] = combined
-            broadcast_cmd(TransferCmd(req_id, self.name, peer_id, endpoint, list(src), list(dst)), self.control)
-        for h in combined.local:
-            threading.Thread(target=_wait_then, args=(h, combined.check), daemon=True).start()
-        combined.check()
-        return combined.handle
+    def start(self, req_id, protocol, peer_id, endpoint, src_blocks, dst_blocks) -> list[TransferHandle]:
+        return self.group.start_transfer(self.control, TransferCmd(req_id, protocol, peer_id, endpoint, src_blocks, dst_blocks))
 
     def abort(self, req_id: str) -> None:
-        self.blocks.pop(req_id, None)
-        self.local.abort(req_id)
-        if self.tp is None:
-            return
-        broadcast_cmd(AbortCmd(req_id), self.control)
-        with self.tp._lock:
-            combined = self.tp.pending.pop(req_id, None)
-        if combined is not None:
-            combined.handle.set_failed("aborted")
-
-    def close_peer(self, peer_id: str) -> None:
-        endpoint_writes = self.plans.pop(peer_id, None)
-        for i, *_ in endpoint_writes[1] if endpoint_writes else []:
-            self.local.close_peer(f"{peer_id}#{i}")
-
-    def close(self) -> None:
-        self.local.close()
-
-
-def _wait_then(handle: TransferHandle, then) -> None:
-    try:
-        handle.wait(None)
-    except TransferError:
-        pass
-    then()
+        self.group.abort_transfer(self.control, req_id)

@@ -191,11 +191,3 @@ def shard_model_(model: nn.Module, rank: int, size: int, comm=None) -> HeadSplit
     model.tp_split = split
     model.tp_comm = comm  # the kernel path (gpu_ops) issues its collectives on it
     return split
-
-
-def head_overlaps(src_start: int, src_count: int, dst_start: int, dst_count: int):
-    """Overlap of two global head ranges as (src local range, dst local range), or None."""
-    lo, hi = max(src_start, dst_start), min(src_start + src_count, dst_start + dst_count)
-    if lo >= hi:
-        return None
-    return (lo - src_start, hi - src_start), (lo - dst_start, hi - dst_start)

@@ -12,15 +12,17 @@ import zmq
 
 from native.parallel.group import (
     AbortCmd,
+    EndpointsReport,
     StepCmd,
     StopCmd,
     TransferCmd,
+    TransferReport,
     WorkerSpec,
     init_group,
     recv_cmd,
-    split_writes,
 )
-from native.transfer.base import TransferError, WriteOp
+from native.transfer.base import TransferError, TransferHandle, WriteOp
+from native.transfer.tp_routing import all_of, rank_peer, route_heads
 from pdbus.log import get_logger, setup_logging
 
 
@@ -85,19 +87,19 @@ def main(argv: list[str]) -> int:
 
     model, cfg, split, cache = build_shard(spec, device, world, control)
     transfers = {p: create_transfer_engine(p, cache, spec.transfer_host) for p in spec.protocols}
-    layout = msgspec.structs.asdict(cache.layout())
+    layout = cache.layout()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(spec.report_endpoint)
     lock = threading.Lock()
 
-    def report(msg: dict) -> None:
-        with lock:
+    def report(msg: EndpointsReport | TransferReport) -> None:
+        with lock:  # from this thread and from the transfer engines' completing threads
             push.send(msgspec.msgpack.encode(msg))
 
     endpoints = {p: e.endpoint() for p, e in transfers.items()} if spec.role == "decode" else {}
-    report({"rank": spec.rank, "endpoints": endpoints})  # loaded: the leader goes on to its graphs
+    report(EndpointsReport(spec.rank, endpoints))  # loaded: the leader goes on to its graphs
     graphs = None
     if spec.decode_graphs:  # captured with the leader's, after this report: their collectives pair up
         from native.graphs import DecodeGraphs
@@ -106,15 +108,8 @@ def main(argv: list[str]) -> int:
     runner = ModelRunner(model, cache, device, graphs=graphs)
     log.info("TP rank %d/%d ready: %d query heads, KV heads %s", spec.rank, spec.size, len(split.q_heads), list(split.kv_heads))
 
-    def finish(req_id: str, handles) -> None:
-        error, nbytes = None, 0
-        for h in handles:
-            try:
-                h.wait(None)
-                nbytes += h.nbytes
-            except TransferError as exc:
-                error = error or str(exc)
-        report({"rank": spec.rank, "req_id": req_id, "error": error, "nbytes": nbytes})
+    def finish(handle: TransferHandle) -> None:  # on the thread that completed the last part
+        report(TransferReport(spec.rank, handle.req_id, handle.error, handle.nbytes, handle.seconds))
 
     while True:
         cmd = recv_cmd(control)
@@ -128,16 +123,16 @@ def main(argv: list[str]) -> int:
             engine = transfers[cmd.protocol]
             handles = []
             try:
-                for i, ep, src_heads, dst_heads in split_writes(split, layout, cmd.endpoint):
-                    peer = f"{cmd.peer}#{i}"
-                    engine.open_peer(peer, ep)
+                for w in route_heads(layout, cmd.endpoint, split.owns_kv):
+                    peer = rank_peer(cmd.peer, w.rank)
+                    engine.open_peer(peer, w.endpoint)
                     for layer in range(cfg.num_hidden_layers):
-                        engine.write(cmd.req_id, peer, WriteOp(layer, cmd.src_blocks, cmd.dst_blocks, src_heads, dst_heads))
+                        engine.write(cmd.req_id, peer, WriteOp(layer, cmd.src_blocks, cmd.dst_blocks, w.src_heads, w.dst_heads))
                     handles.append(engine.commit(cmd.req_id, peer))
             except TransferError as exc:
-                report({"rank": spec.rank, "req_id": cmd.req_id, "error": str(exc), "nbytes": 0})
+                report(TransferReport(spec.rank, cmd.req_id, str(exc)))
                 continue
-            threading.Thread(target=finish, args=(cmd.req_id, handles), daemon=True).start()
+            all_of(cmd.req_id, handles).add_done_callback(finish)
         elif isinstance(cmd, AbortCmd):
             for engine in transfers.values():
                 engine.abort(cmd.req_id)

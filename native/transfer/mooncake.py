@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 from native.kv_cache import KVCache
-from native.transfer.base import (
-    ResolvedOp,
-    SerialCopyEngine,
-    TransferError,
-    host_id,
-    layout_to_dict,
-    region_spans,
-)
+from native.transfer.base import TransferError
+from native.transfer.blocks import ResolvedOp, region_spans
+from native.transfer.serial import SerialCopyEngine
 from pdbus import envs
-from pdbus.messages import KVLayout
+from pdbus.messages import RdmaEndpoint, TransferProtocol
 
 _IB_SYSFS = "/sys/class/infiniband"
 _HINT = "set KVCACHE_RDMA_NICS=<device,...> (e.g. mlx5_0) or use --cache-transfer-protocol tcp"
@@ -69,23 +63,16 @@ def _import_engine():
     return TransferEngine
 
 
-@dataclass(eq=False)
-class _Remote:
-    session: str
-    base: int
-    nbytes: int
-    layout: KVLayout
-
-
 class MooncakeTransfer(SerialCopyEngine):
-    name = "rdma"
+    name = TransferProtocol.RDMA.value
+    endpoint_types = (RdmaEndpoint,)
 
     def __init__(
         self, cache: KVCache, host: str = "127.0.0.1", use_tcp: bool | None = None, nics: str | None = None
     ):
         super().__init__(cache, host)
-        self.protocol, devices = choose_protocol(use_tcp, nics)
-        if self.protocol == "rdma":
+        self.transport, devices = choose_protocol(use_tcp, nics)
+        if self.transport == "rdma":
             os.environ.setdefault("MC_FORCE_HCA", "1")  # a missing NIC must fail, not degrade
         # Mooncake's own per-transfer timeout (30 s by default) bounds how long a write to an
         # unreachable peer blocks the copy worker, and with it an abort on the engine thread:
@@ -93,12 +80,12 @@ class MooncakeTransfer(SerialCopyEngine):
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, math.ceil(envs.PDBUS_TRANSFER_TIMEOUT_S))))
         engine_cls = _import_engine()
         self._engine = engine_cls()
-        rc = self._engine.initialize(host, "P2PHANDSHAKE", self.protocol, devices)
+        rc = self._engine.initialize(host, "P2PHANDSHAKE", self.transport, devices)
         if rc != 0:
             self._engine = None
             where = f" on {devices}" if devices else ""
-            hint = f"; {_HINT}" if self.protocol == "rdma" else ""
-            raise TransferError(f"rdma: Mooncake failed to start {self.protocol}{where} at {host} (rc {rc}){hint}")
+            hint = f"; {_HINT}" if self.transport == "rdma" else ""
+            raise TransferError(f"rdma: Mooncake failed to start {self.transport}{where} at {host} (rc {rc}){hint}")
         self.session = f"{host}:{self._engine.get_rpc_port()}"
         self._base = cache.buffer.data_ptr()
         self._elem = cache.buffer.element_size()
@@ -107,30 +94,20 @@ class MooncakeTransfer(SerialCopyEngine):
             self._engine = None
             raise TransferError(f"rdma: Mooncake could not register the KV buffer ({cache.nbytes} bytes, rc {rc})")
 
-    def endpoint(self) -> dict:
+    def endpoint(self) -> RdmaEndpoint:
         self._check_open()
-        return {
-            "protocol": "rdma",
-            "transport": self.protocol,
-            "host": self.host,
-            "host_id": host_id(),
-            "session": self.session,
-            "base": self._base,
-            "nbytes": self.cache.nbytes,
-            "layout": layout_to_dict(self._layout),
-        }
+        return RdmaEndpoint(
+            self.host, self._host_id, self.session, self._base, self.cache.nbytes, self._layout, transport=self.transport
+        )
 
-    def _attach(self, peer_id: str, endpoint: dict, layout: KVLayout) -> _Remote:
-        try:
-            remote = _Remote(str(endpoint["session"]), int(endpoint["base"]), int(endpoint["nbytes"]), layout)
-        except (KeyError, TypeError, ValueError):
-            raise TransferError(f"peer {peer_id}: rdma endpoint needs session, base and nbytes") from None
-        theirs = endpoint.get("transport", "rdma")
-        if theirs != self.protocol:
-            raise TransferError(f"peer {peer_id}: it runs Mooncake over {theirs}, this side over {self.protocol}")
-        return remote
+    def _attach(self, peer_id: str, endpoint: RdmaEndpoint) -> RdmaEndpoint:
+        if endpoint.transport != self.transport:
+            raise TransferError(
+                f"peer {peer_id}: it runs Mooncake over {endpoint.transport}, this side over {self.transport}"
+            )
+        return endpoint
 
-    def _copy(self, peer: _Remote, op: ResolvedOp) -> int:
+    def _copy(self, peer: RdmaEndpoint, op: ResolvedOp) -> int:
         srcs: list[int] = []
         dsts: list[int] = []
         lengths: list[int] = []
@@ -143,7 +120,7 @@ class MooncakeTransfer(SerialCopyEngine):
             raise TransferError(f"Mooncake batch write to {peer.session} failed (rc {rc})")
         return sum(lengths)
 
-    def _detach(self, peer: _Remote) -> None:
+    def _detach(self, peer: RdmaEndpoint) -> None:
         pass  # P2P mode keeps no per-peer state worth tearing down
 
     def close(self) -> None:

@@ -1,9 +1,9 @@
 """``ipc`` on CPU: the decode's KV cache lives in POSIX shared memory; the prefill maps it.
 
-Receiver: the cache is built with ``KVCache(shared=True)``; the endpoint names the segment.
-Sender: maps the segment once per peer and copies each layer with one gather/scatter pair
-(K and V together) on the copy worker, so ``write`` never blocks the engine loop. A peer on
-another machine is refused (the endpoint carries the boot id of the host that made it).
+Receiver: the cache is built with ``KVCache(shared=True)``; the endpoint (``ShmEndpoint``) names
+the segment. Sender: maps the segment once per peer and copies each layer with one
+gather/scatter pair (K and V together) on the copy worker, so ``write`` never blocks the engine
+loop. A peer on another machine is refused (the endpoint carries the boot id of its host).
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from native.kv_cache import DTYPES, KVCache
-from native.transfer.base import (
-    ResolvedOp,
-    SerialCopyEngine,
-    TransferError,
-    copy_blocks,
-    host_id,
-    layout_to_dict,
-)
-from pdbus.messages import KVLayout
+from native.transfer.base import TransferError
+from native.transfer.blocks import ResolvedOp, copy_blocks
+from native.transfer.serial import SerialCopyEngine
+from pdbus.messages import ShmEndpoint, TransferProtocol
 
 _SHM_DIR = "/dev/shm"
 
@@ -50,38 +45,26 @@ def _map_segment(name: str) -> mmap.mmap:
 
 
 class ShmTransfer(SerialCopyEngine):
-    name = "ipc"
+    name = TransferProtocol.IPC.value
+    endpoint_types = (ShmEndpoint,)
+    same_host_only = True
 
     def __init__(self, cache: KVCache, host: str = "127.0.0.1"):
         if cache.device.type != "cpu":
             raise TransferError("the shm ipc backend is for CPU caches; GPU caches use CUDA IPC")
         super().__init__(cache, host)
-        self._host_id = host_id()
 
-    def endpoint(self) -> dict:
+    def endpoint(self) -> ShmEndpoint:
         if self.cache.shm_name is None:
             raise TransferError("ipc on CPU needs the receiving KVCache built with shared=True")
-        return {
-            "protocol": "ipc",
-            "kind": "shm",
-            "host": self.host,
-            "host_id": self._host_id,
-            "shm_name": self.cache.shm_name,
-            "nbytes": self.cache.nbytes,
-            "layout": layout_to_dict(self.cache.layout()),
-        }
+        return ShmEndpoint(self.host, self._host_id, self.cache.shm_name, self.cache.nbytes, self._layout)
 
-    def _attach(self, peer_id: str, endpoint: dict, layout: KVLayout) -> _Mapping:
-        if endpoint.get("kind") != "shm" or "shm_name" not in endpoint:
-            raise TransferError(f"peer {peer_id}: endpoint is not a shared-memory ipc endpoint")
-        if endpoint.get("host_id") != self._host_id:
-            raise TransferError(
-                f"peer {peer_id}: ipc needs both sides on one host ({endpoint.get('host')} is another machine)"
-            )
+    def _attach(self, peer_id: str, endpoint: ShmEndpoint) -> _Mapping:
         try:
-            mapped = _map_segment(endpoint["shm_name"])
+            mapped = _map_segment(endpoint.shm_name)
         except FileNotFoundError:
-            raise TransferError(f"peer {peer_id}: shared memory {endpoint['shm_name']} does not exist") from None
+            raise TransferError(f"peer {peer_id}: shared memory {endpoint.shm_name} does not exist") from None
+        layout = endpoint.layout
         shape = (layout.num_layers, 2, layout.num_blocks, layout.num_kv_heads, layout.block_size, layout.head_dim)
         dtype = DTYPES[layout.dtype]
         numel = 1
@@ -89,7 +72,7 @@ class ShmTransfer(SerialCopyEngine):
             numel *= s
         if len(mapped) < numel * torch.empty((), dtype=dtype).element_size():
             mapped.close()
-            raise TransferError(f"peer {peer_id}: shared memory {endpoint['shm_name']} is smaller than its layout")
+            raise TransferError(f"peer {peer_id}: shared memory {endpoint.shm_name} is smaller than its layout")
         buffer = torch.frombuffer(mapped, dtype=dtype, count=numel).view(shape)
         return _Mapping(mapped, buffer)
 
