@@ -303,6 +303,7 @@ class RankServer(RankLoader):
                 api_key=self.cfg.api_key,
                 eos_token_ids=self.eos_ids,
                 vocab_size=self.model_cfg.vocab_size,
+                default_seed=self.cfg.seed,
             )
             self.frontend.add_routes(app)
         else:
@@ -414,7 +415,7 @@ def serve(cfg: ServeConfig) -> int:
 
     setup_logging()
     tune_cpu_runtime()
-    torch.set_num_threads(max(1, int(os.environ.get("PDBUS_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))))
+    torch.set_num_threads(envs.PDBUS_TORCH_THREADS)
     server = RankServer(cfg)
     try:
         code = asyncio.run(server.run())

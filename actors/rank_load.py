@@ -44,7 +44,7 @@ class RankLoader:
         if cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
             from native.parallel.ep import EPCoordinator
 
-            master = os.environ.get("PDBUS_EP_MASTER")
+            master = envs.PDBUS_EP_MASTER
             if not master:
                 raise RuntimeError("--enable-expert-parallel with DP > 1 needs the DP ranks started together by `pdbus multi-serve`")
             self.ep = EPCoordinator(cfg.data_parallel_rank, cfg.data_parallel_size, master, self.device)

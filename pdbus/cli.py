@@ -17,31 +17,37 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def _config(prog: str, description: str, add_args, from_args, argv: list[str] | None):
+    """Parse the flags into a validated config, or the exit code of its one-line error."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(p)
+    args = p.parse_args(argv)
+    try:
+        return from_args(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+
 def router_main(argv: list[str] | None = None) -> int:
     from pdbus.config import add_router_args, router_config_from_args
 
-    p = argparse.ArgumentParser(prog="pdbus router", description="OpenAI API + PD router (FastDeploy: fastdeploy.router.launch)")
-    add_router_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = router_config_from_args(args)
-    except ConfigError as exc:
-        return _fail(str(exc))
+    cfg = _config("pdbus router", "OpenAI API + PD router (FastDeploy: fastdeploy.router.launch)", add_router_args, router_config_from_args, argv)
+    if isinstance(cfg, int):
+        return cfg
     from actors.router.server import serve_router
 
-    return serve_router(cfg)
+    try:
+        return serve_router(cfg)
+    except ConfigError as exc:  # a bad --bus-key-file found at startup
+        return _fail(str(exc))
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     from pdbus.config import add_serve_args, serve_config_from_args
 
-    p = argparse.ArgumentParser(prog="pdbus serve", description="One rank server (FastDeploy: api_server)")
-    add_serve_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = serve_config_from_args(args)
-    except ConfigError as exc:
-        return _fail(str(exc))
+    cfg = _config("pdbus serve", "One rank server (FastDeploy: api_server)", add_serve_args, serve_config_from_args, argv)
+    if isinstance(cfg, int):
+        return cfg
     from actors.rank import serve
 
     try:

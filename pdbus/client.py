@@ -41,7 +41,7 @@ class BusClient(BusMember):
             hello=lambda: Hello(
                 protocol=PROTOCOL_VERSION,
                 instance_id=ident,
-                role=Role.CLIENT.value,
+                role=Role.CLIENT,
                 host="",
                 http_port=0,
                 model="",

@@ -3,7 +3,9 @@
 Flags keep FastDeploy's names. A TOML file (``--config conf/x.toml``) supplies defaults per
 section (``[serve]``, ``[prefill]``, ``[decode]``, ``[router]``); flags given on the command
 line win. Inconsistent settings raise ``ConfigError`` with one line; the CLI prints it and
-exits non-zero.
+exits non-zero. ``ConfigError`` is the one class for every configuration error (flags, TOML,
+a model's config.json, a bus key file); this module imports nothing heavy at module level so
+that ``native/`` can raise it too.
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ from dataclasses import dataclass, field, fields
 
 import tomllib
 
-from pdbus.messages import TransferProtocol
-from pdbus.sockets import port_in_use
+from pdbus import envs
+from pdbus.messages import SEED_RANGE, Role, TransferProtocol
 
 KNOWN_PROTOCOLS = tuple(p.value for p in TransferProtocol)
-ROLES = ("mixed", "prefill", "decode")
+ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # --splitwise-role
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is native/kv_cache.DTYPES
 
 
 class ConfigError(ValueError):
-    pass
+    """A setting is missing, malformed or inconsistent; the message is one line naming it."""
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
@@ -40,12 +42,19 @@ def _check_port(flag: str, host: str, port: int, free: bool = True) -> None:
         raise ConfigError(f"{flag} {port} is not a port number")
     if not free or not port:
         return
+    from pdbus.sockets import port_in_use
+
     try:
         busy = port_in_use(host, port)
     except (OSError, OverflowError) as exc:
         raise ConfigError(f"{flag} {port}: cannot bind on {host}: {getattr(exc, 'strerror', None) or exc}") from None
     if busy:
         raise ConfigError(f"{flag} {port} on {host} is already in use")
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"--seed {seed} is out of range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
 
 
 def parse_ports(value: str | None, what: str) -> list[int]:
@@ -64,7 +73,7 @@ def default_model_dir() -> str:
     """The built-in model (``native/default_model``), or ``PDBUS_DEFAULT_MODEL`` when set."""
     from pathlib import Path
 
-    override = os.environ.get("PDBUS_DEFAULT_MODEL")
+    override = envs.PDBUS_DEFAULT_MODEL
     return override or str(Path(__file__).resolve().parent.parent / "native" / "default_model")
 
 
@@ -98,7 +107,8 @@ class ServeConfig:
     api_key: str | None = None
     bus_key_file: str | None = None
     max_body_mb: float = 8.0
-    seed: int = 0
+    # default seed of requests that give none (mixed role; in PD the router prepares requests)
+    seed: int | None = None
 
     def validate(self, check_port: bool = True) -> ServeConfig:
         if not self.model:
@@ -124,8 +134,8 @@ class ServeConfig:
             raise ConfigError(f"--data-parallel-rank {self.data_parallel_rank} not in [0, {self.data_parallel_size})")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -137,6 +147,12 @@ class ServeConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if not self.heartbeat_interval > 0:
             raise ConfigError(f"--heartbeat-interval must be positive, got {self.heartbeat_interval}")
+        _check_seed(self.seed)
+        if self.seed is not None and self.splitwise_role != Role.MIXED:
+            raise ConfigError(
+                f"--seed is the default seed of requests, applied where they are prepared: for a {self.splitwise_role} "
+                "instance that is the router (pdbus router --seed N)"
+            )
         _check_port("--port", self.host, self.port, free=check_port)
         return self
 
@@ -154,8 +170,11 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     max_body_mb: float = 8.0
     max_retries: int = 2
+    # default seed of requests that give none (prefill and decode then draw the same)
+    seed: int | None = None
 
     def validate(self, check_port: bool = True) -> RouterConfig:
+        _check_seed(self.seed)
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
         if not self.heartbeat_interval > 0:
@@ -218,14 +237,32 @@ def _coerce(cls, name: str, value):
         raise ConfigError(f"{_flag(name)}: {value!r} is not a valid {typ.split(' ')[0]}") from None
 
 
+# keys of a topology's role sections that are not `pdbus serve` flags: read by the launcher
+LAUNCH_KEYS = ("gpus", "ports")
+
+
+def _section_keys() -> dict[str, set[str]]:
+    serve = {f.name for f in fields(ServeConfig)}
+    return {"router": {f.name for f in fields(RouterConfig)}, "serve": serve, "prefill": serve | set(LAUNCH_KEYS), "decode": serve | set(LAUNCH_KEYS)}
+
+
 def load_toml(path: str) -> dict:
+    """A topology file, every section and key checked: a misspelt one is refused, not ignored."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"--config: {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path}: {exc}") from None
+    known = _section_keys()
+    for section, values in data.items():
+        if section not in known or not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: unknown {'section' if isinstance(values, dict) else 'key'} {section!r} (known sections: {', '.join(f'[{s}]' for s in known)})")
+        for key in values:
+            if key.replace("-", "_") not in known[section]:
+                raise ConfigError(f"--config {path}: unknown key {key!r} in [{section}]")
+    return data
 
 
 def build(cls, args: argparse.Namespace, sections: list[str]):

@@ -18,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+from pdbus import envs
 from pdbus.config import ConfigError, load_toml
-from pdbus.procs import http_json
+from pdbus.procs import http_json, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -71,9 +72,7 @@ def role_command(conf: dict, role: str, router: str, host: str, overrides: list[
     merged["router"] = router
     merged.setdefault("host", host)
     serve_flags = ["--host", str(merged["host"]), *_flags(merged), *overrides]
-    env = dict(os.environ)
-    if sec.get("gpus") is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(sec["gpus"])
+    env = envs.child_env(**({"CUDA_VISIBLE_DEVICES": sec["gpus"]} if sec.get("gpus") is not None else {}))
     py = [sys.executable, "-m", "pdbus"]
     if dp > 1:
         ports_arg = ",".join(map(str, ports))
@@ -129,18 +128,14 @@ class Launcher:
         return None
 
     def wait_health(self, url: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.stopping:
-            if self.dead():
-                return False
-            try:
-                status, _ = http_json(url + "/health", timeout=2)
-                if status == 200:
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.25)
-        return False
+        def settled():  # healthy, or no point waiting longer
+            return self.stopping or self.dead() is not None or http_json(url + "/health", timeout=2)[0] == 200
+
+        try:
+            wait_until(settled, timeout, f"{url}/health", interval=0.25)
+        except TimeoutError:
+            return False
+        return not self.stopping and self.dead() is None
 
     def supervise(self) -> int:
         while not self.stopping:
@@ -161,7 +156,11 @@ def _curl(host: str, port: int) -> str:
 
 
 def run_topology(conf_path: Path, roles: list[str], router_host: str, router_port: int | None, start_router: bool, overrides: list[str], bind_host: str, router_extra: list[str] = ()) -> int:
-    conf = load_toml(str(conf_path))
+    try:
+        conf = load_toml(str(conf_path))
+    except ConfigError as exc:
+        print(f"pdbus: error: {exc}", file=sys.stderr)
+        return 2
     rconf = conf.get("router") or {}
     port = router_port or int(rconf.get("port", 8109))
     launcher = Launcher()
@@ -181,7 +180,7 @@ def run_topology(conf_path: Path, roles: list[str], router_host: str, router_por
         return 2
     url = f"http://{router_host}:{port}"
     if start_router:
-        if not launcher.wait_health(url, timeout=float(os.environ.get("PDBUS_START_TIMEOUT", "900"))):
+        if not launcher.wait_health(url, timeout=envs.PDBUS_START_TIMEOUT):
             if not launcher.stopping:
                 print("[launch] the cluster did not become healthy; stopping", file=sys.stderr)
             launcher.stop()

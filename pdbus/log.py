@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from pdbus import envs
 
 _FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(component: str | None = None, level: str | None = None) -> None:
-    level = (level or os.environ.get("PDBUS_LOG_LEVEL", "INFO")).upper()
+    level = (level or envs.PDBUS_LOG_LEVEL).upper()
     root = logging.getLogger()
     if not any(getattr(h, "_pdbus", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)

@@ -18,14 +18,19 @@ import msgspec
 PROTOCOL_VERSION = 1
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
+    """What a peer is on the bus (``Hello.role``). A ``StrEnum``: it travels as its value, so the
+    wire is unchanged, and a member equals its string (``Role.DECODE == "decode"``)."""
+
     PREFILL = "prefill"
     DECODE = "decode"
     MIXED = "mixed"
     CLIENT = "client"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended (``TokenOut`` / ``TextOut.finish_reason``); travels as its value."""
+
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
@@ -37,6 +42,9 @@ class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=False, omit_defa
 
 
 # --------------------------------------------------------------------------- plain data
+
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # a seed (request or --seed) is any int64 or uint64
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
@@ -183,7 +191,7 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
 
     req_id: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[TokenLogprob]] | None = None
     error: str | None = None
@@ -197,7 +205,7 @@ class Hello(_Msg, tag="hello"):
 
     protocol: int
     instance_id: str
-    role: str
+    role: Role
     host: str
     http_port: int
     model: str
@@ -335,7 +343,7 @@ class TextOut(_Msg, tag="text"):
     req_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
     prompt_tokens: int = 0
 

@@ -11,12 +11,12 @@ stopped and the exit code is non-zero; SIGINT/SIGTERM stop them all.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
 import time
 
+from pdbus import envs
 from pdbus.config import ConfigError, parse_ports
 
 
@@ -62,11 +62,12 @@ def plan(ports: list[int], num_servers: int, child_args: list[str], visible: str
         ep_master = f"127.0.0.1:{free_port()}"  # rendezvous of the EP group (all ranks on this host)
     out = []
     for i, port in enumerate(ports):
-        env = dict(os.environ)
+        own: dict[str, str] = {}
         if ep_master:
-            env["PDBUS_EP_MASTER"] = ep_master
+            own["PDBUS_EP_MASTER"] = ep_master
         if devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
+            own["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
+        env = envs.child_env(**own)
         args = [*child_args, "--port", str(port), "--data-parallel-rank", str(i)]
         if dp is None:
             args += ["--data-parallel-size", str(num_servers)]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="everything after is passed to each server")
     ns = p.parse_args(argv)
     try:
-        ranks = plan(parse_ports(ns.ports, "--ports"), ns.num_servers, ns.args, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        ranks = plan(parse_ports(ns.ports, "--ports"), ns.num_servers, ns.args, envs.CUDA_VISIBLE_DEVICES)
         _validate_ranks(ranks)
     except ConfigError as exc:
         print(f"pdbus: error: {exc}", file=sys.stderr)

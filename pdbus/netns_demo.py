@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pdbus import envs
 from pdbus.config import ConfigError, default_model_dir, load_toml
 
 PREFILL_PORT, DECODE_PORT = 8188, 8200
@@ -44,7 +45,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--bus-port", type=int, default=8110, help="router bus port (inside host A)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--no-bus-key", action="store_true", help="run the bus without CurveZMQ keys")
-    p.add_argument("--start-timeout", type=float, default=float(os.environ.get("PDBUS_START_TIMEOUT", "900")))
+    p.add_argument("--start-timeout", type=float, default=envs.PDBUS_START_TIMEOUT)
     return p.parse_known_args(argv)
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         router_cmd = [sys.executable, "-m", "pdbus", "router", "--host", pair.ip_a, "--port", str(ns_args.port), "--bus-port", str(ns_args.bus_port), *key_args]
         if ns_args.api_key:
             router_cmd += ["--api-key", ns_args.api_key]
-        launcher.start("router@A", pair.cmd(pair.a, router_cmd), dict(os.environ, PDBUS_HOST_ID=pair.a))
+        launcher.start("router@A", pair.cmd(pair.a, router_cmd), envs.child_env(PDBUS_HOST_ID=pair.a))
         for role, ns, port in (("prefill", pair.a, PREFILL_PORT), ("decode", pair.b, DECODE_PORT)):
             section = dict(conf.get(role) or {})
             section.setdefault("ports", [port])

@@ -25,6 +25,27 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdbus import envs
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate()`` until it returns something truthy (returned) or ``timeout`` seconds
+    pass (``TimeoutError`` naming ``what``, with the last value or error). The one poll-with-a-
+    deadline loop: for state that can only be observed from outside (HTTP, another process)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = predicate()
+        except OSError as exc:  # a server not yet (or no longer) answering
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")
+        time.sleep(interval)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -85,7 +106,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
         self.python = python
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PDBUS_TORCH_THREADS=os.environ.get("PDBUS_TORCH_THREADS", "1"))
+        self.env = envs.child_env(PYTHONUNBUFFERED="1", defaults={"PDBUS_TORCH_THREADS": 1})
         if env:
             self.env.update(env)
 
@@ -131,22 +152,21 @@ class Cluster:
         return self.start(role, [*args, *extra], port, env=env, host=host)
 
     def wait_health(self, url: str, timeout: float = 120.0, expect: int = 200) -> dict:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+        seen: list = [None]
+
+        def healthy():
             for p in self.procs:
                 if not p.alive() and p.popen.returncode not in (0, -9, -15):
                     raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
-            try:
-                status, body = http_json(url.rstrip("/") + "/health", timeout=2)
-                last = (status, body)
-                if status == expect:
-                    return body
-            except OSError as exc:
-                last = exc
-            time.sleep(0.1)
-        logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
-        raise TimeoutError(f"{url}/health not {expect} within {timeout}s (last: {last})\n{logs}")
+            seen[0] = http_json(url.rstrip("/") + "/health", timeout=2)
+            return seen[0][0] == expect
+
+        try:
+            wait_until(healthy, timeout, f"{url}/health {expect}", interval=0.1)
+        except TimeoutError:
+            logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
+            raise TimeoutError(f"{url}/health not {expect} within {timeout}s (last: {seen[0]})\n{logs}") from None
+        return seen[0][1]
 
     def close(self, timeout: float = 10.0) -> None:
         for p in self.procs:

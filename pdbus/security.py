@@ -13,6 +13,7 @@ import time
 
 import zmq
 
+from pdbus.config import ConfigError
 from pdbus.log import get_logger
 
 log = get_logger("bus.auth")
@@ -34,9 +35,9 @@ def load_key_file(path: str) -> tuple[bytes, bytes]:
                 if sep:
                     values[key.strip()] = value.strip().encode()
     except OSError as exc:
-        raise ValueError(f"bus key file {path}: {exc.strerror}") from None
+        raise ConfigError(f"bus key file {path}: {exc.strerror}") from None
     if len(values.get("public", b"")) != 40 or len(values.get("secret", b"")) != 40:
-        raise ValueError(f"bus key file {path}: expected 'public = ...' and 'secret = ...' Z85 keys")
+        raise ConfigError(f"bus key file {path}: expected 'public = ...' and 'secret = ...' Z85 keys")
     return values["public"], values["secret"]
 
 

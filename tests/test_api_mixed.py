@@ -22,7 +22,7 @@ import aiohttp
 import openai
 import pytest
 
-from pdbus.procs import Cluster, http_json
+from pdbus.procs import Cluster, http_json, wait_until
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 128
@@ -124,14 +124,11 @@ def stats(server) -> dict:
 
 
 def wait_all_blocks_free(server, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def idle():
         st = stats(server)
-        if st["free_blocks"] == st["total_blocks"] and st["running"] == 0 and st["waiting"] == 0:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"KV blocks not back in the free pool within {timeout}s: {st}")
-        time.sleep(0.05)
+        return st if st["free_blocks"] == st["total_blocks"] and st["running"] == 0 and st["waiting"] == 0 else None
+
+    return wait_until(idle, timeout, "KV blocks back in the free pool")
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:
@@ -204,6 +201,21 @@ def test_stream_and_non_stream_give_the_same_tokens(server):
     no_usage = stream(server, **body)
     assert all(ev.get("usage") is None for ev in no_usage)
     assert streamed_tokens(no_usage) == (ids, "length")
+
+
+def test_continuous_usage_stats_in_every_chunk(server):
+    prompt = prompt_ids(5, seed=11)
+    body = dict(prompt=prompt, max_tokens=6, return_token_ids=True, **DIVERSE)
+    events = stream(server, stream_options={"include_usage": True, "continuous_usage_stats": True}, **body)
+    *chunks, last = events
+    assert chunks and last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    seen = 0
+    for ev in chunks:
+        seen += len(ev["choices"][0].get("completion_token_ids") or [])
+        assert ev["usage"] == {"prompt_tokens": 5, "completion_tokens": seen, "total_tokens": 5 + seen}, ev
+    alone = stream(server, stream_options={"continuous_usage_stats": True}, **body)  # no final totals chunk
+    assert all(ev["choices"] and ev["usage"]["prompt_tokens"] == 5 for ev in alone)
+    assert streamed_tokens(alone) == streamed_tokens(events)
 
 
 def test_openai_client_non_stream_and_stream(server, client):
@@ -448,10 +460,7 @@ def test_client_disconnect_while_waiting_for_a_full_response(server):
     before = stats(server)
     body = dict(model=MODEL, prompt=prompt_ids(10, seed=9), max_tokens=MAX_MODEL_LEN - 20, **DIVERSE)
     sock = _open_raw(server, body)
-    deadline = time.monotonic() + TIMEOUT_S
-    while stats(server)["tokens_generated"] == before["tokens_generated"]:  # it is decoding
-        assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.01)
+    wait_until(lambda: stats(server)["tokens_generated"] != before["tokens_generated"], TIMEOUT_S, "the request decoding")
     sock.close()
     after = wait_all_blocks_free(server)
     assert after["tokens_generated"] - before["tokens_generated"] < MAX_MODEL_LEN - 20, "it ran to the end"
@@ -494,6 +503,9 @@ def test_32_concurrent_requests_equal_each_alone(server):
 # --------------------------------------------------------------------------- text and chat (default model)
 
 
+SERVER_SEED = 1234
+
+
 @pytest.fixture(scope="module")
 def text_server(request, tmp_path_factory):
     from pdbus.config import default_model_dir
@@ -502,7 +514,8 @@ def text_server(request, tmp_path_factory):
     assert os.path.isfile(os.path.join(path, "tokenizer.model")), f"the built-in model at {path} has no tokenizer"
     model_dir = request.getfixturevalue("default_model_dir")
     with Cluster(tmp_path_factory.mktemp("api-mixed-text")) as c:
-        proc = c.serve(model_dir, "mixed", None, "--max-model-len", "1024", "--device", "cpu")
+        # --seed: the seed of requests that give none (greedy requests do not draw)
+        proc = c.serve(model_dir, "mixed", None, "--max-model-len", "1024", "--device", "cpu", "--seed", str(SERVER_SEED))
         c.wait_health(proc.url, timeout=180)
         status, models = http_json(proc.url + "/v1/models")
         assert status == 200
@@ -588,3 +601,29 @@ def test_chat_logprobs(text_server):
     content = resp["choices"][0]["logprobs"]["content"]
     assert len(content) == resp["usage"]["completion_tokens"] == 6
     assert all(e["logprob"] <= 0.0 and len(e["top_logprobs"]) == 2 for e in content)
+
+
+def test_server_seed_is_the_default_request_seed(text_server):
+    """--seed seeds requests that give none: the same text every time (and in every run, since a
+    seeded draw depends on the seed and the step only), as if the request gave that seed."""
+    body = _text_body(text_server, prompt=CHINESE_PROMPT, max_tokens=16, temperature=1.0, ignore_eos=True)
+    texts = [_post(text_server, "/v1/completions", body)["choices"][0]["text"] for _ in range(2)]
+    assert texts[0] == texts[1]
+    assert _post(text_server, "/v1/completions", dict(body, seed=SERVER_SEED))["choices"][0]["text"] == texts[0]
+    others = {_post(text_server, "/v1/completions", dict(body, seed=s))["choices"][0]["text"] for s in (1, 2, 3)}
+    assert others != {texts[0]}  # a request's own seed still wins
+    two = _post(text_server, "/v1/completions", dict(body, n=2))["choices"]
+    assert two[0]["text"] == texts[0] and two[1]["text"] != texts[0]  # choice i: seed + i
+
+
+def test_chat_template_kwargs_reach_the_template(text_server):
+    messages = [{"role": "user", "content": "你好"}]
+    body = _text_body(text_server, messages=messages, max_tokens=1)
+    full = _post(text_server, "/v1/chat/completions", body)["usage"]["prompt_tokens"]
+    kwargs = _post(text_server, "/v1/chat/completions", dict(body, chat_template_kwargs={"add_generation_prompt": False}))
+    field = _post(text_server, "/v1/chat/completions", dict(body, add_generation_prompt=False))
+    assert kwargs["usage"]["prompt_tokens"] == field["usage"]["prompt_tokens"] < full
+    passed = _post(text_server, "/v1/chat/completions", dict(body, chat_template_kwargs={"enable_thinking": False, "x": 1}))
+    assert passed["usage"]["prompt_tokens"] == full  # unknown to this template: passed through, unused
+    status, err = http_json(text_server.url + "/v1/chat/completions", dict(body, chat_template_kwargs={"messages": []}), timeout=TIMEOUT_S)
+    assert status == 400 and err["error"]["param"] == "chat_template_kwargs"

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,9 @@ SERVE_CASES = [
     (["--splitwise-role", "prefill"], ["--splitwise-role prefill needs --router"]),
     (["--splitwise-role", "decode"], ["--splitwise-role decode needs --router"]),
     (["--splitwise-role", "boss"], ["--splitwise-role", "boss"]),
+    (["--splitwise-role", "decode", "--router", "127.0.0.1:1", "--seed", "3"], ["--seed", "pdbus router --seed"]),
+    (["--seed", str(1 << 64)], ["--seed", "out of range"]),
+    (["--seed", "x"], ["--seed: 'x'"]),
     (["--splitwise-role", "decode", "--router", "localhost"], ["--router must be HOST:PORT", "localhost"]),
     (["--router", "127.0.0.1:99999"], ["--router must be HOST:PORT"]),
     (["--router", "127.0.0.1:http"], ["--router must be HOST:PORT"]),
@@ -121,8 +125,9 @@ def test_router_ports_in_use(busy_port):
         (["--port", "70000"], "--port 70000 is not a port number"),
         (["--heartbeat-interval", "-1"], "--heartbeat-interval must be positive"),
         (["--max-retries", "two"], "--max-retries"),
+        (["--seed", "-99999999999999999999"], "--seed -99999999999999999999 is out of range"),
     ],
-    ids=["same-ports", "port-range", "heartbeat", "not-int"],
+    ids=["same-ports", "port-range", "heartbeat", "not-int", "seed-range"],
 )
 def test_router_rejects(args, needle):
     port = str(free_port())
@@ -179,7 +184,7 @@ cache_transfer_protocol = "ipc,tcp"
 
 [prefill]
 max_num_seqs = 7
-ports = [8188]          # run.sh's keys: not ServeConfig fields, ignored here
+ports = [8188]          # run.sh's keys: read by the launcher, not by `pdbus serve`
 
 [decode]
 max_num_seqs = 128
@@ -283,3 +288,26 @@ def test_keygen(tmp_path):
     public, secret = load_key_file(str(path))
     assert len(public) == len(secret) == 40
     fails_with(pdbus("keygen", str(tmp_path / "missing" / "bus.key")), "keygen:", "No such file")
+
+
+def test_toml_unknown_keys_are_refused(tmp_path, model_dir):
+    """A misspelt key or section is one line naming it and the file, from every reader of the
+    topology: `pdbus serve`, `pdbus router` and the run.sh launcher."""
+    conf = tmp_path / "typo.toml"
+    conf.write_text("[serve]\nmax_num_seq = 8\n")
+    line = fails_with(pdbus("serve", "--model", model_dir, "--port", str(free_port()), "--config", str(conf)), "'max_num_seq'", "[serve]")
+    assert str(conf) in line
+    conf.write_text("[router]\nport = 9100\nbus-prot = 9101\n")
+    fails_with(pdbus("router", "--port", str(free_port()), "--config", str(conf)), "'bus-prot'", "[router]", str(conf))
+    conf.write_text("[prefil]\nports = [8188]\n")
+    fails_with(pdbus("single-node", "--config", str(conf), module="pdbus.launch"), "'prefil'", str(conf))
+    conf.write_text("[decode]\ngpu = \"0\"\n")
+    fails_with(pdbus("single-node", "--config", str(conf), module="pdbus.launch"), "'gpu'", "[decode]")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "conf").glob("*.toml")))
+def test_shipped_topologies_load(name):
+    from pdbus.config import load_toml
+
+    conf = load_toml(str(Path(__file__).resolve().parent.parent / "conf" / name))
+    assert "router" in conf and "serve" in conf

@@ -541,3 +541,24 @@ def test_chinese_stop_split_across_deltas():
     out, stopped = _stream(checker, ["今天", "天气很好结", "束", "了吗"])
     assert (out, stopped) == ("今天天气很好", True)
     assert _stream(p.StopChecker(["结束了"]), ["结束", "吧"]) == ("结束吧", False)
+
+
+def test_roles_and_finish_reasons_are_enums_on_the_wire():
+    """They travel as their values (the wire is unchanged) and decode as enum members; a value
+    outside the enum is refused by the decoder."""
+    import msgspec
+
+    from pdbus import messages as m
+    from pdbus import wire
+
+    hello = m.Hello(protocol=m.PROTOCOL_VERSION, instance_id="d0", role=m.Role.DECODE, host="h", http_port=1, model="x", config_hash="")
+    assert b"\xa4role\xa6decode" in wire.encode(hello)  # msgpack: the string, as before
+    assert wire.decode(wire.encode(hello)).role is m.Role.DECODE
+    out = wire.decode(wire.encode(m.Tokens(items=[m.TokenOut("r", [1], finish_reason=m.FinishReason.LENGTH)])))
+    assert out.items[0].finish_reason is m.FinishReason.LENGTH and out.items[0].finish_reason == "length"
+    text = wire.decode(wire.encode(m.TextOut(req_id="r", text="", token_ids=[], finish_reason=m.FinishReason.STOP)))
+    assert text.finish_reason is m.FinishReason.STOP
+    with pytest.raises(wire.WireError):
+        wire.decode(wire.encode(m.Tokens(items=[m.TokenOut("r", [1], finish_reason="eos")])))
+    with pytest.raises(wire.WireError):
+        wire.decode(wire.encode(msgspec.structs.replace(hello, role="router")))

@@ -122,6 +122,27 @@ def test_chat_template_from_config(files):
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x[assistant]"
 
 
+# the shape of ERNIE-4.5 thinking models' templates: a flag the request sets through chat_template_kwargs
+THINKING_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>{% endif %}{% endif %}{{ greeting | default('') }}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template(files):
+    config = dict(CONFIG, chat_template=THINKING_TEMPLATE)
+    tok = Tokenizer.from_files(dict(files, **{"tokenizer_config.json": json.dumps(config).encode()}))
+    user = [{"role": "user", "content": "x"}]
+    assert tok.apply_chat_template(user) == "[user]x[assistant]"
+    assert tok.apply_chat_template(user, enable_thinking=True) == "[user]x[assistant]"
+    assert tok.apply_chat_template(user, enable_thinking=False) == "[user]x[assistant]<think>\n\n</think>"
+    assert tok.apply_chat_template(user, greeting="!") == "[user]x[assistant]!"  # unknown kwargs pass through
+    assert tok.apply_chat_template(user, add_generation_prompt=False) == "[user]x"
+    with pytest.raises(TokenizerError, match="'messages'"):
+        tok.apply_chat_template(user, messages=[])
+
+
 def test_chat_template_is_sandboxed(files):
     config = dict(CONFIG, chat_template="{{ messages.append(1) }}")
     tok = Tokenizer.from_files(dict(files, **{"tokenizer_config.json": json.dumps(config).encode()}))

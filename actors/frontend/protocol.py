@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from pdbus.messages import SamplingParams
+from pdbus.messages import SEED_RANGE, SamplingParams
 
 from .responses import (
     SSE_DONE,
@@ -84,7 +84,6 @@ __all__ = [
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 16
-_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 _MISSING = object()
 
 
@@ -250,7 +249,7 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int = 0
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict = field(default_factory=dict)
+    chat_template_kwargs: dict = field(default_factory=dict)  # template variables, passed through
 
 
 def _resolve_model(f: _Fields, model_names: Sequence[str]) -> str:
@@ -322,7 +321,7 @@ def _parse_common(
         continuous = bool(options.get("continuous_usage_stats"))
 
     top_k = f.int("top_k", 0, lo=-1)
-    seed = f.int("seed", None, lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
+    seed = f.int("seed", None, lo=SEED_RANGE[0], hi=SEED_RANGE[1])
     stop_token_ids = f.raw("stop_token_ids")
     stop_token_ids = [] if stop_token_ids is _MISSING else _token_ids("stop_token_ids", stop_token_ids, None)
     min_tokens = f.int("min_tokens", 0, lo=0)
@@ -498,6 +497,8 @@ def parse_chat_request(
         kwargs = {}
     elif not isinstance(kwargs, dict):
         raise _invalid("chat_template_kwargs", "'chat_template_kwargs' must be an object.")
+    elif "messages" in kwargs:
+        raise _invalid("chat_template_kwargs", "'chat_template_kwargs' must not set 'messages' (send them as 'messages').")
     thinking = f.bool("enable_thinking", None)  # FastDeploy's shortcut for the template flag
     if thinking is not None:
         kwargs = {"enable_thinking": thinking, **kwargs}

@@ -27,8 +27,8 @@ def finish_reason(reason: str | FinishReason | None) -> str | None:
     """Engine reason -> OpenAI's: stop (eos, stop token, stop string) and length; others pass through."""
     if reason is None:
         return None
-    value = reason.value if isinstance(reason, FinishReason) else str(reason)
-    return "stop" if value in ("stop", "eos", "stop_str", "stop_token") else value
+    value = str(reason)  # a FinishReason is its value
+    return FinishReason.STOP.value if value in ("stop", "eos", "stop_str", "stop_token") else value
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
@@ -118,15 +118,16 @@ def completion_choice(
     return _token_id_fields(choice, prompt_token_ids, completion_token_ids)
 
 
+def _body(object: str, id: str, model: str, created: int, choices: list[dict], usage: dict | None) -> dict:
+    """The envelope every response and chunk shares; ``usage`` only where it is given."""
+    out = {"id": id, "object": object, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
 def completion_response(*, id: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
-    return {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return _body("text_completion", id, model, created, choices, usage)
 
 
 def completion_chunk(
@@ -151,22 +152,12 @@ def completion_chunk(
         prompt_token_ids=prompt_token_ids,
         completion_token_ids=completion_token_ids,
     )
-    chunk = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _body("text_completion", id, model, created, [choice], usage)
 
 
 def completion_usage_chunk(*, id: str, model: str, created: int, usage: dict) -> dict:
     """The last chunk when ``stream_options.include_usage``: no choices, the totals."""
-    return {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return _body("text_completion", id, model, created, [], usage)
 
 
 def chat_choice(
@@ -188,14 +179,7 @@ def chat_choice(
 
 
 def chat_response(*, id: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return _body("chat.completion", id, model, created, choices, usage)
 
 
 def chat_chunk(
@@ -225,27 +209,11 @@ def chat_chunk(
         delta["reasoning_content"] = reasoning_content
     _token_id_fields(delta, prompt_token_ids, completion_token_ids)
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    chunk = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _body("chat.completion.chunk", id, model, created, [choice], usage)
 
 
 def chat_usage_chunk(*, id: str, model: str, created: int, usage: dict) -> dict:
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return _body("chat.completion.chunk", id, model, created, [], usage)
 
 
 def dumps(obj: Any) -> str:

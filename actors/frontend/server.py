@@ -21,13 +21,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
 from aiohttp import web
 
 from actors.frontend import protocol as P
 from actors.frontend.metrics import FrontendMetrics
-from actors.frontend.tokenizer import IncrementalDetokenizer
+from actors.frontend.tokenizer import IncrementalDetokenizer, TokenizerError
 from pdbus.log import get_logger
-from pdbus.messages import TokenOut
+from pdbus.messages import SamplingParams, TokenOut
 
 log = get_logger("api")
 
@@ -74,8 +75,10 @@ class OpenAIServer:
         api_key: str | None = None,
         eos_token_ids: set[int] | None = None,
         vocab_size: int | None = None,
+        default_seed: int | None = None,
     ):
         self.backend = backend
+        self.default_seed = default_seed  # --seed: the seed of requests that give none
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -125,6 +128,13 @@ class OpenAIServer:
         body, ctype = self.metrics.render(self.backend.stats())
         return web.Response(body=body, headers={"Content-Type": ctype})
 
+    def seeded(self, sampling: SamplingParams) -> SamplingParams:
+        """``sampling`` with the server's ``--seed`` where the request gave none. Resolved here,
+        where the request is prepared, so that a prefill and its decode draw alike (PD = mixed)."""
+        if sampling.seed is not None or self.default_seed is None:
+            return sampling
+        return msgspec.structs.replace(sampling, seed=self.default_seed)
+
     # ----------------------------------------------------------------- parsing
     async def _json(self, request: web.Request):
         try:
@@ -140,7 +150,11 @@ class OpenAIServer:
         if isinstance(req, P.ChatRequest):
             if self.tokenizer is None:
                 raise P.OpenAIError("Chat needs a tokenizer, and this server has none (--skip-tokenizer-init).")
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
+            kwargs = {"add_generation_prompt": req.add_generation_prompt, **req.chat_template_kwargs}
+            try:
+                text = self.tokenizer.apply_chat_template(req.messages, **kwargs)
+            except TokenizerError as exc:  # the template refused these messages or keyword arguments
+                raise P.OpenAIError(str(exc), param="messages") from None
             return self.tokenizer.encode(text)
         if req.prompt_token_ids is not None:
             if self.vocab_size is not None and any(t >= self.vocab_size for t in req.prompt_token_ids):
@@ -169,6 +183,7 @@ class OpenAIServer:
             if not chat:
                 kwargs["vocab_size"] = self.vocab_size
             req = parse(body, **kwargs)
+            req.sampling = self.seeded(req.sampling)
             prompt_ids = self._prompt_ids(req)
             if not prompt_ids:
                 raise P.OpenAIError("The prompt is empty.", param="messages" if chat else "prompt")
@@ -316,34 +331,19 @@ class _Run:
             log.warning("req %s failed: %s", self.req_id, errors[0])
             return _error(500, f"Generation failed: {errors[0]}", "server_error")
         ids_opt = self.req.return_token_ids
-        if self.chat:
-            choices = [
-                P.chat_choice(
-                    c.index,
-                    c.text,
-                    c.finish_reason if c.finish_reason != "error" else "stop",
-                    logprobs=self._logprobs_obj(c, 0),
-                    prompt_token_ids=self.prompt_ids if ids_opt else None,
-                    completion_token_ids=c.token_ids if ids_opt else None,
-                )
-                for c in self.choices
-            ]
-            body = P.chat_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
-        else:
-            choices = [
-                P.completion_choice(
-                    c.index,
-                    c.text,
-                    c.finish_reason if c.finish_reason != "error" else "stop",
-                    logprobs=self._logprobs_obj(c, 0),
-                    prompt_token_ids=self.prompt_ids if ids_opt else None,
-                    completion_token_ids=c.token_ids if ids_opt else None,
-                )
-                for c in self.choices
-            ]
-            body = P.completion_response(
-                id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage()
+        make_choice, make_response = (P.chat_choice, P.chat_response) if self.chat else (P.completion_choice, P.completion_response)
+        choices = [
+            make_choice(
+                c.index,
+                c.text,
+                c.finish_reason if c.finish_reason != "error" else "stop",
+                logprobs=self._logprobs_obj(c, 0),
+                prompt_token_ids=self.prompt_ids if ids_opt else None,
+                completion_token_ids=c.token_ids if ids_opt else None,
             )
+            for c in self.choices
+        ]
+        body = make_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
         return web.Response(body=P.dumps(body).encode(), content_type="application/json")
 
     # ------------------------------------------------------------- streaming
@@ -352,6 +352,7 @@ class _Run:
         started = False
         ids_opt = self.req.return_token_ids
         first_sent = [False] * len(self.choices)
+        continuous = self.req.continuous_usage_stats
 
         async def begin() -> None:
             nonlocal started
@@ -376,6 +377,9 @@ class _Run:
                 logprobs=self._logprobs_obj(c, start) if ids else None,
                 prompt_token_ids=self.prompt_ids if ids_opt and not first_sent[c.index] else None,
                 completion_token_ids=ids if ids_opt else None,
+                # stream_options.continuous_usage_stats: every chunk carries this choice's counts so
+                # far (vLLM's shape); include_usage alone adds only the final totals chunk
+                usage=P.usage(len(self.prompt_ids), len(c.token_ids)) if continuous else None,
             )
             if self.chat:
                 chunk = P.chat_chunk(content=text, first=not first_sent[c.index], **common)

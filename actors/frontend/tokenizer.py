@@ -292,20 +292,26 @@ class Tokenizer:
 
     # --- chat template ---------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
-        """Render OpenAI-style messages with the model's chat template (a sandboxed jinja2)."""
+    def apply_chat_template(self, messages: Sequence[Mapping], /, add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """Render OpenAI-style messages with the model's chat template (a sandboxed jinja2).
+
+        ``template_kwargs`` (a request's ``chat_template_kwargs``, e.g. ``enable_thinking``) are
+        template variables, passed through whatever their names (as vLLM and HF do); they may
+        override a special token's variable but not ``messages``.
+        """
+        if "messages" in template_kwargs:
+            raise TokenizerError("chat template: 'messages' cannot be a template keyword argument")
         template = self._template()
         context = dict(self.special_tokens)
         context.setdefault("cls_token", "<|begin_of_sentence|>")
         context.setdefault("sep_token", "<|end_of_sentence|>")
         context.setdefault("bos_token", "<s>")
         context.setdefault("eos_token", "</s>")
+        context.update(template_kwargs)
+        context["messages"] = [_plain_message(m) for m in messages]
+        context["add_generation_prompt"] = add_generation_prompt
         try:
-            return template.render(
-                messages=[_plain_message(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                **context,
-            )
+            return template.render(**context)
         except TokenizerError:
             raise
         except Exception as exc:  # jinja2 raises many types; all mean "bad template or input"

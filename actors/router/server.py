@@ -143,7 +143,7 @@ class RouterServer:
                 except Exception as exc:
                     log.warning("tokenizer from %s unusable: %s", peer.name, exc)
             self.model_name = hello.model
-            self.frontend = OpenAIServer(self.pd, tokenizer, hello.model, hello.max_model_len)
+            self.frontend = OpenAIServer(self.pd, tokenizer, hello.model, hello.max_model_len, default_seed=self.cfg.seed)
             log.info("serving model %s (max_model_len %d, tokenizer %s)", hello.model, hello.max_model_len, "yes" if tokenizer else "no")
         else:
             self.frontend.max_model_len = min(self.frontend.max_model_len, hello.max_model_len)
@@ -306,7 +306,7 @@ class RouterServer:
         if len(prompt_ids) + msg.sampling.max_tokens > fe.max_model_len:
             return fail(f"prompt ({len(prompt_ids)}) + max_tokens ({msg.sampling.max_tokens}) exceeds max_model_len {fe.max_model_len}")
         detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
-        gen = self.pd.generate(sub_id, prompt_ids, msg.sampling)
+        gen = self.pd.generate(sub_id, prompt_ids, fe.seeded(msg.sampling))
         try:
             async for item in gen:
                 text = detok.add(item.token_ids) if detok is not None and item.token_ids else ""

@@ -15,15 +15,15 @@ as the eager transformers path does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from pdbus import envs
+
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = envs.TRITON_INTERPRET
 _LOG2E = 1.4426950408889634
 
 

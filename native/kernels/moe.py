@@ -15,17 +15,17 @@ optional shared-expert output) and rounds once to bf16.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from pdbus import envs
 
 from .wlinear import TUNED, _wq_step, check_weight, m_bucket, weight_view
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = envs.TRITON_INTERPRET
 _BITS = {torch.bfloat16: 16, torch.int8: 8, torch.uint8: 4}
 
 

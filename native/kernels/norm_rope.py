@@ -8,15 +8,15 @@ builds it (``1 / theta ** (arange(0, hd, 2) / hd)`` in fp32) so the angles match
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from pdbus import envs
+
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = envs.TRITON_INTERPRET
 
 
 def _require(cond: bool, msg: str) -> None:

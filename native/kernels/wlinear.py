@@ -14,15 +14,15 @@ accumulation; the per-channel scale is applied once, in the epilogue. ``act="swi
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from pdbus import envs
+
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = envs.TRITON_INTERPRET
 _WDTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.uint8}
 
 # (kind, m_bucket, N, K, bits, swiglu) -> config dict; filled by tuning (bench/gpu_bench.py).

@@ -15,18 +15,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from native.kv_cache import DTYPES
+from pdbus.config import ConfigError  # config.json is missing a required key or holds an unsupported value
+
 DENSE_TYPE = "ernie4_5"
 MOE_TYPE = "ernie4_5_moe"
 ARCHITECTURES = {"Ernie4_5ForCausalLM": DENSE_TYPE, "Ernie4_5_MoeForCausalLM": MOE_TYPE}
-TORCH_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
-
-
-class ConfigError(ValueError):
-    """config.json is missing a required key or holds an unsupported value."""
 
 
 def _require(d: dict, key: str, why: str = ""):
@@ -87,7 +81,7 @@ class ErnieConfig:
                 )
             if self.moe_layer_interval <= 0:
                 raise ConfigError(f"config.json: bad moe_layer_interval {self.moe_layer_interval}")
-        if self.torch_dtype not in TORCH_DTYPES:
+        if self.torch_dtype not in DTYPES:
             raise ConfigError(f"config.json: unsupported torch_dtype {self.torch_dtype!r}")
 
     # ------------------------------------------------------------------ construction
@@ -173,7 +167,7 @@ class ErnieConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.torch_dtype]
+        return DTYPES[self.torch_dtype]
 
     @property
     def q_size(self) -> int:

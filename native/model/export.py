@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from native.kv_cache import dtype_name
+
 from .config import ErnieConfig
 
 PADDLE_CONFIG_EXTRAS = {
@@ -108,9 +110,7 @@ def _save(
     tensors = {n: _convert(n, t, fp32, layout, dtype) for n, t, fp32 in _tensors(state, cfg, layout)}
 
     config = cfg.to_dict()
-    config["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[
-        dtype
-    ]
+    config["torch_dtype"] = dtype_name(dtype)
     if layout == "paddle":
         config.update(PADDLE_CONFIG_EXTRAS)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:

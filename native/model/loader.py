@@ -41,13 +41,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from native.kv_cache import DTYPES
+
 from .config import ErnieConfig
 from .ernie import ErnieForCausalLM
 from .quant import check_quantization, expert_storage, linear_storage, store_rows
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class LoadError(RuntimeError):
@@ -72,9 +73,9 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ErnieConfig) -> torch.dtype:
         return dtype
     if dtype == "auto":
         return cfg.dtype
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def checkpoint_files(model_dir: str) -> list[str]:

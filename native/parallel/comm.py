@@ -24,16 +24,17 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import os
 
 import torch
 import torch.distributed as dist
+
+from pdbus import envs
 
 log = logging.getLogger("pdbus.parallel")
 
 
 def _timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("PDBUS_TP_TIMEOUT_S", "600")))
+    return datetime.timedelta(seconds=envs.PDBUS_TP_TIMEOUT_S)
 
 
 class GroupBroken(RuntimeError):

@@ -14,7 +14,6 @@ line and stops the rank server, and the router sees the instance go.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import zmq
 
 from native.parallel.comm import GroupBroken, first_line
 from native.transfer.base import TransferHandle
+from pdbus import envs
 from pdbus.log import get_logger
 from pdbus.messages import Endpoint, RankEndpoint, TransferProtocol
 
@@ -166,7 +166,7 @@ class TPGroup:
     def spawn(self) -> None:
         for rank in range(1, self.spec.size):
             spec = msgspec.structs.replace(self.spec, rank=rank, report_endpoint=self.report_endpoint)
-            env = dict(os.environ)
+            env = envs.child_env()
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "native.parallel.worker", msgspec.json.encode(spec).decode()], env=env

@@ -20,13 +20,13 @@ shares), serial.py (backends whose copy is one blocking call), one module per ba
 from __future__ import annotations
 
 import abc
-import os
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from native.kv_cache import KVCache
+from pdbus import envs
 from pdbus.messages import Endpoint, TransferProtocol
 
 
@@ -142,7 +142,7 @@ def host_id() -> str:
     """Identifies this machine (boot id): ``ipc`` peers must share it. ``PDBUS_HOST_ID``
     overrides it, so that processes in different network namespaces of one machine count as
     different hosts (cross-node tests and ``./run.sh cross-node demo``)."""
-    override = os.environ.get("PDBUS_HOST_ID", "").strip()
+    override = envs.PDBUS_HOST_ID
     if override:
         return override
     try:

@@ -28,17 +28,13 @@ _IB_SYSFS = "/sys/class/infiniband"
 _HINT = "set KVCACHE_RDMA_NICS=<device,...> (e.g. mlx5_0) or use --cache-transfer-protocol tcp"
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def choose_protocol(use_tcp: bool | None = None, nics: str | None = None) -> tuple[str, str]:
     """(Mooncake protocol, device filter). Raises TransferError when RDMA has no NIC."""
     if use_tcp is None:
-        use_tcp = _env_flag("PDBUS_MOONCAKE_TCP")
+        use_tcp = envs.PDBUS_MOONCAKE_TCP
     if use_tcp:
         return "tcp", ""
-    wanted = [n.strip() for n in (nics if nics is not None else os.environ.get("KVCACHE_RDMA_NICS", "")).split(",")]
+    wanted = [n.strip() for n in (nics if nics is not None else envs.KVCACHE_RDMA_NICS).split(",")]
     wanted = [n for n in wanted if n]
     present = sorted(os.listdir(_IB_SYSFS)) if os.path.isdir(_IB_SYSFS) else []
     if wanted:
@@ -73,11 +69,11 @@ class MooncakeTransfer(SerialCopyEngine):
         super().__init__(cache, host)
         self.transport, devices = choose_protocol(use_tcp, nics)
         if self.transport == "rdma":
-            os.environ.setdefault("MC_FORCE_HCA", "1")  # a missing NIC must fail, not degrade
+            envs.set_default("MC_FORCE_HCA", 1)  # a missing NIC must fail, not degrade
         # Mooncake's own per-transfer timeout (30 s by default) bounds how long a write to an
         # unreachable peer blocks the copy worker, and with it an abort on the engine thread:
         # keep it within pdbus's transfer timeout
-        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, math.ceil(envs.PDBUS_TRANSFER_TIMEOUT_S))))
+        envs.set_default("MC_TRANSFER_TIMEOUT", max(1, math.ceil(envs.PDBUS_TRANSFER_TIMEOUT_S)))
         engine_cls = _import_engine()
         self._engine = engine_cls()
         rc = self._engine.initialize(host, "P2PHANDSHAKE", self.transport, devices)
