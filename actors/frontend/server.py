@@ -43,6 +43,10 @@ class RequestRejected(Exception):
     """The backend refused the request for good (HTTP 400)."""
 
 
+class RequestTimedOut(Exception):
+    """An instance stayed silent past the request timeout (HTTP 504)."""
+
+
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
     body = {"object": "error", "error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
@@ -319,6 +323,8 @@ class _Run:
             return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
         except RequestRejected as exc:
             return _error(400, str(exc))
+        except RequestTimedOut as exc:
+            return _error(504, str(exc), "timeout_error")
         self._finish_metrics()
         errors = [c.error for c in self.choices if c.error]
         if errors and all(not c.token_ids for c in self.choices):
@@ -393,6 +399,10 @@ class _Run:
         except RequestRejected as exc:
             if not started:
                 return _error(400, str(exc))
+        except RequestTimedOut as exc:
+            if not started:
+                return _error(504, str(exc), "timeout_error")
+            await resp.write(P.sse({"object": "error", "error": {"message": str(exc), "type": "timeout_error", "param": None, "code": 504}}))
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("req %s: client disconnected", self.req_id)
             raise

@@ -21,7 +21,7 @@ import uuid
 import zmq.asyncio
 from aiohttp import web
 
-from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected
+from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected, RequestTimedOut
 from actors.router.pd import PDBackend
 from pdbus.actor import BusServer, Peer
 from pdbus.config import RouterConfig
@@ -325,7 +325,7 @@ class RouterServer:
                 )
                 if item.finish_reason is not None:
                     break
-        except (BackendUnavailable, RequestRejected) as exc:
+        except (BackendUnavailable, RequestRejected, RequestTimedOut) as exc:
             fail(str(exc))
         finally:
             await gen.aclose()
