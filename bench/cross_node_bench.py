@@ -183,7 +183,7 @@ def kv_heavy_model(out: str) -> str:
     import conftest_model
     import torch
 
-    conftest_model.TINY_CONFIGS["bench-kv"] = (
+    kv_heavy = (
         "ernie4_5_moe",
         dict(
             conftest_model._BASE,
@@ -203,7 +203,8 @@ def kv_heavy_model(out: str) -> str:
             tie_word_embeddings=True,
         ),
     )
-    conftest_model.save_hf(conftest_model.build_hf("bench-kv"), out, dtype=torch.bfloat16)
+    model = conftest_model.build_hf("bench-kv", configs={"bench-kv": kv_heavy})
+    conftest_model.save_hf(model, out, dtype=torch.bfloat16)
     return out
 
 

@@ -73,20 +73,21 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-def hf_config(name: str):
+def hf_config(name: str, configs: dict[str, tuple[str, dict]] = TINY_CONFIGS):
+    """The transformers config of ``configs[name]`` (a ``(model_type, kwargs)`` table like TINY_CONFIGS)."""
     from transformers import Ernie4_5_MoeConfig, Ernie4_5Config
 
-    model_type, kw = TINY_CONFIGS[name]
+    model_type, kw = configs[name]
     cls = Ernie4_5_MoeConfig if model_type == "ernie4_5_moe" else Ernie4_5Config
     return cls(**kw)
 
 
-def build_hf(name: str, seed: int = 0):
+def build_hf(name: str, seed: int = 0, configs: dict[str, tuple[str, dict]] = TINY_CONFIGS):
     """A transformers ERNIE model in fp32 with random weights, norms and correction bias non-trivial."""
     from transformers import Ernie4_5_MoeForCausalLM, Ernie4_5ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = hf_config(name)
+    cfg = hf_config(name, configs)
     cls = Ernie4_5_MoeForCausalLM if cfg.model_type == "ernie4_5_moe" else Ernie4_5ForCausalLM
     model = cls(cfg).eval()
     with torch.no_grad():
@@ -126,19 +127,27 @@ def edit_config(model_dir: str, drop: tuple[str, ...] = (), **updates) -> None:
 
 
 class PagedRunner:
-    """Drives ErnieForCausalLM.forward over a paged KV cache, like a tiny model runner.
+    """Drives ErnieForCausalLM.forward over a paged KV cache on the model's device, like a tiny
+    model runner.
 
     Blocks are handed out in shuffled order so that block tables are non-contiguous.
     ``step({seq_id: new_token_ids})`` runs one forward over all given sequences (their tokens
-    flattened in the dict's order) and returns {seq_id: logits [n_new, V]}.
+    flattened in the dict's order) and returns {seq_id: logits [n_new, V]} on the CPU.
     """
 
     def __init__(self, model, block_size: int = 4, num_blocks: int = 64, seed: int = 0):
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
+        self.device = model.model.embed_tokens.weight.device
         self.cache = KVCache(
-            cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim, model.dtype
+            cfg.num_hidden_layers,
+            num_blocks,
+            cfg.num_key_value_heads,
+            block_size,
+            cfg.head_dim,
+            model.dtype,
+            device=self.device,
         )
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
@@ -160,13 +169,12 @@ class PagedRunner:
             clens.append(end)
             tables.append(table)
             self.lens[sid] = end
-        meta = AttnMeta.build(qlens, clens, tables, self.block_size)
+        meta = AttnMeta.build(qlens, clens, tables, self.block_size, self.device)
         self.layers_done = []
-        with torch.no_grad():
-            hidden = self.model(
-                torch.tensor(ids), torch.tensor(pos), self.cache, meta, layer_done=self.layers_done.append
-            )
-            logits = self.model.compute_logits(hidden)
+        with torch.inference_mode():
+            ids_t, pos_t = torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device)
+            hidden = self.model(ids_t, pos_t, self.cache, meta, layer_done=self.layers_done.append)
+            logits = self.model.compute_logits(hidden).cpu()
         out, off = {}, 0
         for sid, n in zip(new_tokens, qlens):
             out[sid] = logits[off : off + n]

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_pd import COMMON, complete, prompts
+from waits import roles, wait_idle, wait_instances, wait_showing
 
 from pdbus.netns import NetnsError, NetnsPair, TwoHosts, unsupported
-from pdbus.procs import http_json
+from pdbus.procs import http_json, wait_until
 from pdbus.security import generate_key_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -97,19 +98,14 @@ def start_cross(hosts: TwoHosts, model: str, protocol: str, *, router_extra=(), 
 
 
 def wait_registered(hosts: TwoHosts, router, prefill: int, decode: int, timeout: float = 60.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    body: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            _, body = hosts.call(hosts.pair.a, http_json, router.url + "/instances", None, 5)
-        except OSError:
-            body = {}
-        alive = [i for i in body.get("instances", []) if i["alive"]]
-        roles = [i["role"] for i in alive]
-        if roles.count("prefill") == prefill and roles.count("decode") == decode:
-            return alive
-        time.sleep(0.1)
-    raise TimeoutError(f"instances did not register ({prefill} prefill, {decode} decode): {body}")
+    """The router's alive instances once they are ``prefill`` prefill and ``decode`` decode (read from host A)."""
+    return wait_instances(
+        router.url,
+        roles(prefill, decode),
+        timeout,
+        f"instances registered ({prefill} prefill, {decode} decode)",
+        read=lambda url: hosts.call(hosts.pair.a, http_json, url, None, 5),
+    )
 
 
 def stats(hosts: TwoHosts, proc) -> dict:
@@ -118,33 +114,22 @@ def stats(hosts: TwoHosts, proc) -> dict:
 
 
 def wait_all_blocks_free(hosts: TwoHosts, ranks, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = [stats(hosts, p) for p in ranks]
-        if all(s["free_blocks"] == s["total_blocks"] and s["running"] == 0 and s["reserved_blocks"] == 0 for s in last):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"blocks not all free after {timeout}s: {last}")
+    wait_idle(lambda: [stats(hosts, p) for p in ranks], timeout)
 
 
 def wait_refused(hosts: TwoHosts, proc, timeout: float = 120.0) -> None:
     """``proc`` is up but not registered (/health 503), or it stopped itself with one line
     naming --bus-key-file; never registered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def refused() -> bool:
         if not proc.alive():
             assert proc.popen.returncode != 0 and "--bus-key-file" in proc.tail(3), proc.tail()
-            return
-        try:
-            status, body = hosts.call(hosts.ns_of(proc), http_json, proc.url + "/health", None, 5)
-        except OSError:
-            status, body = None, {}
-        if status == 503 and body.get("status") == "starting":
-            return
+            return True
+        status, body = hosts.call(hosts.ns_of(proc), http_json, proc.url + "/health", None, 5)  # OSError: not yet
         assert status != 200, f"{proc.name} without the cluster key registered: {body}"
-        time.sleep(0.2)
-    raise TimeoutError(f"{proc.name} neither served /health nor stopped:\n{proc.tail()}")
+        return status == 503 and body.get("status") == "starting"
+
+    wait_showing(refused, timeout, f"{proc.name} serving /health 503 or stopping", proc.tail, interval=0.2)
 
 
 def listeners(pair: NetnsPair, ns: str) -> list[tuple[str, int, str]]:
@@ -292,25 +277,25 @@ def test_link_cut_mid_transfer_fails_cleanly_and_recovers(hosts, tiny_model_dir,
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(bodies))]
     threads[0].start()
-    deadline = time.monotonic() + 30
-    while stats(hosts, decode)["running"] == 0:
-        assert time.monotonic() < deadline, "the first request never reached the decode"
-        time.sleep(0.02)
+    wait_until(lambda: stats(hosts, decode)["running"], 30, "the first request reaching the decode", 0.02)
     for t in threads[1:]:
         t.start()
-    deadline = time.monotonic() + 30
-    while sum(send_queue(pair, pair.a, f"{pair.ip_b}:{port}") for port in kv_ports) == 0:
-        assert time.monotonic() < deadline, "no KV transfer towards B was seen in flight"
-        time.sleep(0.01)
+    def in_flight() -> int:
+        return sum(send_queue(pair, pair.a, f"{pair.ip_b}:{port}") for port in kv_ports)
+
+    wait_until(in_flight, 30, "a KV transfer towards B seen in flight", 0.01)
     failed_before = stats(hosts, prefill)["failed"]
     t_cut = time.monotonic()
     pair.cut()
     try:
         # the prefill's engine is never stuck on the unreachable peer much longer than the
         # transfer timeout (3 s here): it reports its in-flight transfers failed promptly
-        while stats(hosts, prefill)["failed"] == failed_before:
-            assert time.monotonic() - t_cut < 15, f"prefill engine stuck after the cut: {stats(hosts, prefill)}"
-            time.sleep(0.1)
+        wait_showing(
+            lambda: stats(hosts, prefill)["failed"] != failed_before,
+            t_cut + 15 - time.monotonic(),
+            "the prefill engine failing its transfers after the cut",
+            lambda: stats(hosts, prefill),
+        )
         for t in threads:
             t.join(max(1.0, t_cut + 60 - time.monotonic()))
         ended = time.monotonic() - t_cut
@@ -365,10 +350,14 @@ def test_run_sh_cross_node_demo(netns_ok, tiny_model_dir, reference, tmp_path):
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     names: set[str] = set()
     try:
-        deadline = time.monotonic() + 300
-        while "  try: " not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        def ready() -> bool:
+            text = log.read_text()
+            if "  try: " in text:
+                return True
+            assert proc.poll() is None, text[-3000:]
+            return False
+
+        wait_showing(ready, 300, "the demo printing its curl line", lambda: log.read_text()[-3000:], interval=0.2)
         text = log.read_text()
         names = set(re.findall(r"network namespace (pdbus-[ab]-[0-9a-f]+)", text))
         assert len(names) == 2, text

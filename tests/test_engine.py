@@ -13,12 +13,14 @@ import time
 
 import pytest
 import torch
+from waits import wait_showing
 
 from actors.engine.engine import Engine, EngineEvents, EngineLimits
 from native.kv_cache import KVCache
 from native.runner import ModelRunner
 from native.sampler import Sampler
 from pdbus.messages import Destination, SamplingParams, TokenOut
+from pdbus.procs import wait_until
 
 BLOCK_SIZE = 8
 PROMPT_LENS = (1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 2)
@@ -358,14 +360,13 @@ def test_abort_frees_blocks_and_load_is_safe_from_other_threads(model, prompts):
         assert engine.blocks.num_free < engine.blocks.num_blocks
         engine.abort("long")
         engine.abort("unknown-request")  # harmless
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            load = engine.load()
-            if load.free_blocks == load.total_blocks and load.running == 0:
-                break
-            time.sleep(0.01)
-        else:
-            raise AssertionError(f"blocks not freed after abort: {engine.load()}")
+        wait_showing(
+            lambda: (load := engine.load()).free_blocks == load.total_blocks and load.running == 0,
+            WAIT_S,
+            "blocks freed after the abort",
+            engine.load,
+            interval=0.01,
+        )
         assert "long" not in events.finish and "long" not in events.failed  # abort is silent
         n = len(events.tokens["long"])
         engine.add_request("after", prompts[1], greedy(max_tokens=2))
@@ -496,10 +497,7 @@ def test_decode_without_reservation_fails_and_leases_expire(model, prompts):
         engine.reserve("too-big", 10_000, lease_s=60.0)
         events.wait(lambda: "too-big" in events.reserved, "the refusal")
         assert events.reserved["too-big"] is None
-        deadline = time.monotonic() + WAIT_S
-        while engine.load().reserved_blocks and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.load().reserved_blocks == 0, "the lease never expired"
+        wait_until(lambda: engine.load().reserved_blocks == 0, WAIT_S, "the lease expiring", 0.02)
     finally:
         engine.stop()
     assert engine.blocks.num_free == engine.blocks.num_blocks

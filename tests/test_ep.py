@@ -3,12 +3,11 @@ collectives alive, and DP+EP instances serve the same tokens as one mixed instan
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts
+from waits import wait_idle, wait_instances
 
 from pdbus.procs import free_port, http_json
 from pdbus.testing import exit_rank_process
@@ -129,10 +128,7 @@ def test_dp_ep_serves_same_tokens(cluster, tiny_model_dir):
             ports[0],
         )
     cluster.wait_health(router.url)
-    deadline = time.monotonic() + 90
-    while len([i for i in http_json(router.url + "/instances")[1]["instances"] if i["alive"]]) < 4:
-        assert time.monotonic() < deadline, "all four EP ranks should register"
-        time.sleep(0.2)
+    wait_instances(router.url, lambda alive: len(alive) >= 4, 90, "all four EP ranks registered")
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
@@ -140,13 +136,7 @@ def test_dp_ep_serves_same_tokens(cluster, tiny_model_dir):
     assert got == ref
     # the multi-serve ranks are not in cluster.procs as prefill/decode; check their /stats directly
     for port in (p0, p1, d0, d1):
-        deadline = time.monotonic() + 20
-        while True:
-            s = http_json(f"http://127.0.0.1:{port}/stats")[1]
-            if s["free_blocks"] == s["total_blocks"] and s["running"] == 0:
-                break
-            assert time.monotonic() < deadline, s
-            time.sleep(0.1)
+        wait_idle(lambda url=f"http://127.0.0.1:{port}/stats": [http_json(url)[1]], 20)
 
 
 
@@ -165,14 +155,11 @@ def test_dead_ep_rank_takes_the_group_down(cluster, tiny_model_dir):
         for r in range(2)
     ]
 
-    def alive_decodes() -> int:
-        return sum(i["alive"] and i["role"] == "decode" for i in http_json(router.url + "/instances")[1]["instances"])
+    def decodes(alive: list[dict]) -> int:
+        return sum(i["role"] == "decode" for i in alive)
 
     cluster.wait_health(router.url)
-    deadline = time.monotonic() + 90
-    while alive_decodes() < 2:
-        assert time.monotonic() < deadline, "both EP ranks should register"
-        time.sleep(0.2)
+    wait_instances(router.url, lambda alive: decodes(alive) >= 2, 90, "both EP ranks registered")
     assert complete(router.url, prompts(1)[0])  # the group serves
     ranks[1].kill()
     ranks[0].popen.wait(30)
@@ -180,7 +167,4 @@ def test_dead_ep_rank_takes_the_group_down(cluster, tiny_model_dir):
     log = ranks[0].log.read_text(errors="replace")
     assert "EP2 group broken at rank 0" in log and "this instance cannot continue" in log
     assert "Traceback" not in log
-    deadline = time.monotonic() + 15
-    while alive_decodes():
-        assert time.monotonic() < deadline, "the router should see both ranks go"
-        time.sleep(0.1)
+    wait_instances(router.url, lambda alive: decodes(alive) == 0, 15, "the router seeing both ranks go")

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest_model import save_hf  # noqa: E402
+from conftest_model import PagedRunner, build_hf, save_hf  # noqa: E402
 
 from native.kv_cache import KVCache  # noqa: E402
 from native.model.loader import load_model  # noqa: E402
@@ -108,23 +108,8 @@ GPU_CONFIGS: dict[str, tuple[str, dict]] = {
 
 
 def build_gpu_hf(name: str, seed: int = 0):
-    """A transformers ERNIE model in fp32 (CPU) with random weights, non-trivial norms and bias."""
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM
-
-    model_type, kw = GPU_CONFIGS[name]
-    moe = model_type == "ernie4_5_moe"
-    cfg = (Ernie4_5_MoeConfig if moe else Ernie4_5Config)(**kw)
-    torch.manual_seed(seed)
-    model = (Ernie4_5_MoeForCausalLM if moe else Ernie4_5ForCausalLM)(cfg).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "norm" in key:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "e_score_correction_bias" in key:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    return model
+    """A transformers ERNIE model of GPU_CONFIGS in fp32 (CPU), as conftest_model.build_hf makes them."""
+    return build_hf(name, seed, GPU_CONFIGS)
 
 
 def save_gpu_model(name: str, out_dir: str, seed: int = 0) -> str:
@@ -143,62 +128,13 @@ def load(path: str, quantization: str = "bf16", device: str = DEV):
     return model
 
 
-class Stepper:
-    """Drives ``model.forward`` over a paged cache on the model's device (shuffled blocks).
-
-    ``step({seq: new_tokens})`` returns ``{seq: fp32 logits [n_new, V]}`` on the CPU.
-    """
-
-    def __init__(self, model, num_blocks: int = 64, seed: int = 0):
-        from native.attn_meta import AttnMeta
-
-        self._meta = AttnMeta.build
-        cfg = model.cfg
-        self.model = model
-        self.device = model.model.embed_tokens.weight.device
-        self.cache = KVCache(
-            cfg.num_hidden_layers,
-            num_blocks,
-            cfg.num_key_value_heads,
-            BLOCK,
-            cfg.head_dim,
-            model.dtype,
-            device=self.device,
-        )
-        self.free = list(range(num_blocks))
-        random.Random(seed).shuffle(self.free)
-        self.tables: dict[int, list[int]] = {}
-        self.lens: dict[int, int] = {}
-
-    def step(self, new_tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        ids, pos, qlens, clens, tables = [], [], [], [], []
-        for sid, toks in new_tokens.items():
-            start = self.lens.get(sid, 0)
-            end = start + len(toks)
-            table = self.tables.setdefault(sid, [])
-            while len(table) * BLOCK < end:
-                table.append(self.free.pop())
-            ids += toks
-            pos += range(start, end)
-            qlens.append(len(toks))
-            clens.append(end)
-            tables.append(table)
-            self.lens[sid] = end
-        meta = self._meta(qlens, clens, tables, BLOCK, self.device)
-        with torch.inference_mode():
-            hidden = self.model(
-                torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), self.cache, meta
-            )
-            logits = self.model.compute_logits(hidden).cpu()
-        out, off = {}, 0
-        for sid, n in zip(new_tokens, qlens):
-            out[sid] = logits[off : off + n]
-            off += n
-        return out
+def stepper(model, num_blocks: int = 64) -> PagedRunner:
+    """conftest_model.PagedRunner at this file's block size, on the model's device."""
+    return PagedRunner(model, block_size=BLOCK, num_blocks=num_blocks)
 
 
 def prefill_then_decode(model, ids: list[int], n_prefill: int) -> torch.Tensor:
-    s = Stepper(model)
+    s = stepper(model)
     outs = [s.step({0: ids[:n_prefill]})[0]]
     for t in range(n_prefill, len(ids)):
         outs.append(s.step({0: [ids[t]]})[0])
@@ -319,7 +255,7 @@ def test_prefill_and_decode_match_transformers_and_cpu(checkpoints, name):
     hf, path = checkpoints(name)
     ids = tokens(40, 1)
     model = load(path)
-    assert model.kernel_path(Stepper(model, num_blocks=4).cache)
+    assert model.kernel_path(stepper(model, num_blocks=4).cache)
     got = prefill_then_decode(model, ids, 23)  # 23: a block and a half, then decode across blocks
     ref = _hf_logits(hf_bf16(path), ids)
     hf_err = float(token_errors(ref, _hf_logits(hf, ids)).max())
@@ -344,7 +280,7 @@ def test_mixed_batch_matches_transformers_and_alone(checkpoints, name):
         5: tokens(17, 15),
     }
     model = load(path)
-    s = Stepper(model)
+    s = stepper(model)
     first = s.step({0: full[0][:16], 1: full[1][:17]})
     mixed = s.step({0: full[0][16:], 1: full[1][17:], 2: full[2], 3: full[3], 4: full[4], 5: full[5]})
     nxt = {sid: [int(mixed[sid][-1].argmax())] for sid in full}
@@ -385,12 +321,12 @@ def test_decode_rows_do_not_depend_on_the_batch(checkpoints):
     _, path = checkpoints("moe_shared_hd64")
     model = load(path)
     prompts = {sid: tokens(5 + 7 * sid, 200 + sid) for sid in range(8)}
-    together = Stepper(model, num_blocks=128)
+    together = stepper(model, num_blocks=128)
     together.step(prompts)
     batch = together.step({sid: [3 + sid] for sid in prompts})
     diffs = []
     for sid, p in prompts.items():
-        alone = Stepper(model, num_blocks=128)
+        alone = stepper(model, num_blocks=128)
         alone.tables = {sid: list(together.tables[sid])}  # same blocks, same prefill tokens
         alone.cache.buffer.copy_(together.cache.buffer)
         alone.lens = {sid: len(p)}

@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from waits import wait_showing
 
 from pdbus.procs import free_port, http_json
 
@@ -47,15 +47,14 @@ def test_single_node_serves_and_ctrl_c_stops_all(tmp_path, default_model_dir):
     )
     try:
         lines = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:  # blocks on the launcher's next line
             line = proc.stdout.readline()
             assert line, "launcher exited early:\n" + "".join(lines[-30:])
             lines.append(line)
-            if "pdbus is serving the OpenAI API" in line:
-                break
-        else:
-            pytest.fail("never became healthy:\n" + "".join(lines[-30:]))
+            return "pdbus is serving the OpenAI API" in line
+
+        wait_showing(serving, 180, "the launcher healthy", lambda: "".join(lines[-30:]), interval=0)
         curl = next(line for line in proc.stdout if "try: curl" in line)
         assert f":{router}/v1/chat/completions" in curl
         status, body = http_json(
@@ -70,11 +69,10 @@ def test_single_node_serves_and_ctrl_c_stops_all(tmp_path, default_model_dir):
         assert len(started) >= 3  # router, prefill, decode
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in started):
-            time.sleep(0.1)
-        alive = [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
+        def left() -> list[int]:  # zombies count as gone (an OSError: one went while being read)
+            return [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+        wait_showing(lambda: not left(), 30, "no process left after Ctrl-C", left)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

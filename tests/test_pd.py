@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from waits import roles, wait_idle, wait_instances
 
 from pdbus.procs import http_json
 
@@ -75,14 +76,8 @@ def start_pd(cluster, model, protocol: str, *extra_router: str, prefills: int = 
     for _ in range(decodes):
         cluster.serve(model, "decode", router, *common, "--cache-transfer-protocol", protocol, *serve_extra, env=decode_env or env)
     cluster.wait_health(router.url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        _, body = http_json(router.url + "/instances")
-        roles = [i["role"] for i in body["instances"] if i["alive"]]
-        if roles.count("prefill") == prefills and roles.count("decode") == decodes:
-            return router
-        time.sleep(0.1)
-    raise TimeoutError(f"instances did not all register: {body}")
+    wait_instances(router.url, roles(prefills, decodes), 60, "instances all registered")
+    return router
 
 
 @pytest.fixture(scope="module")
@@ -99,24 +94,10 @@ def mixed_outputs(tiny_model_dir, tmp_path_factory):
     return ps, ref, seeded
 
 
-def _instances(router_url: str) -> list[dict]:
-    return http_json(router_url + "/instances")[1]["instances"]
-
-
 def wait_all_blocks_free(cluster, timeout: float = 20.0) -> None:
-    """Every rank's KV blocks back in the free pool, no reservation left."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        stats = []
-        for p in cluster.procs:
-            if p.name in ("prefill", "decode") and p.alive():
-                stats.append(http_json(p.url + "/stats")[1])
-        last = stats
-        if all(s["free_blocks"] == s["total_blocks"] and s["running"] == 0 and s["reserved_blocks"] == 0 for s in stats):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"blocks not all free after {timeout}s: {last}")
+    """Every live rank's KV blocks back in the free pool, no reservation left."""
+    ranks = [p for p in cluster.procs if p.name in ("prefill", "decode")]
+    wait_idle(lambda: [http_json(p.url + "/stats")[1] for p in ranks if p.alive()], timeout)
 
 
 @pytest.mark.parametrize("protocol", ["ipc", "tcp"])
@@ -197,12 +178,12 @@ def test_no_decode_room_gives_503(cluster, tiny_model_dir):
     long_prompt = [(j % 90) + 3 for j in range(480)]
     holder = threading.Thread(target=lambda: complete(router.url, long_prompt, max_tokens=30))
     holder.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        dec = [i for i in _instances(router.url) if i["role"] == "decode"][0]
-        if dec["load"]["running"] == 1:
-            break
-        time.sleep(0.02)
+    wait_instances(
+        router.url,
+        lambda alive: [i for i in alive if i["role"] == "decode"][0]["load"]["running"] == 1,
+        30,
+        "the decode running the first request",
+    )
     t0 = time.monotonic()
     status, body = http_json(router.url + "/v1/completions", {"prompt": long_prompt, "max_tokens": 30, "temperature": 0}, timeout=30)
     waited = time.monotonic() - t0

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from test_pd import COMMON, complete, start_pd, wait_all_blocks_free
 
-from pdbus.procs import free_port, http_json
+from pdbus.procs import free_port, http_json, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +30,6 @@ def reference(tiny_model_dir, tmp_path_factory):
 
 def _stats(proc) -> dict:
     return http_json(proc.url + "/stats", timeout=5)[1]
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} within {timeout}s")
 
 
 def _open_stream(url: str, body: dict):
@@ -69,7 +59,7 @@ def test_decode_killed_mid_stream_reprefills_elsewhere(cluster, tiny_model_dir, 
             for choice in chunk["choices"]:
                 ids += choice.get("completion_token_ids") or []
             if killed is None and len(ids) >= 5:
-                killed = _wait(lambda: next((d for d in decodes if _stats(d)["running"] == 1), None), 10, "a decode running it")
+                killed = wait_until(lambda: next((d for d in decodes if _stats(d)["running"] == 1), None), 10, "a decode running it", 0.02)
                 killed.kill()
     assert killed is not None and not killed.alive()
     assert ids == reference  # the re-prefill on the surviving decode continued exactly
@@ -105,7 +95,7 @@ def test_prefill_killed_redispatches(cluster, tiny_model_dir, reference):
 
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(complete, router.url, PROMPT, 40)
-        victim = _wait(lambda: next((p for p in prefills if _stats(p)["running"] + _stats(p)["waiting"] >= 1), None), 20, "a prefill busy")
+        victim = wait_until(lambda: next((p for p in prefills if _stats(p)["running"] + _stats(p)["waiting"] >= 1), None), 20, "a prefill busy", 0.02)
         victim.kill()
         assert fut.result(timeout=90) == reference
     wait_all_blocks_free(cluster)
@@ -142,7 +132,7 @@ def test_client_disconnect_frees_blocks(cluster, tiny_model_dir, phase):
             got += sock.recv(65536)
     else:
         prefill = next(p for p in cluster.procs if p.name == "prefill")
-        _wait(lambda: _stats(prefill)["running"] >= 1, 20, "prefill running")
+        wait_until(lambda: _stats(prefill)["running"] >= 1, 20, "prefill running", 0.02)
     sock.close()
     wait_all_blocks_free(cluster, timeout=30)
     # and the cluster still serves

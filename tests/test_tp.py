@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_pd import COMMON, complete, prompts, start_pd, wait_all_blocks_free
+from waits import wait_instances
 
-from pdbus.procs import free_port, http_json
+from pdbus.procs import free_port, http_json, wait_until
 from pdbus.testing import exit_rank_process
 
 CFGS = ["moe_shared", "dense_hd"]
@@ -99,10 +99,7 @@ def test_pd_across_tp_sizes(cluster, tiny_model_dir, mixed_ref, prefill_tp, deco
             "--data-parallel-size", str(decode_dp), "--data-parallel-rank", str(rank),
         )
     cluster.wait_health(router.url)
-    deadline = time.monotonic() + 60
-    while len([i for i in http_json(router.url + "/instances")[1]["instances"] if i["alive"]]) < 1 + decode_dp:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_instances(router.url, lambda alive: len(alive) >= 1 + decode_dp, 60, f"{1 + decode_dp} instances registered")
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
@@ -125,13 +122,7 @@ def test_dead_tp_worker_takes_instance_down(cluster, tiny_model_dir):
     assert decode.popen.returncode != 0
     assert "TP worker" in decode.tail(50)
     assert "Traceback" not in decode.log.read_text(errors="replace")  # one line, not a stack
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        status, _ = http_json(router.url + "/health")
-        if status == 503:
-            break
-        time.sleep(0.1)
-    assert status == 503
+    wait_until(lambda: http_json(router.url + "/health")[0] == 503, 15, "the router's /health 503", 0.1)
 
 
 def _parent(pid: int) -> int:

@@ -7,6 +7,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing as mp
 import os
@@ -48,9 +49,27 @@ def make_cache(num_blocks: int, seed: int | None = None, shared: bool = False, *
     return cache
 
 
-def engine(protocol: str, cache: KVCache):
-    kwargs = {"use_tcp": True} if protocol == "rdma" else {}
+def engine(protocol: str, cache: KVCache, **kwargs):
+    if protocol == "rdma":
+        kwargs["use_tcp"] = True
     return create_transfer_engine(protocol, cache, "127.0.0.1", **kwargs)
+
+
+@contextlib.contextmanager
+def local_pair(protocol: str, num_blocks: int, seed: int, src_blocks: int | None = None, tx_kw=None, **dst_kw):
+    """(dst, src, rx, tx) in this process: a receiving cache (shared for ``ipc``; ``dst_kw`` to
+    make_cache) and engine, a seeded sending cache and engine (``tx_kw`` to
+    create_transfer_engine); all four closed after, senders first."""
+    dst = make_cache(num_blocks, shared=protocol == "ipc", **dst_kw)
+    src = make_cache(src_blocks or num_blocks, seed=seed)
+    rx, tx = engine(protocol, dst), engine(protocol, src, **(tx_kw or {}))
+    try:
+        yield dst, src, rx, tx
+    finally:
+        tx.close()
+        rx.close()
+        src.close()
+        dst.close()
 
 
 def write_layers(tx, req_id, peer, src, dst, src_heads=None, dst_heads=None):
@@ -154,10 +173,7 @@ def test_blocks_and_head_slices_land_across_processes(protocol):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_many_interleaved_requests(protocol):
-    dst = make_cache(64, shared=protocol == "ipc")
-    src = make_cache(64, seed=2)
-    rx, tx = engine(protocol, dst), engine(protocol, src)
-    try:
+    with local_pair(protocol, 64, seed=2) as (dst, src, rx, tx):
         tx.open_peer("d", rx.endpoint())
         num = 12
         plans = {f"req{i}": (list(range(i * 5, i * 5 + 5))[::-1], list(range(63 - i * 5, 58 - i * 5, -1))) for i in range(num)}
@@ -172,19 +188,11 @@ def test_many_interleaved_requests(protocol):
         for s, d in plans.values():
             want = expected(want, src.buffer, zip(s, d))
         assert torch.equal(dst.buffer, want)
-    finally:
-        tx.close()
-        rx.close()
-        src.close()
-        dst.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_abort_fails_the_handle_and_drops_later_writes(protocol):
-    dst = make_cache(16, shared=protocol == "ipc")
-    src = make_cache(16, seed=3)
-    rx, tx = engine(protocol, dst), engine(protocol, src)
-    try:
+    with local_pair(protocol, 16, seed=3) as (dst, src, rx, tx):
         tx.open_peer("d", rx.endpoint())
         tx.write("gone", "d", WriteOp(0, [0, 1], [0, 1]))
         tx.abort("gone")
@@ -196,36 +204,20 @@ def test_abort_fails_the_handle_and_drops_later_writes(protocol):
         ok.wait(30)
         assert torch.count_nonzero(dst.buffer[1, :, 2:4]) == 0
         assert torch.equal(dst.buffer[:, :, 9], src.buffer[:, :, 5])
-    finally:
-        tx.close()
-        rx.close()
-        src.close()
-        dst.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_incompatible_layout_is_refused(protocol):
-    other = make_cache(16, shared=protocol == "ipc", block_size=16)
-    src = make_cache(16, seed=4)
-    rx, tx = engine(protocol, other), engine(protocol, src)
-    try:
+    with local_pair(protocol, 16, seed=4, block_size=16) as (_, _, rx, tx):
         with pytest.raises(TransferError, match="block_size 8 here vs 16 there"):
             tx.open_peer("d", rx.endpoint())
         with pytest.raises(TransferError, match="not open"):
             tx.write("r", "d", WriteOp(0, [0], [0]))
-    finally:
-        tx.close()
-        rx.close()
-        src.close()
-        other.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_bad_ops_are_refused(protocol):
-    dst = make_cache(4, shared=protocol == "ipc", num_kv_heads=2, total_kv_heads=HEADS)
-    src = make_cache(8, seed=5)
-    rx, tx = engine(protocol, dst), engine(protocol, src)
-    try:
+    with local_pair(protocol, 4, seed=5, src_blocks=8, num_kv_heads=2, total_kv_heads=HEADS) as (dst, src, rx, tx):
         tx.open_peer("d", rx.endpoint())
         with pytest.raises(TransferError, match="differ in count"):
             tx.write("r", "d", WriteOp(0, [0], [0], (0, 4), (0, 2)))
@@ -236,11 +228,6 @@ def test_bad_ops_are_refused(protocol):
         tx.write("r", "d", WriteOp(2, [7, 6], [0, 3], (2, 4), (0, 2)))  # a valid one still works
         tx.commit("r", "d").wait(30)
         assert torch.equal(dst.buffer[2, :, 3], src.buffer[2, :, 6, 2:4])
-    finally:
-        tx.close()
-        rx.close()
-        src.close()
-        dst.close()
 
 
 @pytest.mark.parametrize("protocol", ["ipc", "tcp"])
@@ -300,18 +287,15 @@ def test_tcp_receiver_killed_mid_transfer_fails_the_handle():
         rx.stop()
 
 
-def _silent_peer(endpoint_like):
-    """A socket that accepts connections and never answers: commits stay pending."""
-    lsock = socket.create_server(("127.0.0.1", 0))
-    return lsock, msgspec.structs.replace(endpoint_like, port=lsock.getsockname()[1])
+def _silent_peer(endpoint_like, lsock: socket.socket):
+    """``endpoint_like`` pointing at ``lsock``, which accepts connections and never answers:
+    commits stay pending."""
+    return msgspec.structs.replace(endpoint_like, port=lsock.getsockname()[1])
 
 
 def test_tcp_close_peer_fails_pending_handles_and_reopen_works():
-    dst = make_cache(16)
-    src = make_cache(16, seed=8)
-    rx, tx = engine("tcp", dst), engine("tcp", src)
-    lsock, silent = _silent_peer(rx.endpoint())
-    try:
+    with socket.create_server(("127.0.0.1", 0)) as lsock, local_pair("tcp", 16, seed=8) as (dst, src, rx, tx):
+        silent = _silent_peer(rx.endpoint(), lsock)
         tx.open_peer("d", silent)
         pending = write_layers(tx, "r", "d", [1, 2], [3, 4])
         with pytest.raises(TransferError, match="timed out"):
@@ -322,21 +306,11 @@ def test_tcp_close_peer_fails_pending_handles_and_reopen_works():
         tx.open_peer("d", rx.endpoint())  # the same peer id, now a live receiver
         write_layers(tx, "r2", "d", [1, 2], [3, 4]).wait(30)
         assert torch.equal(dst.buffer[:, :, 3:5], src.buffer[:, :, 1:3])
-    finally:
-        tx.close()
-        rx.close()
-        lsock.close()
-        src.close()
-        dst.close()
 
 
 def test_tcp_send_timeout_fails_the_handle():
-    dst = make_cache(64)
-    src = make_cache(64, seed=9)
-    rx = engine("tcp", dst)
-    tx = create_transfer_engine("tcp", src, "127.0.0.1", io_timeout=0.5)
-    lsock, silent = _silent_peer(rx.endpoint())
-    try:
+    with socket.create_server(("127.0.0.1", 0)) as lsock, local_pair("tcp", 64, seed=9, tx_kw={"io_timeout": 0.5}) as (_, _, rx, tx):
+        silent = _silent_peer(rx.endpoint(), lsock)
         tx.open_peer("d", silent)
         big = list(range(64))
         for i in range(200):  # 26 MB: more than the never-read socket buffers take
@@ -344,12 +318,6 @@ def test_tcp_send_timeout_fails_the_handle():
         handle = tx.commit("r", "d")
         with pytest.raises(TransferError, match=r"sending r to peer d \(127.0.0.1:\d+\) timed out"):
             handle.wait(10)
-    finally:
-        tx.close()
-        rx.close()
-        lsock.close()
-        src.close()
-        dst.close()
 
 
 def test_tcp_receiver_validates_what_arrives():

@@ -61,6 +61,27 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens, B):
 # ----------------------------------------------------------------------------------- decode
 
 
+@triton.jit
+def _block_scores(q, kc_ptr, vc_ptr, bt_entry, s_cb, kv_off, qk_scale):
+    """The cache block named at ``bt_entry`` (a block-table slot): (``q @ K.T * qk_scale``, V)."""
+    blk = tl.load(bt_entry).to(tl.int64)
+    k = tl.load(kc_ptr + blk * s_cb + kv_off)
+    v = tl.load(vc_ptr + blk * s_cb + kv_off)
+    return tl.dot(q, tl.trans(k)) * qk_scale, v
+
+
+@triton.jit
+def _softmax_update(s, v, m_i, l_i, acc):
+    """One block's scores ``s`` and values ``v`` into the running (max, sum, accumulator) of an
+    online softmax in exp2; P is rounded to bf16 before ``P @ V``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["n_parts", "blocks_per_part"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
@@ -90,17 +111,9 @@ def _decode_kernel(
     acc = tl.zeros([GPAD, HD], tl.float32)
     kv_off = kvh.to(tl.int64) * s_ch + offs_t[:, None] * s_cs + offs_d[None, :]
     for j in range(blk_lo, blk_hi):
-        blk = tl.load(bt_ptr + b * s_btb + j).to(tl.int64)
-        k = tl.load(kc_ptr + blk * s_cb + kv_off)
-        v = tl.load(vc_ptr + blk * s_cb + kv_off)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s, v = _block_scores(q, kc_ptr, vc_ptr, bt_ptr + b * s_btb + j, s_cb, kv_off, qk_scale)
         s = tl.where((j * BS + offs_t)[None, :] < ctx, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc)
 
     if SPLIT:
         row = (b * (GROUP * tl.num_programs(1)) + heads) * n_parts + part
@@ -246,28 +259,12 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HD], tl.float32)
     kv_off = kvh.to(tl.int64) * s_ch + offs_t[:, None] * s_cs + offs_d[None, :]
     for j in range(0, n_full):
-        blk = tl.load(bt_ptr + b * s_btb + j).to(tl.int64)
-        k = tl.load(kc_ptr + blk * s_cb + kv_off)
-        v = tl.load(vc_ptr + blk * s_cb + kv_off)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
-        m_i = m_new
+        s, v = _block_scores(q, kc_ptr, vc_ptr, bt_ptr + b * s_btb + j, s_cb, kv_off, qk_scale)
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc)
     for j in range(n_full, n_blk):
-        blk = tl.load(bt_ptr + b * s_btb + j).to(tl.int64)
-        k = tl.load(kc_ptr + blk * s_cb + kv_off)
-        v = tl.load(vc_ptr + blk * s_cb + kv_off)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s, v = _block_scores(q, kc_ptr, vc_ptr, bt_ptr + b * s_btb + j, s_cb, kv_off, qk_scale)
         s = tl.where((j * BS + offs_t)[None, :] <= pos_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     tl.store(out_ptr + rows[:, None] * s_ot + h * s_oh + offs_d[None, :], o.to(tl.bfloat16), mask=mvalid[:, None])

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .checks import on_kernel_device, require
-from .wlinear import TUNED, _wq_step, check_weight, m_bucket, weight_view
+from .wlinear import TUNED, _wq_tile, check_weight, m_bucket, weight_view
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
@@ -255,22 +255,8 @@ def _moe_gemm_kernel(
         u_rows = w_base + (offs_n + N_OUT).to(tl.int64)[:, None] * s_wn
     else:
         u_rows = w_rows
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    asum = tl.zeros([BM], tl.float32)
-    for k0 in range(0, K, BK):
-        acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
-                                    BITS, BK, EVEN_K, SWIGLU, CVT)
-    if BITS == 4 and CVT == 1:
-        acc = acc - 136.0 * asum[:, None]
-        if SWIGLU:
-            acc_u = acc_u - 136.0 * asum[:, None]
-    if BITS != 16:
-        acc = acc * tl.load(s_ptr + e * s_se + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        if BITS != 16:
-            acc_u = acc_u * tl.load(s_ptr + e * s_se + N_OUT + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    acc = _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_ptr + e * s_se, offs_n, nvalid, N_OUT, K,
+                   BITS, BM, BN, BK, EVEN_K, SWIGLU, CVT)
     if MUL_W:
         tw = tl.load(topw_ptr + pairs, mask=pvalid, other=0.0).to(tl.float32)
         acc = acc * tw[:, None]

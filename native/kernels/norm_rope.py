@@ -80,20 +80,27 @@ def _check_norm_args(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | 
         require(out.stride(1) == 1, "out rows must be contiguous")
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = bf16(x * rsqrt(mean(x^2) + eps)) * weight`` row-wise; x ``[T, H]`` bf16."""
-    _check_norm_args(x, weight, out)
+def _launch_rmsnorm(x, residual, weight, out, eps):
+    """One program a row: rmsnorm of x (with ``residual`` given: of ``residual += x``)."""
     if out is None:
         out = torch.empty_like(x)
     T, H = x.shape
     if T == 0:
         return out
     BLOCK = triton.next_power_of_2(H)
+    has_res = residual is not None
     _rmsnorm_kernel[(T,)](
-        x, x, weight, out, x, x.stride(0), 0, out.stride(0), 0, H, eps,
-        HAS_RES=False, KX=1, HAS_SHARED=False, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4,
+        x, residual if has_res else x, weight, out, x,
+        x.stride(0), residual.stride(0) if has_res else 0, out.stride(0), 0, H, eps,
+        HAS_RES=has_res, KX=1, HAS_SHARED=False, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4,
     )
     return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = bf16(x * rsqrt(mean(x^2) + eps)) * weight`` row-wise; x ``[T, H]`` bf16."""
+    _check_norm_args(x, weight, out)
+    return _launch_rmsnorm(x, None, weight, out, eps)
 
 
 def fused_add_rmsnorm(
@@ -109,17 +116,7 @@ def fused_add_rmsnorm(
     require(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     require(residual.dtype == _BF16, f"residual must be bfloat16, got {residual.dtype}")
     require(residual.stride(1) == 1, "residual rows must be contiguous")
-    if out is None:
-        out = torch.empty_like(x)
-    T, H = x.shape
-    if T == 0:
-        return out
-    BLOCK = triton.next_power_of_2(H)
-    _rmsnorm_kernel[(T,)](
-        x, residual, weight, out, x, x.stride(0), residual.stride(0), out.stride(0), 0, H, eps,
-        HAS_RES=True, KX=1, HAS_SHARED=False, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4,
-    )
-    return out
+    return _launch_rmsnorm(x, residual, weight, out, eps)
 
 
 def moe_combine_add_rmsnorm(

@@ -184,6 +184,32 @@ def _wq_step(acc, acc_u, asum, a_rows, a_mask, w_rows, u_rows, w_mask, k0, K,
     return acc, acc_u, asum
 
 
+@triton.jit
+def _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_rows, offs_n, nvalid, N_OUT, K,
+             BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             EVEN_K: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr):
+    """The fp32 ``[BM, BN]`` tile of ``A @ W.T`` over all of K (``_wq_step`` by ``_wq_step``),
+    scaled per channel by ``s_rows[offs_n]`` (the up rows by ``s_rows[N_OUT + offs_n]``) and,
+    with SWIGLU, ``silu(gate) * up``."""
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    asum = tl.zeros([BM], tl.float32)
+    for k0 in range(0, K, BK):
+        acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
+                                    BITS, BK, EVEN_K, SWIGLU, CVT)
+    if BITS == 4 and CVT == 1:
+        acc = acc - 136.0 * asum[:, None]
+        if SWIGLU:
+            acc_u = acc_u - 136.0 * asum[:, None]
+    if BITS != 16:
+        acc = acc * tl.load(s_rows + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        if BITS != 16:
+            acc_u = acc_u * tl.load(s_rows + N_OUT + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _wlinear_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr,
@@ -203,23 +229,9 @@ def _wlinear_kernel(
         u_rows = w_ptr + (offs_n + N_OUT).to(tl.int64)[:, None] * s_wn
     else:
         u_rows = w_rows
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    asum = tl.zeros([BM], tl.float32)
-    for k0 in range(0, K, BK):
-        acc, acc_u, asum = _wq_step(acc, acc_u, asum, a_rows, m_mask, w_rows, u_rows, n_mask, k0, K,
-                                    BITS, BK, EVEN_K, SWIGLU, CVT)
     nvalid = offs_n < N_OUT
-    if BITS == 4 and CVT == 1:
-        acc = acc - 136.0 * asum[:, None]
-        if SWIGLU:
-            acc_u = acc_u - 136.0 * asum[:, None]
-    if BITS != 16:
-        acc = acc * tl.load(s_ptr + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        if BITS != 16:
-            acc_u = acc_u * tl.load(s_ptr + N_OUT + offs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    acc = _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_ptr, offs_n, nvalid, N_OUT, K,
+                   BITS, BM, BN, BK, EVEN_K, SWIGLU, CVT)
     c = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :]
     tl.store(c, acc.to(tl.bfloat16), mask=m_mask & nvalid[None, :])
 
