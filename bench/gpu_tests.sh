@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1
 files=("$@")
 [[ ${#files[@]} -gt 0 ]] || files=(tests/test_kernels_gpu.py tests/test_gpu_model.py tests/test_transfer_gpu.py tests/test_parallel_gpu.py tests/test_gpu_pd.py)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+# (the commit is not read here: the device copy of the tree carries no current git metadata)
 for f in "${files[@]}"; do
   name="$(basename "$f" .py)"
   timeout "${PER_FILE_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu "$f" >"$OUT/$name.log" 2>&1
