@@ -61,19 +61,12 @@ def _dst_blocks() -> list[int]:
 def role_recv(protocol: str, host: str) -> None:
     """Print what the sender needs (one JSON line), serve until stdin closes or says stop."""
     if protocol == "socket":
-        buf = memoryview(bytearray(NBYTES))
+        from transfer_bench import socket_sink  # bench/ is this script's folder
+
         with socket.create_server((host, 0)) as lsock:
             print(json.dumps({"host": host, "port": lsock.getsockname()[1]}), flush=True)
-            conn, _ = lsock.accept()
-            with conn:
-                while True:
-                    got = 0
-                    while got < NBYTES:
-                        n = conn.recv_into(buf[got:])
-                        if n == 0:
-                            return
-                        got += n
-                    conn.sendall(b"k")
+            socket_sink(lsock, NBYTES)
+        return
     from native.transfer.base import create_transfer_engine
 
     cache = _cache(2 * BLOCKS)

@@ -93,21 +93,26 @@ def _engine_receiver(protocol: str, shape: Shape, device: str, env: dict, conn) 
     cache.close()
 
 
+def socket_sink(lsock: socket.socket, nbytes: int) -> None:
+    """The raw-socket ceiling's receiver: accept one sender, read ``nbytes`` at a time into one
+    buffer and ack each with a byte, until the sender closes."""
+    view = memoryview(bytearray(nbytes))
+    sock, _ = lsock.accept()
+    with sock:
+        while True:
+            got = 0
+            while got < nbytes:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    return
+                got += n
+            sock.sendall(b"k")
+
+
 def _socket_receiver(nbytes: int, conn) -> None:
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
     with socket.create_server(("127.0.0.1", 0)) as lsock:
         conn.send(lsock.getsockname()[1])
-        sock, _ = lsock.accept()
-        with sock:
-            while True:
-                got = 0
-                while got < nbytes:
-                    n = sock.recv_into(view[got:])
-                    if n == 0:
-                        return
-                    got += n
-                sock.sendall(b"k")
+        socket_sink(lsock, nbytes)
 
 
 def _spawn(target, *args):
