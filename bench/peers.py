@@ -174,7 +174,11 @@ def run_hf_subprocess(
 # --------------------------------------------------------------------------- servers
 
 
-PDBUS_COMMON = ["--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "512"]
+PDBUS_COMMON = ["--dtype", "float32", "--max-model-len", "512"]
+
+
+def _pdbus_common(skip_tokenizer_init: bool) -> list[str]:
+    return (["--skip-tokenizer-init"] if skip_tokenizer_init else []) + PDBUS_COMMON
 
 
 class Systems:
@@ -189,20 +193,22 @@ class Systems:
         self.vllm_log: Path | None = None
 
     # -- pdbus
-    def pdbus_mixed(self, model: str, threads: int, extra: tuple[str, ...] = ()) -> str:
+    def pdbus_mixed(self, model: str, threads: int, extra: tuple[str, ...] = (), skip_tokenizer_init: bool = True) -> str:
         env = {"PDBUS_TORCH_THREADS": str(threads)}
-        server = self.cluster.serve(model, "mixed", None, *PDBUS_COMMON, *extra, env=env)
+        server = self.cluster.serve(model, "mixed", None, *_pdbus_common(skip_tokenizer_init), *extra, env=env)
         self.cluster.wait_health(server.url)
         return server.url
 
-    def pdbus_pd(self, model: str, protocol: str, threads: int, extra: tuple[str, ...] = ()) -> str:
+    def pdbus_pd(
+        self, model: str, protocol: str, threads: int, extra: tuple[str, ...] = (), skip_tokenizer_init: bool = True
+    ) -> str:
         from pdbus.procs import http_json
 
         env = {"PDBUS_TORCH_THREADS": str(threads)}
         router = self.cluster.router()
         for role in ("prefill", "decode"):
             self.cluster.serve(
-                model, role, router, *PDBUS_COMMON, "--cache-transfer-protocol", protocol, *extra, env=env
+                model, role, router, *_pdbus_common(skip_tokenizer_init), "--cache-transfer-protocol", protocol, *extra, env=env
             )
         self.cluster.wait_health(router.url)
         deadline = time.monotonic() + 60
@@ -224,7 +230,7 @@ class Systems:
 
     # -- vLLM
     def vllm_server(
-        self, model: str, venv: str | os.PathLike = DEFAULT_VLLM_VENV, timeout: float = 240.0
+        self, model: str, venv: str | os.PathLike = DEFAULT_VLLM_VENV, timeout: float = 240.0, skip_tokenizer_init: bool = True
     ) -> str:
         from pdbus.procs import free_port, http_json
 
@@ -235,8 +241,8 @@ class Systems:
         self.vllm_log = self.workdir / "vllm.log"
         cmd = [
             str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
-            "--skip-tokenizer-init", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port),
-            "--no-enable-prefix-caching",
+            "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching",
+            *(["--skip-tokenizer-init"] if skip_tokenizer_init else []),
         ]  # fmt: skip
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1")
         with open(self.vllm_log, "wb") as log:
