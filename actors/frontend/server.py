@@ -237,6 +237,7 @@ class OpenAIServer:
             req, prompt_ids = self.prepare(await self._json(request), chat)
         except P.OpenAIError as exc:
             self.metrics.rejected.inc()
+            log.info("%s %s refused, %d (%s): %s", request.method, request.path, exc.status, exc.param, exc.message)
             return error_response(exc)
         if not self.backend.ready():
             return _error(503, "No instance is ready to serve.", "service_unavailable_error", headers={"Retry-After": "1"})
