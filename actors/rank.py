@@ -201,6 +201,7 @@ class RankServer:
             tp_size=self.cfg.tensor_parallel_size,
             load=self.engine.load() if self.engine else Load(),
             pid=os.getpid(),
+            vocab_size=self.rank.model_cfg.vocab_size,
         )
 
     def tokenizer_files(self) -> dict[str, bytes]:

@@ -220,6 +220,7 @@ class Hello(_Msg, tag="hello"):
     load: Load = msgspec.field(default_factory=Load)
     has_tokenizer: bool = False  # tokenizer files follow as extra frames: name, bytes, name, bytes...
     pid: int = 0
+    vocab_size: int = 0  # the model's; the router checks prompt token ids against it (0: unknown)
 
 
 class Welcome(_Msg, tag="welcome"):

@@ -78,6 +78,7 @@ SAMPLES: dict[type, m.Message] = {
         host="::1", http_port=8200, model=f"ERNIE-4.5 {TEXT}", config_hash="0" * 64, kv=KV, transfer=ENDPOINTS,
         max_num_seqs=256, max_model_len=131072, dp_rank=3, dp_size=8, tp_size=2, load=LOAD, has_tokenizer=True,
         pid=2**22,
+        vocab_size=103424,
     ),
     m.Welcome: m.Welcome(protocol=m.PROTOCOL_VERSION, router_id="router-1", heartbeat_interval=0.25),
     m.Refused: m.Refused(reason=TEXT),

@@ -5,9 +5,14 @@ Requests and errors live here; response builders (``responses.py``) and ``StopCh
 Pure functions and plain data, no I/O: the mixed-role server and the router's HTTP server both
 wrap these in their aiohttp handlers. A handler does, per request:
 
+0. ``parse_json(raw)``: the body's bytes to Python values, or a 400 for anything that is not
+   strict JSON (bad UTF-8, lone UTF-16 surrogates, NaN / Infinity, numbers out of range, any
+   nesting deeper than ``MAX_JSON_DEPTH``); a bus client's ``Generate`` becomes the same kind of
+   body through ``generate_body(msg)``;
 1. ``parse_completion_request(body, ...)`` / ``parse_chat_request(body, ...)``: every field is
-   checked explicitly; a bad one raises ``OpenAIError`` (400 naming the field, 404 for an unknown
-   model) whose ``to_dict()`` is OpenAI's error body;
+   checked explicitly (type, range, and text free of NUL and lone surrogates); a bad one raises
+   ``OpenAIError`` (400 naming the field, 404 for an unknown model) whose ``to_dict()`` is
+   OpenAI's error body, the one way any error body is built;
 2. tokenizes (chat: applies the template to ``req.messages``), then
    ``resolve_max_tokens(req, prompt_len, max_model_len)``, which fixes ``req.sampling.max_tokens``
    or raises the context-length error;
@@ -24,13 +29,15 @@ Unknown request fields are ignored (as vLLM and FastDeploy do) and listed in
 from __future__ import annotations
 
 import math
+import re
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
 
-from pdbus.messages import SEED_RANGE, SamplingParams
+from pdbus.messages import SEED_RANGE, Generate, SamplingParams
 
 from .responses import (
     SSE_DONE,
@@ -72,9 +79,11 @@ __all__ = [
     "completion_usage_chunk",
     "dumps",
     "finish_reason",
+    "generate_body",
     "now",
     "parse_chat_request",
     "parse_completion_request",
+    "parse_json",
     "random_id",
     "resolve_max_tokens",
     "sse",
@@ -84,7 +93,10 @@ __all__ = [
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_KWARGS_DEPTH = 16  # chat_template_kwargs: arrays and objects inside one another
+MAX_TOKEN_ID = (1 << 31) - 1  # the bound of a token id while the vocabulary is not known
 _MISSING = object()
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")  # NUL, and UTF-16 surrogates (lone: no pair in a str)
 
 
 # --------------------------------------------------------------------------- errors
@@ -110,7 +122,8 @@ class OpenAIError(Exception):
         self.code = code
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"object": "error", "error": error}
 
 
 def _invalid(param: str, message: str) -> OpenAIError:
@@ -122,6 +135,15 @@ def _unsupported(param: str, what: str) -> OpenAIError:
 
 
 # --------------------------------------------------------------------------- field readers
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: a client's value may be 8 MiB long or 900 levels deep."""
+    return _REPR.repr(value)
 
 
 def _type_name(value: Any) -> str:
@@ -173,7 +195,7 @@ class _Fields:
         if value is _MISSING:
             return default
         if not _is_number(value) or not math.isfinite(value):
-            raise _invalid(name, f"'{name}' must be a finite number, got {_type_name(value)} {value!r}.")
+            raise _invalid(name, f"'{name}' must be a finite number, got {_type_name(value)} {_short(value)}.")
         ok = (lo < value if lo_open else lo <= value) and value <= hi
         if not ok:
             low = f"greater than {lo}" if lo_open else f"at least {lo}"
@@ -187,10 +209,34 @@ class _Fields:
             return default
         if not isinstance(value, str):
             raise _invalid(name, f"'{name}' must be a string, got {_type_name(value)}.")
-        return value
+        return _text(name, value)
 
     def unknown(self) -> list[str]:
         return sorted(k for k in self.body if k not in self.known)
+
+
+def _text(name: str, value: str) -> str:
+    """``value`` if it is text a tokenizer can take: no NUL, no lone UTF-16 surrogate."""
+    bad = _BAD_CHAR.search(value)
+    if bad is not None:
+        char = bad.group()
+        what = "a NUL character" if char == "\x00" else "a lone UTF-16 surrogate"
+        raise _invalid(name, f"'{name}' holds {what} (U+{ord(char):04X}) at position {bad.start()}.")
+    return value
+
+
+def _check_free_form(name: str, value: Any, limit: int) -> None:
+    """Free-form JSON passed on as it is: nested at most ``limit`` deep (checked without recursion,
+    so any depth is safe), its strings text (``_text``)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                raise _invalid(name, f"'{name}' is nested more than {limit} levels deep.")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+        elif isinstance(item, str):
+            _text(name, item)
 
 
 def _check_range(name: str, value: int, lo: int | None, hi: int | None) -> None:
@@ -205,11 +251,33 @@ def _check_range(name: str, value: int, lo: int | None, hi: int | None) -> None:
 def _token_ids(name: str, value: Any, vocab_size: int | None) -> list[int]:
     if not isinstance(value, list) or not all(_is_int(t) for t in value):
         raise _invalid(name, f"'{name}' must be a list of integer token ids.")
-    for t in value:
-        if t < 0 or (vocab_size is not None and t >= vocab_size):
-            limit = f" (vocabulary size {vocab_size})" if vocab_size is not None else ""
-            raise _invalid(name, f"'{name}' holds token id {t}, which is out of range{limit}.")
+    check_token_ids(name, value, vocab_size)
     return value
+
+
+def check_token_ids(name: str, ids: Sequence[int], vocab_size: int | None) -> None:
+    """Every id in ``[0, vocab_size)`` (``[0, MAX_TOKEN_ID]`` while the vocabulary is unknown)."""
+    limit = vocab_size or MAX_TOKEN_ID + 1
+    bad = next((t for t in ids if not 0 <= t < limit), None)
+    if bad is not None:
+        known = f" (vocabulary size {vocab_size})" if vocab_size else ""
+        raise _invalid(name, f"'{name}' holds token id {bad}, which is out of range{known}.")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's bytes as Python values; anything but strict JSON is a 400.
+
+    msgspec refuses what ``json.loads`` would let through to fail later: invalid UTF-8, lone
+    UTF-16 surrogates, NaN / Infinity, numbers past float or 64-bit integer range. Nesting past
+    the interpreter's recursion limit raises ``RecursionError`` (caught here); what nests less
+    deeply is only ever looked at one level at a time, or through ``_short`` and ``_check_free_form``.
+    """
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise OpenAIError(f"Request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise OpenAIError("Request body is not valid JSON: nested too deeply.") from None
 
 
 # --------------------------------------------------------------------------- requests
@@ -279,11 +347,18 @@ def _parse_stop(f: _Fields) -> list[str]:
         raise _invalid("stop", f"'stop' must hold at most {MAX_STOP} strings, got {len(stops)}.")
     if any(s == "" for s in stops):
         raise _invalid("stop", "'stop' must not contain empty strings.")
+    for s in stops:
+        _text("stop", s)
     return list(dict.fromkeys(stops))
 
 
 def _parse_common(
-    f: _Fields, *, model_names: Sequence[str], max_model_len: int, max_tokens_names: Sequence[str]
+    f: _Fields,
+    *,
+    model_names: Sequence[str],
+    max_model_len: int,
+    vocab_size: int | None,
+    max_tokens_names: Sequence[str],
 ) -> dict:
     """Fields shared by both endpoints, as keyword arguments of ``_Request``."""
     model = _resolve_model(f, model_names)
@@ -320,10 +395,13 @@ def _parse_common(
         include_usage = bool(options.get("include_usage"))
         continuous = bool(options.get("continuous_usage_stats"))
 
-    top_k = f.int("top_k", 0, lo=-1)
+    top_k = min(f.int("top_k", 0, lo=-1), MAX_TOKEN_ID)  # past the vocabulary it is off: fits the bus
     seed = f.int("seed", None, lo=SEED_RANGE[0], hi=SEED_RANGE[1])
     stop_token_ids = f.raw("stop_token_ids")
-    stop_token_ids = [] if stop_token_ids is _MISSING else _token_ids("stop_token_ids", stop_token_ids, None)
+    if stop_token_ids is _MISSING:
+        stop_token_ids = []
+    else:
+        stop_token_ids = _token_ids("stop_token_ids", stop_token_ids, vocab_size)
     min_tokens = f.int("min_tokens", 0, lo=0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise _invalid(
@@ -367,10 +445,14 @@ def _parse_common(
 def parse_completion_request(
     body: Any, *, model_names: Sequence[str], max_model_len: int, vocab_size: int | None = None
 ) -> CompletionRequest:
-    """Validate a ``POST /v1/completions`` body. ``vocab_size`` (optional) bounds prompt token ids."""
+    """Validate a ``POST /v1/completions`` body. ``vocab_size`` (optional) bounds prompt and stop token ids."""
     f = _Fields(body)
     common = _parse_common(
-        f, model_names=model_names, max_model_len=max_model_len, max_tokens_names=["max_tokens"]
+        f,
+        model_names=model_names,
+        max_model_len=max_model_len,
+        vocab_size=vocab_size,
+        max_tokens_names=["max_tokens"],
     )
     if common["max_tokens"] is None:
         common["sampling"].max_tokens = CompletionRequest.default_max_tokens
@@ -386,7 +468,7 @@ def parse_completion_request(
     if isinstance(prompt, str):
         if not prompt:
             raise _invalid("prompt", "'prompt' must not be empty.")
-        text = prompt
+        text = _text("prompt", prompt)
     elif isinstance(prompt, list):
         if not prompt:
             raise _invalid("prompt", "'prompt' must not be empty.")
@@ -418,9 +500,9 @@ def _parse_message(i: int, message: Any) -> dict:
     role = message.get("role")
     if role in ("tool", "function"):
         raise _unsupported(f"{where}.role", f"Role '{role}' (tool calling)")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise _invalid(
-            f"{where}.role", f"'{where}.role' must be one of system, user, assistant; got {role!r}."
+            f"{where}.role", f"'{where}.role' must be one of system, user, assistant; got {_short(role)}."
         )
     if message.get("tool_calls"):
         raise _unsupported(f"{where}.tool_calls", "Tool calling")
@@ -434,34 +516,37 @@ def _parse_message(i: int, message: Any) -> dict:
             if not isinstance(part, dict):
                 raise _invalid(at, f"'{at}' must be an object.")
             if part.get("type") != "text":
-                raise _unsupported(f"{at}.type", f"Content part type {part.get('type')!r} (only 'text' is)")
+                raise _unsupported(f"{at}.type", f"Content part type {_short(part.get('type'))} (only 'text' is)")
             if not isinstance(part.get("text"), str):
                 raise _invalid(f"{at}.text", f"'{at}.text' must be a string.")
-            texts.append(part["text"])
+            texts.append(_text(f"{at}.text", part["text"]))
         content = "\n".join(texts)
     elif not isinstance(content, str):
         raise _invalid(
             f"{where}.content",
             f"'{where}.content' must be a string or a list of text parts, got {_type_name(content)}.",
         )
+    else:
+        _text(f"{where}.content", content)
     out = {"role": _ROLES[role], "content": content}
     name = message.get("name")
     if name is not None:
         if not isinstance(name, str):
             raise _invalid(f"{where}.name", f"'{where}.name' must be a string.")
-        out["name"] = name
+        out["name"] = _text(f"{where}.name", name)
     return out
 
 
 def parse_chat_request(
     body: Any, *, model_names: Sequence[str], max_model_len: int, vocab_size: int | None = None
 ) -> ChatRequest:
-    """Validate a ``POST /v1/chat/completions`` body (``vocab_size`` is accepted for symmetry)."""
+    """Validate a ``POST /v1/chat/completions`` body. ``vocab_size`` (optional) bounds stop token ids."""
     f = _Fields(body)
     common = _parse_common(
         f,
         model_names=model_names,
         max_model_len=max_model_len,
+        vocab_size=vocab_size,
         max_tokens_names=["max_completion_tokens", "max_tokens"],
     )
     messages = f.raw("messages")
@@ -490,7 +575,7 @@ def parse_chat_request(
         if not isinstance(response_format, dict) or "type" not in response_format:
             raise _invalid("response_format", "'response_format' must be an object with a 'type'.")
         if response_format["type"] != "text":
-            raise _unsupported("response_format", f"response_format type {response_format['type']!r}")
+            raise _unsupported("response_format", f"response_format type {_short(response_format['type'])}")
 
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is _MISSING:
@@ -499,6 +584,8 @@ def parse_chat_request(
         raise _invalid("chat_template_kwargs", "'chat_template_kwargs' must be an object.")
     elif "messages" in kwargs:
         raise _invalid("chat_template_kwargs", "'chat_template_kwargs' must not set 'messages' (send them as 'messages').")
+    else:
+        _check_free_form("chat_template_kwargs", kwargs, MAX_KWARGS_DEPTH)
     thinking = f.bool("enable_thinking", None)  # FastDeploy's shortcut for the template flag
     if thinking is not None:
         kwargs = {"enable_thinking": thinking, **kwargs}
@@ -546,7 +633,29 @@ def resolve_max_tokens(req: _Request, prompt_len: int, max_model_len: int) -> in
 
 
 def choice_sampling(req: _Request, index: int) -> SamplingParams:
-    """Sampling for choice ``index`` of ``n``: seeded choices get distinct, reproducible seeds."""
+    """Sampling for choice ``index`` of ``n``: seeded choices get distinct, reproducible seeds.
+
+    A seed past the top of ``SEED_RANGE`` wraps to the int64 of the same 64 bits (the sampler
+    draws alike from both), so every seed still crosses the bus (msgpack has no wider int).
+    """
     if index == 0 or req.sampling.seed is None:
         return req.sampling
-    return msgspec.structs.replace(req.sampling, seed=req.sampling.seed + index)
+    seed = req.sampling.seed + index
+    if seed > SEED_RANGE[1]:
+        seed -= 1 << 64
+    return msgspec.structs.replace(req.sampling, seed=seed)
+
+
+def generate_body(msg: Generate) -> tuple[dict, bool]:
+    """A bus client's ``Generate`` as the body of the HTTP request it stands for, and whether
+    that is a chat request: bus clients take the same checks as HTTP clients, field by field."""
+    body: dict[str, Any] = msgspec.structs.asdict(msg.sampling)
+    chat = msg.messages is not None
+    if chat:
+        body["messages"] = msg.messages
+        logprobs = body.pop("logprobs")
+        if logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, logprobs
+    else:
+        body["prompt"] = msg.prompt_token_ids if msg.prompt_token_ids is not None else msg.prompt
+    return body, chat

@@ -10,14 +10,21 @@ turns them into OpenAI responses (JSON or SSE). A backend is anything with::
 Closing the iterator early (client gone, stop string) aborts the request in the backend.
 A backend raises ``BackendUnavailable`` for 503 + Retry-After. A client that disconnects
 cancels the handler (aiohttp ``handler_cancellation``), which closes the iterators.
+
+HTTP requests and bus clients take one preparation path, ``OpenAIServer.prepare``: validation,
+the server's seed, template, tokenization, vocabulary and length — all before the backend
+reserves anything. Every error, of any status, is OpenAI's body built by ``error_response``
+(``protocol.OpenAIError.to_dict``); the ``openai_errors`` middleware gives that body to wrong
+paths and methods too, and turns an exception no handler expected into a 500 of that shape
+with one log line (a bug to fix where it is raised, never an answer to a client's input).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 
@@ -47,9 +54,54 @@ class RequestTimedOut(Exception):
     """An instance stayed silent past the request timeout (HTTP 504)."""
 
 
+def error_response(exc: P.OpenAIError, headers: dict | None = None) -> web.Response:
+    """The one HTTP error answer: OpenAI's body for every status."""
+    return web.json_response(exc.to_dict(), status=exc.status, headers=headers)
+
+
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
-    body = {"object": "error", "error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    return error_response(P.OpenAIError(message, status=status, type=type_, param=param, code=code), headers)
+
+
+def _error_event(message: str, type_: str, code=None) -> bytes:
+    """An error inside a stream that has begun: the same body, as an SSE event."""
+    return P.sse(P.OpenAIError(message, type=type_, code=code).to_dict())
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def _where(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return f"{frame.filename}:{frame.lineno}" if frame else "?"
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    """Every answer of an app in OpenAI's error shape: aiohttp's own (404, 405, 413...) and the
+    500 of an exception no handler expected, which is logged in one line with where it was raised."""
+    try:
+        return await handler(request)
+    except P.OpenAIError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        if exc.status == 404:
+            message = f"No route for {request.method} {request.path}."
+        elif exc.status == 405:
+            message = f"Method {request.method} is not allowed on {request.path} (allowed: {exc.headers.get('Allow', '')})."
+        else:
+            message = exc.text or exc.reason
+        type_ = _STATUS_TYPES.get(exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
+        return _error(exc.status, message, type_, code=exc.reason.lower().replace(" ", "_"), headers=headers)
+    except ConnectionResetError:  # the client went away while its request was read: no one to answer
+        log.info("%s %s: client disconnected", request.method, request.path)
+        return _error(400, "client disconnected")
+    except Exception as exc:
+        log.error("%s %s: unexpected %s at %s: %s", request.method, request.path, type(exc).__name__, _where(exc), exc)
+        return _error(500, f"Internal server error ({type(exc).__name__}).", "server_error")
 
 
 @dataclass
@@ -92,6 +144,7 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.handle_metrics)
+        app.middlewares.append(openai_errors)
         app.middlewares.append(self._guard)
 
     @web.middleware
@@ -99,14 +152,7 @@ class OpenAIServer:
         if self.api_key and request.path.startswith("/v1/"):
             if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
                 return _error(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _error(413, f"Request body too large: {exc.text}", code="request_too_large")
-        except web.HTTPException as exc:
-            if exc.status >= 400 and request.path.startswith("/v1/"):
-                return _error(exc.status, exc.reason or "error")
-            raise
+        return await handler(request)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -135,37 +181,48 @@ class OpenAIServer:
             return sampling
         return msgspec.structs.replace(sampling, seed=self.default_seed)
 
-    # ----------------------------------------------------------------- parsing
+    # ----------------------------------------------------------------- preparation
     async def _json(self, request: web.Request):
         try:
             raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise P.OpenAIError(f"Request body is not valid JSON: {exc}") from None
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise P.OpenAIError(f"Request body too large: {exc.text}.", status=413, code="request_too_large") from None
+        return P.parse_json(raw)
+
+    def prepare(self, body, chat: bool):
+        """The one way in for HTTP requests and bus clients (``protocol.generate_body``), before
+        anything is reserved: the checked request and its prompt's token ids, or ``OpenAIError``."""
+        parse = P.parse_chat_request if chat else P.parse_completion_request
+        req = parse(body, model_names=[self.model_name], max_model_len=self.max_model_len, vocab_size=self.vocab_size)
+        req.sampling = self.seeded(req.sampling)
+        prompt_ids = self._prompt_ids(req)
+        param = "messages" if chat else "prompt"
+        if not prompt_ids:
+            raise P.OpenAIError("The prompt is empty.", param=param)
+        P.check_token_ids(param, prompt_ids, self.vocab_size)  # a tokenizer with more ids than the model
+        P.resolve_max_tokens(req, len(prompt_ids), self.max_model_len)
+        return req, prompt_ids
 
     def _prompt_ids(self, req) -> list[int]:
         if isinstance(req, P.ChatRequest):
             if self.tokenizer is None:
                 raise P.OpenAIError("Chat needs a tokenizer, and this server has none (--skip-tokenizer-init).")
             kwargs = {"add_generation_prompt": req.add_generation_prompt, **req.chat_template_kwargs}
-            try:
-                text = self.tokenizer.apply_chat_template(req.messages, **kwargs)
-            except TokenizerError as exc:  # the template refused these messages or keyword arguments
+            try:  # the template may refuse these messages or keyword arguments
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template(req.messages, **kwargs))
+            except TokenizerError as exc:
                 raise P.OpenAIError(str(exc), param="messages") from None
-            return self.tokenizer.encode(text)
         if req.prompt_token_ids is not None:
-            if self.vocab_size is not None and any(t >= self.vocab_size for t in req.prompt_token_ids):
-                raise P.OpenAIError(f"'prompt' holds a token id outside the vocabulary ({self.vocab_size}).", param="prompt")
-            return list(req.prompt_token_ids)
+            return list(req.prompt_token_ids)  # checked against the vocabulary by the parser
         if self.tokenizer is None:
             raise P.OpenAIError(
                 "Text prompts need a tokenizer, and this server has none: send 'prompt' as a list of token ids.",
                 param="prompt",
             )
-        return self.tokenizer.encode(req.prompt)
+        try:
+            return self.tokenizer.encode(req.prompt)
+        except TokenizerError as exc:
+            raise P.OpenAIError(str(exc), param="prompt") from None
 
     # ----------------------------------------------------------------- handlers
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -177,20 +234,11 @@ class OpenAIServer:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         t0 = time.monotonic()
         try:
-            body = await self._json(request)
-            parse = P.parse_chat_request if chat else P.parse_completion_request
-            kwargs = {"model_names": [self.model_name], "max_model_len": self.max_model_len}
-            if not chat:
-                kwargs["vocab_size"] = self.vocab_size
-            req = parse(body, **kwargs)
-            req.sampling = self.seeded(req.sampling)
-            prompt_ids = self._prompt_ids(req)
-            if not prompt_ids:
-                raise P.OpenAIError("The prompt is empty.", param="messages" if chat else "prompt")
-            P.resolve_max_tokens(req, len(prompt_ids), self.max_model_len)
+            req, prompt_ids = self.prepare(await self._json(request), chat)
         except P.OpenAIError as exc:
             self.metrics.rejected.inc()
-            return web.json_response(exc.to_dict(), status=exc.status)
+            log.info("%s %s refused, %d (%s): %s", request.method, request.path, exc.status, exc.param, exc.message)
+            return error_response(exc)
         if not self.backend.ready():
             return _error(503, "No instance is ready to serve.", "service_unavailable_error", headers={"Retry-After": "1"})
         req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -388,24 +436,29 @@ class _Run:
             first_sent[c.index] = True
             await resp.write(P.sse(chunk))
             if c.error:
-                await resp.write(P.sse({"object": "error", "error": {"message": c.error, "type": "server_error", "param": None, "code": None}}))
+                await resp.write(_error_event(c.error, "server_error"))
 
         try:
             await asyncio.gather(*(self._drive(c, sink) for c in self.choices))
         except BackendUnavailable as exc:
             if not started:
                 return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
-            await resp.write(P.sse({"object": "error", "error": {"message": str(exc), "type": "service_unavailable_error", "param": None, "code": 503}}))
+            await resp.write(_error_event(str(exc), "service_unavailable_error", 503))
         except RequestRejected as exc:
             if not started:
                 return _error(400, str(exc))
         except RequestTimedOut as exc:
             if not started:
                 return _error(504, str(exc), "timeout_error")
-            await resp.write(P.sse({"object": "error", "error": {"message": str(exc), "type": "timeout_error", "param": None, "code": 504}}))
+            await resp.write(_error_event(str(exc), "timeout_error", 504))
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("req %s: client disconnected", self.req_id)
             raise
+        except Exception as exc:  # a bug: the middleware answers it while no chunk was sent
+            if not started:
+                raise
+            log.error("req %s: unexpected %s at %s: %s", self.req_id, type(exc).__name__, _where(exc), exc)
+            await resp.write(_error_event(f"Internal server error ({type(exc).__name__}).", "server_error"))
         await begin()
         self._finish_metrics()
         if self.req.include_usage:

@@ -51,6 +51,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 _REPLACEMENT_CHAR = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, only a lone one: SentencePiece cannot take it
 
 
 class TokenizerError(ValueError):
@@ -251,6 +252,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens in the text become their single ids."""
+        bad = _SURROGATE.search(text)
+        if bad is not None:
+            raise TokenizerError(f"text holds a lone UTF-16 surrogate (U+{ord(bad.group()):04X}) at position {bad.start()}")
         ids: list[int] = []
         if add_special_tokens and self.bos_token_id is not None:
             ids.append(self.bos_token_id)

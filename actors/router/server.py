@@ -21,7 +21,15 @@ import uuid
 import zmq.asyncio
 from aiohttp import web
 
-from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected, RequestTimedOut
+from actors.frontend import protocol as P
+from actors.frontend.server import (
+    BackendUnavailable,
+    OpenAIServer,
+    RequestRejected,
+    RequestTimedOut,
+    error_response,
+    openai_errors,
+)
 from actors.router.pd import PDBackend
 from pdbus.actor import BusServer, Peer
 from pdbus.config import RouterConfig
@@ -143,10 +151,25 @@ class RouterServer:
                 except Exception as exc:
                     log.warning("tokenizer from %s unusable: %s", peer.name, exc)
             self.model_name = hello.model
-            self.frontend = OpenAIServer(self.pd, tokenizer, hello.model, hello.max_model_len, default_seed=self.cfg.seed)
-            log.info("serving model %s (max_model_len %d, tokenizer %s)", hello.model, hello.max_model_len, "yes" if tokenizer else "no")
+            self.frontend = OpenAIServer(
+                self.pd,
+                tokenizer,
+                hello.model,
+                hello.max_model_len,
+                vocab_size=hello.vocab_size or None,
+                default_seed=self.cfg.seed,
+            )
+            log.info(
+                "serving model %s (max_model_len %d, vocab_size %s, tokenizer %s)",
+                hello.model,
+                hello.max_model_len,
+                hello.vocab_size or "unknown",
+                "yes" if tokenizer else "no",
+            )
         else:
             self.frontend.max_model_len = min(self.frontend.max_model_len, hello.max_model_len)
+            if self.frontend.vocab_size is None and hello.vocab_size:
+                self.frontend.vocab_size = hello.vocab_size
             if self.frontend.tokenizer is None and peer.files:
                 from actors.frontend.tokenizer import Tokenizer
 
@@ -214,8 +237,8 @@ class RouterServer:
 
     async def handle_api(self, request: web.Request) -> web.StreamResponse:
         if self.frontend is None:
-            body = {"object": "error", "error": {"message": "No instance has registered yet.", "type": "service_unavailable_error", "param": None, "code": None}}
-            return web.json_response(body, status=503, headers={"Retry-After": "1"})
+            error = P.OpenAIError("No instance has registered yet.", status=503, type="service_unavailable_error")
+            return error_response(error, headers={"Retry-After": "1"})
         if request.path == "/v1/completions":
             return await self.frontend._guard(request, self.frontend.completions)
         if request.path == "/v1/chat/completions":
@@ -234,7 +257,7 @@ class RouterServer:
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
+        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)), middlewares=[openai_errors])
         app.router.add_post("/v1/completions", self.handle_api)
         app.router.add_post("/v1/chat/completions", self.handle_api)
         app.router.add_get("/v1/models", self.handle_api)
@@ -248,8 +271,8 @@ class RouterServer:
             @web.middleware
             async def auth(request, handler):
                 if request.path.startswith("/v1/") and request.headers.get("Authorization", "") != f"Bearer {key}":
-                    body = {"object": "error", "error": {"message": "Invalid or missing API key.", "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
-                    return web.json_response(body, status=401)
+                    error = P.OpenAIError("Invalid or missing API key.", status=401, type="authentication_error", code="invalid_api_key")
+                    return error_response(error)
                 return await handler(request)
 
             app.middlewares.append(auth)
@@ -292,21 +315,14 @@ class RouterServer:
 
         if fe is None:
             return fail("no instance has registered yet")
+        try:  # the HTTP requests' checks, before anything is reserved
+            req, prompt_ids = fe.prepare(*P.generate_body(msg))
+        except P.OpenAIError as exc:
+            log.info("bus req %s refused: %s", msg.req_id, exc.message)
+            return fail(exc.message)
         tok = fe.tokenizer
-        if msg.prompt_token_ids is not None:
-            prompt_ids = list(msg.prompt_token_ids)
-        elif tok is None:
-            return fail("this router has no tokenizer: send prompt_token_ids")
-        elif msg.messages is not None:
-            prompt_ids = tok.encode(tok.apply_chat_template(msg.messages, add_generation_prompt=True))
-        else:
-            prompt_ids = tok.encode(msg.prompt or "")
-        if not prompt_ids:
-            return fail("empty prompt")
-        if len(prompt_ids) + msg.sampling.max_tokens > fe.max_model_len:
-            return fail(f"prompt ({len(prompt_ids)}) + max_tokens ({msg.sampling.max_tokens}) exceeds max_model_len {fe.max_model_len}")
         detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
-        gen = self.pd.generate(sub_id, prompt_ids, fe.seeded(msg.sampling))
+        gen = self.pd.generate(sub_id, prompt_ids, req.sampling)
         try:
             async for item in gen:
                 text = detok.add(item.token_ids) if detok is not None and item.token_ids else ""
