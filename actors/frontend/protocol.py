@@ -71,6 +71,7 @@ __all__ = [
     "completion_response",
     "completion_usage_chunk",
     "dumps",
+    "error_body",
     "finish_reason",
     "now",
     "parse_chat_request",
@@ -110,7 +111,13 @@ class OpenAIError(Exception):
         self.code = code
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
+    """OpenAI's error body, the one shape of every error answer (any status, 5xx included) and of
+    an SSE stream's error event."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def _invalid(param: str, message: str) -> OpenAIError:
