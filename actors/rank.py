@@ -1,13 +1,15 @@
-"""The rank server: one DP rank of a prefill, decode or mixed instance.
+"""The rank server: one DP rank of a prefill, decode or mixed instance (vLLM's engine core).
 
 It owns the model, the KV cache, the engine thread and the transfer engines, and serves
-``/health`` and ``/metrics`` on ``--port``. In ``mixed`` role it also serves the OpenAI API
-itself (the colocated baseline). In ``prefill``/``decode`` role it learns the bus endpoint from
-the router (``GET /bus``), registers with a ``Hello`` describing its role, KV layout and
-transfer endpoints, and then follows the router:
+``/health``, ``/metrics`` and ``/stats`` on ``--port``; it never speaks the OpenAI API: the
+router does (``pdbus serve`` in the mixed role without ``--router`` starts one on ``--port`` and
+moves this server to a free port, pdbus/launch.py ``serve_with_router``). Every role learns the
+bus endpoint from the router (``GET /bus``), registers with a ``Hello`` describing its role, KV
+layout and transfer endpoints, and then follows the router:
 
   Reserve  -> engine leases blocks            -> Reserved | Busy
   Prefill  -> engine prefills, writes KV out  -> Prefilled(first token) | Failed
+  Prefill without dest (mixed) -> prefills and decodes here -> Tokens (from the first token on)
   Decode   -> engine claims the lease, decodes -> Tokens (one message per step, all sequences)
   Abort / Release -> sequence or lease dropped, blocks freed
 
@@ -101,42 +103,6 @@ class _LoopEvents(EngineEvents):
         self._post(self.target.on_engine_reserved, req_id, block_ids, reason)
 
 
-class LocalBackend:
-    """The mixed role's backend for the OpenAI frontend: requests go straight to the engine."""
-
-    def __init__(self, server: RankServer):
-        self.server = server
-        self.queues: dict[str, asyncio.Queue] = {}
-
-    def ready(self) -> bool:
-        return self.server.engine is not None
-
-    def stats(self) -> dict:
-        return self.server.stats()
-
-    async def generate(self, req_id: str, prompt_ids: list[int], sampling):
-        q: asyncio.Queue = asyncio.Queue()
-        self.queues[req_id] = q
-        self.server.engine.add_request(req_id, prompt_ids, sampling)
-        finished = False
-        try:
-            while True:
-                item: TokenOut = await q.get()
-                yield item
-                if item.finish_reason is not None or item.error is not None:
-                    finished = True
-                    return
-        finally:
-            self.queues.pop(req_id, None)
-            if not finished:
-                self.server.engine.abort(req_id, "client gone")
-
-    def deliver(self, item: TokenOut) -> None:
-        q = self.queues.get(item.req_id)
-        if q is not None:
-            q.put_nowait(item)
-
-
 class RankBus(BusMember):
     name = "rank-bus"
 
@@ -148,7 +114,8 @@ class RankBus(BusMember):
         self.server.engine.reserve(msg.req_id, msg.num_tokens, msg.lease_s)
 
     def on_prefill(self, peer, msg: Prefill, frames):
-        self.server.prefill_started[msg.req_id] = time.monotonic()
+        if msg.dest is not None:  # a mixed instance's prefill runs on into the decode: no Prefilled
+            self.server.prefill_started[msg.req_id] = time.monotonic()
         self.server.engine.add_prefill(msg.req_id, msg.prompt_token_ids, msg.sampling, msg.dest, msg.num_output_tokens)
 
     def on_decode(self, peer, msg: Decode, frames):
@@ -176,7 +143,6 @@ class RankServer:
         self.rank: LoadedRank | None = None
         self.engine: Engine | None = None
         self.bus: RankBus | None = None
-        self.local: LocalBackend | None = None
         self.prefill_started: dict[str, float] = {}
         self.counters = {"transfer_bytes": 0, "transfer_seconds": 0.0, "prefilled": 0, "failed": 0}
         self._stop = asyncio.Event()
@@ -227,10 +193,6 @@ class RankServer:
 
     # ----------------------------------------------------------------- engine events (loop thread)
     def on_engine_tokens(self, items: list[TokenOut]) -> None:
-        if self.local is not None:
-            for item in items:
-                self.local.deliver(item)
-            return
         self._bus_send(Tokens(items=items))
 
     def on_engine_prefilled(self, req_id: str, first: TokenOut, nbytes: int, seconds: float) -> None:
@@ -250,9 +212,6 @@ class RankServer:
     def on_engine_failed(self, req_id: str, error: str, retryable: bool) -> None:
         self.counters["failed"] += 1
         self.prefill_started.pop(req_id, None)
-        if self.local is not None:
-            self.local.deliver(TokenOut(req_id, [], finish_reason="error", error=error))
-            return
         log.warning("req %s failed: %s", req_id, error)
         self._bus_send(Failed(req_id=req_id, error=error, retryable=retryable))
 
@@ -290,26 +249,10 @@ class RankServer:
         return web.json_response(self.stats())
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
-        if self.cfg.splitwise_role == "mixed":
-            from actors.frontend.server import OpenAIServer
+        from actors.frontend.metrics import instance_metrics_handler
 
-            self.local = LocalBackend(self)
-            self.frontend = OpenAIServer(
-                self.local,
-                self.rank.tokenizer,
-                self.rank.model_name,
-                self.cfg.max_model_len,
-                api_key=self.cfg.api_key,
-                eos_token_ids=self.rank.eos_ids,
-                vocab_size=self.rank.model_cfg.vocab_size,
-                default_seed=self.cfg.seed,
-            )
-            self.frontend.add_routes(app)
-        else:
-            from actors.frontend.metrics import instance_metrics_handler
-
-            app.router.add_get("/metrics", instance_metrics_handler(self.stats, self.cfg.splitwise_role))
+        app = web.Application()
+        app.router.add_get("/metrics", instance_metrics_handler(self.stats, self.cfg.splitwise_role))
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/stats", self.handle_stats)
         return app
@@ -348,7 +291,7 @@ class RankServer:
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
         await site.start()
         log.info("%s serving HTTP on %s:%d", self.instance_id, self.cfg.host, self.cfg.port)
-        if self.cfg.router:
+        if self.cfg.router:  # always (validate): mixed without one is started by serve_with_router
             endpoint, interval = await self._discover_bus()
             from pdbus.security import client_curve_keys
 

@@ -51,6 +51,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     from actors.rank import serve
 
     try:
+        if cfg.splitwise_role == "mixed" and not cfg.router:  # the router serves the API, this the engine
+            from pdbus.launch import serve_with_router
+
+            return serve_with_router(cfg, serve)
         return serve(cfg)
     except Exception as exc:  # a startup failure is one line, not a traceback
         if type(exc).__name__ in ("LoadError", "ConfigError", "TransferError", "RuntimeError", "OSError"):

@@ -107,7 +107,8 @@ class ServeConfig:
     api_key: str | None = None
     bus_key_file: str | None = None
     max_body_mb: float = 8.0
-    # default seed of requests that give none (mixed role; in PD the router prepares requests)
+    # default seed of requests that give none (mixed role without --router: passed to the router it
+    # starts; otherwise the router prepares requests: pdbus router --seed)
     seed: int | None = None
 
     def validate(self, check_port: bool = True) -> ServeConfig:
@@ -148,10 +149,12 @@ class ServeConfig:
         if not self.heartbeat_interval > 0:
             raise ConfigError(f"--heartbeat-interval must be positive, got {self.heartbeat_interval}")
         _check_seed(self.seed)
-        if self.seed is not None and self.splitwise_role != Role.MIXED:
+        if self.seed is not None and (self.splitwise_role != Role.MIXED or self.router):
+            # without --router, a mixed instance's --seed goes to the router it starts
+            what = f"a {self.splitwise_role} instance" + (" with --router" if self.router else "")
             raise ConfigError(
-                f"--seed is the default seed of requests, applied where they are prepared: for a {self.splitwise_role} "
-                "instance that is the router (pdbus router --seed N)"
+                f"--seed is the default seed of requests, applied where they are prepared: for {what} "
+                "that is the router (pdbus router --seed N)"
             )
         _check_port("--port", self.host, self.port, free=check_port)
         return self
@@ -196,8 +199,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML topology; flags override it")
     helps = {
         "model": "model directory (safetensors, -PT or -Paddle layout); default: the built-in model",
-        "splitwise_role": "mixed (default, serves the OpenAI API itself) | prefill | decode",
-        "router": "router HOST:PORT (its HTTP port); required for prefill/decode",
+        "splitwise_role": "mixed (default: prefill and decode in one engine) | prefill | decode",
+        "router": "router HOST:PORT (its HTTP port); required for prefill/decode; a mixed instance without it starts its own router on --port",
         "cache_transfer_protocol": "comma list in order of preference: ipc,tcp,rdma",
         "quantization": "bf16 | wint8 | wint4 (experts int4, other linears int8)",
         "kv_cache_memory_gb": "KV cache size on the CPU (GiB) when --num-gpu-blocks-override is unset",

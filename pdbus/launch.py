@@ -1,4 +1,5 @@
-"""Topology launcher behind ``./run.sh single-node | cross-node | bench``.
+"""Topology launcher behind ``./run.sh single-node | cross-node | bench``, and the one-command
+mixed server (``serve_with_router``: ``pdbus serve`` without ``--router``).
 
 A topology (conf/*.toml) has a ``[router]`` section, a ``[serve]`` section of flags shared by
 every instance, and ``[prefill]`` / ``[decode]`` sections: ``gpus`` (CUDA_VISIBLE_DEVICES for that
@@ -10,6 +11,8 @@ dying) stops every process this launcher started.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -146,6 +149,71 @@ class Launcher:
                 return 1
             time.sleep(0.25)
         return 0
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the parent dies, however it dies (Linux)."""
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took hold
+        os._exit(1)
+
+
+def router_flags(cfg) -> list[str]:
+    """``pdbus router`` flags for the router a ``pdbus serve`` (mixed, no --router) starts."""
+    out = ["--host", cfg.host, "--port", str(cfg.port), "--max-body-mb", str(cfg.max_body_mb)]
+    out += ["--heartbeat-interval", str(cfg.heartbeat_interval)]
+    for flag, value in (("--api-key", cfg.api_key), ("--bus-key-file", cfg.bus_key_file), ("--seed", cfg.seed)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def serve_with_router(cfg, serve) -> int:
+    """``pdbus serve`` in the mixed role without ``--router``: vLLM's API-server / engine-core split
+    in one command. A router (a child process, its own session) serves the OpenAI API on
+    ``--port``; this process runs ``serve(cfg)``, the rank server, on a free port and registers
+    with the router as a ``mixed`` instance. SIGINT / SIGTERM here stop both; the router dying
+    stops the rank (one line, exit code 1); the rank dying, however, stops the router (its
+    parent-death signal)."""
+    from pdbus.procs import free_port
+
+    api_port = cfg.port
+    cfg.port = free_port(cfg.host)
+    cfg.router = f"{cfg.host}:{api_port}"
+    cmd = [sys.executable, "-m", "pdbus", "router", *router_flags(dataclasses.replace(cfg, port=api_port))]
+    router = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    print(
+        f"[serve] router (pid {router.pid}) serves the OpenAI API on http://{cfg.host}:{api_port}; "
+        f"this rank serves /health, /metrics, /stats on http://{cfg.host}:{cfg.port}",
+        flush=True,
+    )
+    stopping = threading.Event()
+    lost: list[int] = []
+
+    def watch() -> None:
+        rc = router.wait()
+        if not stopping.is_set():
+            lost.append(rc)
+            print(f"pdbus serve: the router (pid {router.pid}) exited with code {rc}; stopping the rank", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="router-watch", daemon=True).start()
+    try:
+        code = serve(cfg)
+    finally:
+        stopping.set()
+        if router.poll() is None:
+            router.terminate()
+            try:
+                router.wait(15)
+            except subprocess.TimeoutExpired:
+                router.kill()
+                router.wait(5)
+    return 1 if lost else code
 
 
 def _curl(host: str, port: int) -> str:

@@ -275,12 +275,15 @@ class Destination(msgspec.Struct, omit_defaults=True):
 
 
 class Prefill(_Msg, tag="prefill"):
-    """Router -> prefill: compute the prompt's KV, write it into ``dest``, sample token one."""
+    """Router -> prefill: compute the prompt's KV, write it into ``dest``, sample token one.
+
+    Without ``dest`` (router -> mixed instance) the same engine prefills and decodes: the answer
+    is ``Tokens`` (the first token, then every later step's), as from a decode."""
 
     req_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    dest: Destination
+    dest: Destination | None = None
     num_output_tokens: int = 0  # > 0 when re-prefilling prompt + generated tokens
 
 

@@ -34,7 +34,6 @@ def test_error_shape_is_openai():
     err = p.OpenAIError("bad", param="temperature")
     assert err.status == 400
     assert err.to_dict() == {
-        "object": "error",
         "error": {"message": "bad", "type": "invalid_request_error", "param": "temperature", "code": None},
     }
     assert json.loads(p.dumps(err.to_dict()))["error"]["message"] == "bad"

@@ -78,6 +78,7 @@ __all__ = [
     "completion_response",
     "completion_usage_chunk",
     "dumps",
+    "error_body",
     "finish_reason",
     "generate_body",
     "now",
@@ -122,8 +123,13 @@ class OpenAIError(Exception):
         self.code = code
 
     def to_dict(self) -> dict:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return {"object": "error", "error": error}
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
+    """OpenAI's error body, the one shape of every error answer (any status, 5xx included) and of
+    an SSE stream's error event."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def _invalid(param: str, message: str) -> OpenAIError:

@@ -1,7 +1,11 @@
-"""The OpenAI HTTP API, shared by the mixed-role server and the router.
+"""The OpenAI HTTP API: the router's frontend, the one process that speaks it.
 
-``OpenAIServer`` validates (protocol.py), tokenizes, asks its *backend* for token streams and
-turns them into OpenAI responses (JSON or SSE). A backend is anything with::
+``OpenAIServer`` owns the route table of ``/v1/*`` and ``/metrics``, the API-key check and the
+error body (``protocol.error_body``, for every status, 5xx included). It validates
+(protocol.py), prepares a request (``prepare``: seed, chat template, tokenization, limits — the
+one path, shared with the router's bus clients), asks its *backend* for token streams and turns
+them into OpenAI responses (JSON or SSE) through one ``TextStream`` per sequence (incremental
+detokenizer + stop strings, also the bus clients'). A backend is anything with::
 
     ready() -> bool
     stats() -> dict
@@ -104,11 +108,39 @@ async def openai_errors(request: web.Request, handler):
         return _error(500, f"Internal server error ({type(exc).__name__}).", "server_error")
 
 
+class TextStream:
+    """One sequence's text: the incremental detokenizer (never half a UTF-8 character) and the
+    stop strings. HTTP choices and bus clients both turn tokens into text through it."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop=(), include_stop: bool = False, skip_special_tokens: bool = True):
+        self.detok = (
+            IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens) if tokenizer is not None else None
+        )
+        self.stop = P.StopChecker(stop, include_stop=include_stop)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the text."""
+        return self.stop.stopped
+
+    def add(self, ids: list[int]) -> str:
+        """The text that ``ids`` add and that is safe to emit (``stopped`` tells if a stop string hit)."""
+        if self.detok is None or not ids:
+            return ""
+        return self.stop.feed(self.detok.add(ids))[0]
+
+    def finish(self) -> str:
+        """The held-back rest, once the sequence ended for another reason than a stop string."""
+        if self.detok is None or self.stop.stopped:
+            return ""
+        tail, stopped = self.stop.feed(self.detok.flush())
+        return tail + ("" if stopped else self.stop.flush())
+
+
 @dataclass
 class ChoiceState:
     index: int
-    detok: object | None
-    stop: P.StopChecker
+    stream: TextStream
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -121,15 +153,16 @@ class OpenAIServer:
     def __init__(
         self,
         backend,
-        tokenizer,
-        model_name: str,
-        max_model_len: int,
+        tokenizer=None,
+        model_name: str | None = None,
+        max_model_len: int = 0,
         api_key: str | None = None,
         eos_token_ids: set[int] | None = None,
         vocab_size: int | None = None,
         default_seed: int | None = None,
     ):
         self.backend = backend
+        # model_name None: nothing to serve yet (the router before its first instance registers)
         self.default_seed = default_seed  # --seed: the seed of requests that give none
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -140,6 +173,8 @@ class OpenAIServer:
 
     # ----------------------------------------------------------------- routes
     def add_routes(self, app: web.Application) -> None:
+        """The one route table of the OpenAI API (the router adds only its own /bus, /instances,
+        /health, /stats), guarded by the one middleware: API key, then errors in OpenAI's shape."""
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -149,9 +184,11 @@ class OpenAIServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        if self.api_key and request.path.startswith("/v1/"):
-            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
-                return _error(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
+        api = request.path.startswith("/v1/")
+        if api and self.api_key and request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            return _error(401, "Invalid or missing API key.", "authentication_error", code="invalid_api_key")
+        if api and self.model_name is None:
+            return _error(503, "No instance has registered yet.", "service_unavailable_error", headers={"Retry-After": "1"})
         return await handler(request)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -180,6 +217,11 @@ class OpenAIServer:
         if sampling.seed is not None or self.default_seed is None:
             return sampling
         return msgspec.structs.replace(sampling, seed=self.default_seed)
+
+    def text_stream(self, req, prompt_ids: list[int]) -> TextStream:
+        return TextStream(
+            self.tokenizer, prompt_ids, req.stop, include_stop=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens
+        )
 
     # ----------------------------------------------------------------- preparation
     async def _json(self, request: web.Request):
@@ -263,17 +305,7 @@ class _Run:
         self.chat = chat
         self.t0 = t0
         self.created = int(time.time())
-        tok = server.tokenizer
-        self.choices = [
-            ChoiceState(
-                i,
-                IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=req.skip_special_tokens)
-                if tok is not None
-                else None,
-                P.StopChecker(req.stop, include_stop=req.include_stop_str_in_output),
-            )
-            for i in range(req.n)
-        ]
+        self.choices = [ChoiceState(i, server.text_stream(req, prompt_ids)) for i in range(req.n)]
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
@@ -296,19 +328,16 @@ class _Run:
         if item.logprobs:
             c.logprobs.extend(item.logprobs)
             c.top_logprobs.extend(item.top_logprobs or [[] for _ in item.logprobs])
-        text = ""
-        if c.detok is not None and ids:
-            text, stopped = c.stop.feed(c.detok.add(ids))
-            if stopped:
-                c.finish_reason = "stop"
+        text = c.stream.add(ids)
+        if c.stream.stopped:
+            c.finish_reason = "stop"
         if item.error:
             c.error = item.error
             c.finish_reason = c.finish_reason or "error"
         elif item.finish_reason and c.finish_reason is None:
             c.finish_reason = "stop" if item.finish_reason == "stop" else item.finish_reason
-        if c.finish_reason is not None and c.detok is not None and not c.stop.stopped:
-            tail, stopped = c.stop.feed(c.detok.flush())
-            text += tail + ("" if stopped else c.stop.flush())
+        if c.finish_reason is not None:
+            text += c.stream.finish()
         c.text += text
         return text, ids
 

@@ -15,6 +15,12 @@ sends it back to RESERVE with prompt + tokens so far):
    ``Tokens`` messages are demultiplexed to the request. A decode that dies mid-stream is
    replaced: prompt + tokens so far are re-prefilled onto another decode (bounded retries).
 
+A mixed instance (``pdbus serve`` in the mixed role: prefill and decode in one engine) is driven
+by :meth:`PDBackend.generate_mixed`: one ``Prefill`` without destination, answered by ``Tokens``
+(the first token, then every later step's) from the same engine; the flow holds that instance as
+its decode from the start. :meth:`PDBackend.submit` chooses the path: a mixed instance when no
+prefill + decode pair is alive, or when one is less loaded than the best decode.
+
 The flow records what it holds, not only where it is: the decode lease and the blocks charged to
 that decode's estimate, the prefill that may still be writing into the lease and the prompt
 tokens charged to it, the decode running the sequence. Every way out — finished, client gone,
@@ -70,6 +76,7 @@ class Exit(enum.Enum):
     PREFILL_REFUSED = "prefill_refused"
     DECODE_FAILED = "decode_failed"  # the decode refused the request for good
     RETRIES_EXHAUSTED = "retries_exhausted"
+    INSTANCE_LOST = "instance_lost"  # the mixed instance running the request died
     NO_CAPACITY = "no_capacity"
     TIMEOUT = "timeout"
 
@@ -172,7 +179,7 @@ class PDBackend:
         return [p for p in self.bus.peers.values() if p.alive and p.hello.role == role]
 
     def ready(self) -> bool:
-        return bool(self._alive("prefill")) and bool(self._alive("decode"))
+        return (bool(self._alive("prefill")) and bool(self._alive("decode"))) or bool(self._alive("mixed"))
 
     def _load(self, ident: bytes) -> InstanceLoad:
         return self.inflight.setdefault(ident, InstanceLoad())
@@ -194,6 +201,37 @@ class PDBackend:
             return (p.load.free_blocks - mine.reserved_blocks, -(p.load.running + mine.active))
 
         return max(cands, key=score, default=None)
+
+    def pick_mixed(self) -> Peer | None:
+        """The mixed instance for the next request (power of two choices on running + waiting,
+        its own heartbeat's and what the router dispatched since), or None for the PD path: no
+        mixed instance, or a prefill + decode pair whose best decode is less loaded."""
+        cands = self._alive("mixed")
+        if len(cands) > 2:
+            cands = random.sample(cands, 2)
+
+        def busy(p: Peer) -> int:
+            return p.load.running + p.load.waiting + self._load(p.identity).active
+
+        best = min(cands, key=busy, default=None)
+        if best is None or not (self._alive("prefill") and self._alive("decode")):
+            return best
+        decode = self.pick_decode(set())
+        return best if decode is None or busy(best) <= busy(decode) else None
+
+    async def submit(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams):
+        """The request's stream: on a mixed instance or through a prefill + decode pair, chosen
+        when the stream starts (after the requests before it were charged to their instances)."""
+        mixed = self.pick_mixed()
+        if mixed is not None:
+            gen = self.generate_mixed(req_id, prompt_ids, sampling, mixed)
+        else:
+            gen = self.generate(req_id, prompt_ids, sampling)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            await gen.aclose()
 
     def pick_prefill(self, exclude: set[bytes]) -> Peer | None:
         cands = [p for p in self._alive("prefill") if p.identity not in exclude]
@@ -393,6 +431,49 @@ class PDBackend:
                 if retries > self.max_retries:
                     raise _Ended(Exit.RETRIES_EXHAUSTED, f"decode failed: {why}")
                 log.warning("req %s: decode failed (%s); re-prefilling %d tokens elsewhere", req_id, why, len(prompt_ids) + len(outputs))
+        except _Ended as end:
+            self.counters["failures"] += 1
+            self._close(flow, end.how)
+            log.info("req %s: %s: %s", req_id, end.how.value, end.message)
+            if outputs:  # the client already has tokens: end its stream with an error event
+                yield TokenOut(req_id, [], finish_reason="error", error=end.message)
+                return
+            raise end.as_http() from None
+        finally:
+            self._close(flow, Exit.CLIENT_GONE)  # a no-op unless the client left mid-way
+
+    async def generate_mixed(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
+        """Run the request on mixed instance ``inst``: ``Prefill`` without destination, then its
+        ``Tokens``. Exits: finished; the instance refuses (400, or an error event after tokens);
+        it is lost or silent past the request timeout (503 / 504, or an error event after tokens);
+        the client goes (``Abort`` to the instance). All through ``_close``."""
+        flow = Flow(req_id)
+        self.reqs[req_id] = flow
+        outputs = 0
+        try:
+            flow.phase = Phase.PREFILL
+            flow.decode = inst.identity  # it runs the sequence from the first token on
+            self._start_decode(flow)
+            if not self._send(inst.identity, Prefill(req_id=req_id, prompt_token_ids=prompt_ids, sampling=sampling)):
+                self._decode_ended(flow)  # nothing reached it
+                raise _Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
+            while True:
+                ev = await self._next(flow, f"mixed instance {inst.name}")
+                if isinstance(ev, TokenOut):
+                    outputs += len(ev.token_ids)
+                    flow.phase = Phase.DECODE
+                    if ev.finish_reason is not None:
+                        self._decode_ended(flow)  # the instance freed the sequence itself
+                        self._close(flow, Exit.FINISHED)
+                        yield ev
+                        return
+                    yield ev
+                elif isinstance(ev, Failed):
+                    self._decode_ended(flow)  # it dropped the request
+                    raise _Ended(Exit.PREFILL_REFUSED if not outputs else Exit.DECODE_FAILED, ev.error)
+                elif isinstance(ev, InstanceLost) and ev.identity == inst.identity:
+                    self._decode_ended(flow)  # its sequences died with it
+                    raise _Ended(Exit.INSTANCE_LOST, ev.reason, retry_after=1)
         except _Ended as end:
             self.counters["failures"] += 1
             self._close(flow, end.how)

@@ -1,10 +1,14 @@
-"""The router process: the OpenAI API in front of a registry of prefill and decode instances.
+"""The router process: the one OpenAI frontend, in front of a registry of prefill, decode and
+mixed instances (vLLM's API server; the rank servers are its engine cores).
 
-HTTP (aiohttp, ``--port``): ``/v1/*`` (the same handlers as the mixed server, backed by
-``PDBackend``), ``/bus`` (where instances connect), ``/instances`` (registry), ``/health`` (200
-only while at least one prefill and one decode are alive), ``/metrics``.
+HTTP (aiohttp, ``--port``): ``/v1/*`` and ``/metrics`` (``OpenAIServer``'s route table, API-key
+check and error body; this server is its backend, over ``PDBackend``), ``/bus`` (where instances
+connect), ``/instances`` (registry), ``/health`` (200 only while a prefill + decode pair or a
+mixed instance is alive), ``/stats`` (the router's counters; with one mixed instance as all it
+serves — ``pdbus serve`` without ``--router`` — that instance's ``/stats``).
 Bus (ZeroMQ ROUTER on a second port, zmq.asyncio in the same event loop): registration,
-heartbeats, the PD request flow (pd.py), and bus clients (``Generate`` -> ``TextOut`` stream).
+heartbeats, the request flow (pd.py: PD pairs, or a mixed instance), and bus clients
+(``Generate`` -> ``TextOut`` stream, prepared and detokenized by the same frontend code as HTTP).
 
 The router is started without a model: the first instance that registers brings the tokenizer
 files and the model identity; an instance whose model or KV layout differs is refused.
@@ -22,19 +26,12 @@ import zmq.asyncio
 from aiohttp import web
 
 from actors.frontend import protocol as P
-from actors.frontend.server import (
-    BackendUnavailable,
-    OpenAIServer,
-    RequestRejected,
-    RequestTimedOut,
-    error_response,
-    openai_errors,
-)
+from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected, RequestTimedOut
 from actors.router.pd import PDBackend
 from pdbus.actor import BusServer, Peer
 from pdbus.config import RouterConfig
 from pdbus.log import get_logger
-from pdbus.messages import Busy, Failed, Generate, Hello, Prefilled, Reserved, TextOut, Tokens
+from pdbus.messages import Busy, Failed, Generate, Hello, Prefilled, Reserved, Role, TextOut, Tokens
 from pdbus.security import server_secret
 from pdbus.sockets import BusError
 
@@ -62,8 +59,8 @@ class RouterBus(BusServer):
     def accept(self, peer: bytes, hello: Hello, files: dict[str, bytes]) -> str | None:
         if hello.role == "client":
             return None
-        if hello.role not in ("prefill", "decode"):
-            return f"role {hello.role!r} cannot join a splitwise router (use prefill or decode)"
+        if hello.role not in (Role.PREFILL, Role.DECODE, Role.MIXED):
+            return f"role {hello.role!r} cannot join a router (use prefill, decode or mixed)"
         for other in self.peers.values():
             if other.identity == peer or not other.alive or other.hello.role == "client":
                 continue
@@ -72,6 +69,8 @@ class RouterBus(BusServer):
                     f"model {hello.model} ({hello.config_hash}) differs from {other.name}'s "
                     f"{other.hello.model} ({other.hello.config_hash})"
                 )
+            if Role.MIXED in (hello.role, other.hello.role):
+                continue  # a mixed instance's KV never crosses to another instance
             if _layout_key(other.hello) != _layout_key(hello):
                 return f"KV layout {_layout_key(hello)} differs from {other.name}'s {_layout_key(other.hello)}"
         return None
@@ -133,15 +132,17 @@ class RouterServer:
             curve_secret_key=server_secret(cfg.bus_key_file),
         )
         self.pd = PDBackend(self.bus, cfg.reserve_timeout_s, cfg.request_timeout_s, cfg.max_retries)
-        self.frontend: OpenAIServer | None = None
-        self.model_name: str | None = None
+        # this server is the frontend's backend (ready, stats, generate); the model, its limits
+        # and the tokenizer come with the first instance that registers
+        self.frontend = OpenAIServer(self, api_key=cfg.api_key, default_seed=cfg.seed)
+        self._http = None  # aiohttp.ClientSession for a sole mixed instance's /stats
         self.client_tasks: dict[tuple[bytes, str], asyncio.Task] = {}
         self._stop = asyncio.Event()
 
     # ----------------------------------------------------------------- registry
     def instance_joined(self, peer: Peer) -> None:
         hello = peer.hello
-        if self.frontend is None:
+        if self.frontend.model_name is None:
             tokenizer = None
             if peer.files:
                 from actors.frontend.tokenizer import Tokenizer
@@ -150,15 +151,10 @@ class RouterServer:
                     tokenizer = Tokenizer.from_files(peer.files)
                 except Exception as exc:
                     log.warning("tokenizer from %s unusable: %s", peer.name, exc)
-            self.model_name = hello.model
-            self.frontend = OpenAIServer(
-                self.pd,
-                tokenizer,
-                hello.model,
-                hello.max_model_len,
-                vocab_size=hello.vocab_size or None,
-                default_seed=self.cfg.seed,
-            )
+            self.frontend.tokenizer = tokenizer
+            self.frontend.max_model_len = hello.max_model_len
+            self.frontend.model_name = hello.model
+            self.frontend.vocab_size = hello.vocab_size or None
             log.info(
                 "serving model %s (max_model_len %d, vocab_size %s, tokenizer %s)",
                 hello.model,
@@ -212,12 +208,29 @@ class RouterServer:
             )
         return out
 
+    @property
+    def model_name(self) -> str | None:
+        return self.frontend.model_name
+
+    # ----------------------------------------------------------------- the frontend's backend
+    def ready(self) -> bool:
+        return self.pd.ready()
+
+    def generate(self, req_id: str, prompt_ids: list[int], sampling):
+        return self.pd.submit(req_id, prompt_ids, sampling)
+
     def stats(self) -> dict:
         per = {}
-        for inst in self.instances():
+        totals = dict.fromkeys(("free_blocks", "total_blocks", "running", "waiting"), 0)
+        insts = self.instances()
+        for inst in insts:
             per[inst["id"]] = dict(inst["load"], alive=int(inst["alive"]))
-        roles = [i["role"] for i in self.instances() if i["alive"]]
-        return dict(self.pd.stats(), prefill_instances=roles.count("prefill"), decode_instances=roles.count("decode"), **per)
+            if inst["alive"] and inst["role"] in (Role.DECODE, Role.MIXED):  # where sequences live
+                for key in totals:
+                    totals[key] += inst["load"][key]
+        roles = [i["role"] for i in insts if i["alive"]]
+        counts = {f"{r}_instances": roles.count(r) for r in (Role.PREFILL, Role.DECODE, Role.MIXED)}
+        return dict(self.pd.stats(), **counts, **totals, **per)
 
     # ----------------------------------------------------------------- HTTP
     async def handle_bus(self, request: web.Request) -> web.Response:
@@ -229,53 +242,37 @@ class RouterServer:
 
     async def handle_health(self, request: web.Request) -> web.Response:
         ok = self.pd.ready()
-        body = {"status": "ok" if ok else "waiting for instances", "prefill": 0, "decode": 0}
+        body = {"status": "ok" if ok else "waiting for instances", "prefill": 0, "decode": 0, "mixed": 0}
         for inst in self.instances():
             if inst["alive"]:
                 body[inst["role"]] = body.get(inst["role"], 0) + 1
         return web.json_response(body, status=200 if ok else 503)
 
-    async def handle_api(self, request: web.Request) -> web.StreamResponse:
-        if self.frontend is None:
-            error = P.OpenAIError("No instance has registered yet.", status=503, type="service_unavailable_error")
-            return error_response(error, headers={"Retry-After": "1"})
-        if request.path == "/v1/completions":
-            return await self.frontend._guard(request, self.frontend.completions)
-        if request.path == "/v1/chat/completions":
-            return await self.frontend._guard(request, self.frontend.chat_completions)
-        if request.path == "/v1/models":
-            return await self.frontend.models(request)
-        raise web.HTTPNotFound()
+    async def handle_stats(self, request: web.Request) -> web.Response:
+        insts = [i for i in self.instances() if i["alive"]]
+        if len(insts) == 1 and insts[0]["role"] == Role.MIXED:
+            # the one-command mixed server: answer with its engine's figures, as it did itself
+            import aiohttp
 
-    async def handle_metrics(self, request: web.Request) -> web.Response:
-        if self.frontend is None:
-            from actors.frontend.metrics import FrontendMetrics
-
-            body, ctype = FrontendMetrics().render(self.stats())
-        else:
-            body, ctype = self.frontend.metrics.render(self.stats())
-        return web.Response(body=body, headers={"Content-Type": ctype})
+            if self._http is None:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            url = f"http://{insts[0]['host']}:{insts[0]['http_port']}/stats"
+            try:
+                async with self._http.get(url) as resp:
+                    return web.json_response(await resp.json(), status=resp.status)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.warning("stats of %s at %s: %s", insts[0]["id"], url, exc)
+                body = P.error_body(f"instance {insts[0]['id']} did not answer /stats: {exc}", "service_unavailable_error")
+                return web.json_response(body, status=503, headers={"Retry-After": "1"})
+        return web.json_response(self.stats())
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)), middlewares=[openai_errors])
-        app.router.add_post("/v1/completions", self.handle_api)
-        app.router.add_post("/v1/chat/completions", self.handle_api)
-        app.router.add_get("/v1/models", self.handle_api)
+        app = web.Application(client_max_size=int(self.cfg.max_body_mb * (1 << 20)))
+        self.frontend.add_routes(app)  # /v1/*, /metrics, the API key, the error body
         app.router.add_get("/bus", self.handle_bus)
         app.router.add_get("/instances", self.handle_instances)
         app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/metrics", self.handle_metrics)
-        if self.cfg.api_key:
-            key = self.cfg.api_key
-
-            @web.middleware
-            async def auth(request, handler):
-                if request.path.startswith("/v1/") and request.headers.get("Authorization", "") != f"Bearer {key}":
-                    error = P.OpenAIError("Invalid or missing API key.", status=401, type="authentication_error", code="invalid_api_key")
-                    return error_response(error)
-                return await handler(request)
-
-            app.middlewares.append(auth)
+        app.router.add_get("/stats", self.handle_stats)
         return app
 
     # ----------------------------------------------------------------- bus clients
@@ -305,34 +302,31 @@ class RouterServer:
             log.warning("bus client %s unreachable: %s", ident.decode(errors="replace"), exc)
 
     async def _client_run(self, ident: bytes, msg: Generate) -> None:
-        from actors.frontend.tokenizer import IncrementalDetokenizer
-
         fe = self.frontend
         sub_id = f"bus-{msg.req_id}-{uuid.uuid4().hex[:6]}"
 
         def fail(error: str) -> None:
             self._client_send(ident, TextOut(req_id=msg.req_id, text="", token_ids=[], finish_reason="error", error=error))
 
-        if fe is None:
+        if fe.model_name is None:
             return fail("no instance has registered yet")
         try:  # the HTTP requests' checks, before anything is reserved
             req, prompt_ids = fe.prepare(*P.generate_body(msg))
         except P.OpenAIError as exc:
             log.info("bus req %s refused: %s", msg.req_id, exc.message)
             return fail(exc.message)
-        tok = fe.tokenizer
-        detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
-        gen = self.pd.generate(sub_id, prompt_ids, req.sampling)
+        text = fe.text_stream(req, prompt_ids)  # the HTTP path's detokenizer + stop strings
+        gen = self.generate(sub_id, prompt_ids, req.sampling)
         try:
             async for item in gen:
-                text = detok.add(item.token_ids) if detok is not None and item.token_ids else ""
-                if item.finish_reason is not None and detok is not None:
-                    text += detok.flush()
+                delta = text.add(item.token_ids)
+                if item.finish_reason is not None:
+                    delta += text.finish()
                 self._client_send(
                     ident,
                     TextOut(
                         req_id=msg.req_id,
-                        text=text,
+                        text=delta,
                         token_ids=list(item.token_ids),
                         finish_reason=item.finish_reason,
                         error=item.error,
@@ -369,6 +363,8 @@ class RouterServer:
         for task in list(self.client_tasks.values()):
             task.cancel()
         await runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
