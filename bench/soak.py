@@ -195,7 +195,7 @@ def make_valid(rng: random.Random, chat_ok: bool) -> tuple[str, dict]:
             body["top_logprobs"] = rng.randint(0, 3)
         else:
             body["logprobs"] = rng.randint(0, 3)
-    if rng.random() < 0.1:
+    if rng.random() < 0.2:
         body["ignore_eos"] = True
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -265,6 +265,8 @@ def check_answer(body: dict, data, chat: bool) -> str:
         for s in body.get("stop") or []:
             if s in text:
                 return f"choice {c.get('index')} holds stop string {s!r}: {text!r}"
+        if c["finish_reason"] == "stop" and body.get("ignore_eos") and not body.get("stop"):
+            return f"choice {c.get('index')} finish_reason 'stop' under ignore_eos without stop strings (a failure reported as a finish?)"
         if body.get("logprobs") and c.get("logprobs") is None:
             return f"choice {c.get('index')} lacks the logprobs asked for"
     if not isinstance(data.get("usage"), dict):
@@ -341,6 +343,8 @@ async def send_valid(session, url: str, ep: str, body: dict, bound: float, vanis
             if sorted(finished) != list(range(n)):
                 return status, "malformed", f"finish reasons for choices {sorted(finished)} of n={n}"
             for idx, text in texts.items():
+                if finished.get(idx) == "stop" and body.get("ignore_eos") and not body.get("stop"):
+                    return status, "malformed", f"choice {idx} finish_reason 'stop' under ignore_eos without stop strings"
                 for s in body.get("stop") or []:
                     if finished.get(idx) == "stop" and s in text:
                         return status, "malformed", f"choice {idx} holds stop string {s!r}: {text!r}"
