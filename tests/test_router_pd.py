@@ -515,3 +515,44 @@ def test_concurrent_requests_all_finish_and_leave_nothing(prompts):
 async def _all(bus: FakeBus, kind, count: int) -> list:
     await bus.next(kind, count=count)
     return bus.of(kind)
+
+
+@pytest.mark.parametrize("answer", ["prefilled", "failed", "lost"])
+def test_client_gone_with_the_prefills_answer_unread_releases_the_lease_at_once(answer):
+    """The prefill's answer (or its loss) is already queued when the client goes: the prefill
+    writes no more, so the lease goes now — not after an answer that already came."""
+
+    async def main():
+        bus, backend, (p,), (d,) = cluster()
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d)
+        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
+        await bus.next(Prefill, p)
+        if answer == "prefilled":
+            backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        elif answer == "failed":
+            backend.on_prefill_end(p.identity, Failed(req_id="r1", error="KV transfer failed", retryable=True))
+        else:
+            p.alive = False
+            backend.on_instance_lost(p, "silent")
+        await c.leave()  # in the same loop turn: the answer is queued, unread
+        assert bus.of(Release, d)[-1].req_id == "r1"
+        assert not bus.of(Abort, p), "the prefill is done with it"
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_an_orphan_whose_prefill_never_answers_expires_on_its_own():
+    async def main():
+        bus, backend, (p,), (d,) = cluster(lease_s=0.2)
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d)
+        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
+        await bus.next(Prefill, p)
+        await c.leave()
+        assert_clean(backend, orphans=1)
+        await asyncio.sleep(0.5)  # past the lease: the decode's own expiry has freed the blocks
+        assert_clean(backend)
+
+    run(main())

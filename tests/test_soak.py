@@ -13,11 +13,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 from soak import BAD_KINDS, SoakConfig, run_soak  # noqa: E402
 
-# Bodies the router still answers with a plain-text 500 (issue 14, item 3: input checked before
-# anything is reserved). The full harness sends them and fails on them; drop them from this list
-# once the router answers them with a 400.
-KNOWN_5XX = ("deep_nesting", "lone_surrogate")
-
 
 @pytest.mark.slow
 def test_soak_short(tmp_path):
@@ -27,7 +22,7 @@ def test_soak_short(tmp_path):
         seed=1,
         fault_interval_s=10,
         max_faults=2,  # a prefill, then a decode
-        bad_kinds=tuple(k for k in BAD_KINDS if k not in KNOWN_5XX),
+        bad_kinds=BAD_KINDS,  # every kind, the two that once got a plain-text 500 included
         workdir=str(tmp_path),
     )
     report = run_soak(cfg)

@@ -390,12 +390,24 @@ class _Run:
             m.finished.labels(finish_reason=c.finish_reason or "error").inc()
 
     # ------------------------------------------------------------- non-streaming
+    async def _drive_all(self, sink) -> None:
+        """Every choice's stream at once; when one ends the request (an exception, or the client
+        gone), the others are cancelled too — their sequences aborted — rather than left running."""
+        tasks = [asyncio.ensure_future(self._drive(c, sink)) for c in self.choices]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
     async def complete(self) -> web.Response:
         async def sink(c, text, ids, item):
             return None
 
         try:
-            await asyncio.gather(*(self._drive(c, sink) for c in self.choices))
+            await self._drive_all(sink)
         except BackendUnavailable as exc:
             return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
         except RequestRejected as exc:
@@ -404,16 +416,16 @@ class _Run:
             return _error(504, str(exc), "timeout_error")
         self._finish_metrics()
         errors = [c.error for c in self.choices if c.error]
-        if errors and all(not c.token_ids for c in self.choices):
-            log.warning("req %s failed: %s", self.req_id, errors[0])
-            return _error(500, f"Generation failed: {errors[0]}", "server_error")
+        if errors:  # never a truncated answer dressed as complete: the whole request failed
+            log.warning("req %s failed after %d tokens: %s", self.req_id, sum(len(c.token_ids) for c in self.choices), errors[0])
+            return _error(503, f"Generation failed: {errors[0]}", "service_unavailable_error", headers={"Retry-After": "1"})
         ids_opt = self.req.return_token_ids
         make_choice, make_response = (P.chat_choice, P.chat_response) if self.chat else (P.completion_choice, P.completion_response)
         choices = [
             make_choice(
                 c.index,
                 c.text,
-                c.finish_reason if c.finish_reason != "error" else "stop",
+                c.finish_reason,
                 logprobs=self._logprobs_obj(c, 0),
                 prompt_token_ids=self.prompt_ids if ids_opt else None,
                 completion_token_ids=c.token_ids if ids_opt else None,
@@ -468,7 +480,7 @@ class _Run:
                 await resp.write(_error_event(c.error, "server_error"))
 
         try:
-            await asyncio.gather(*(self._drive(c, sink) for c in self.choices))
+            await self._drive_all(sink)
         except BackendUnavailable as exc:
             if not started:
                 return _error(503, str(exc), "service_unavailable_error", headers={"Retry-After": str(exc.retry_after)})
@@ -476,6 +488,7 @@ class _Run:
         except RequestRejected as exc:
             if not started:
                 return _error(400, str(exc))
+            await resp.write(_error_event(str(exc), "invalid_request_error", 400))
         except RequestTimedOut as exc:
             if not started:
                 return _error(504, str(exc), "timeout_error")

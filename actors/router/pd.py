@@ -111,6 +111,7 @@ class Flow:
     decoding: bool = False  # Decode sent: the decode runs the sequence (abort, not release)
     prefill: bytes | None = None  # may still be writing into the lease
     prefill_tokens: int = 0  # charged to the prefill's pending estimate
+    prefill_over: bool = False  # its answer (or its loss) arrived: it writes no more, even if unread
     exit: Exit | None = None
 
 
@@ -262,7 +263,7 @@ class PDBackend:
         flow.lease_blocks = 0
 
     def _start_prefill(self, flow: Flow, prefill: bytes, tokens: int) -> None:
-        flow.prefill, flow.prefill_tokens = prefill, tokens
+        flow.prefill, flow.prefill_tokens, flow.prefill_over = prefill, tokens, False
         self._load(prefill).pending_prefill_tokens += tokens
 
     def _prefill_ended(self, flow: Flow) -> None:
@@ -293,12 +294,13 @@ class PDBackend:
         if flow.decode is not None:
             if flow.decoding:
                 self._send(flow.decode, Abort(req_id=flow.req_id, reason=how.value))
-            elif flow.prefill is not None:
+            elif flow.prefill is not None and not flow.prefill_over:
                 # the prefill may still write into the lease: release it once the prefill is done
                 self.orphans[flow.req_id] = Orphan(flow.prefill, flow.decode)
+                asyncio.get_running_loop().call_later(self.lease_s + 0.01, self._expire_orphans)
             else:
                 self._send(flow.decode, Release(req_id=flow.req_id))
-        if flow.prefill is not None:
+        if flow.prefill is not None and not flow.prefill_over:
             self._send(flow.prefill, Abort(req_id=flow.req_id, reason=how.value))
         self._prefill_ended(flow)
         self._decode_ended(flow)
@@ -313,7 +315,7 @@ class PDBackend:
         if not self.orphans:
             return
         cutoff = time.monotonic() - self.lease_s
-        for req_id in [r for r, o in self.orphans.items() if o.since < cutoff]:
+        for req_id in [r for r, o in self.orphans.items() if o.since <= cutoff]:
             del self.orphans[req_id]
 
     # ----------------------------------------------------------------- bus events
@@ -337,6 +339,7 @@ class PDBackend:
             return
         flow = self.reqs.get(msg.req_id)
         if flow is not None and flow.prefill == ident:
+            flow.prefill_over = True
             flow.queue.put_nowait(msg)
 
     def on_decode_failed(self, ident: bytes, msg: Failed) -> None:
@@ -355,6 +358,7 @@ class PDBackend:
     def on_instance_lost(self, peer: Peer, reason: str) -> None:
         for flow in self.reqs.values():
             if peer.identity in (flow.prefill, flow.decode):
+                flow.prefill_over = flow.prefill_over or flow.prefill == peer.identity
                 flow.queue.put_nowait(InstanceLost(peer.identity, f"{peer.name} lost: {reason}"))
             waiter = self.reserve_waiters.get(flow.req_id)
             if waiter is not None and waiter[1] == peer.identity and not waiter[0].done():
