@@ -7,10 +7,12 @@ moves this server to a free port, pdbus/launch.py ``serve_with_router``). Every 
 bus endpoint from the router (``GET /bus``), registers with a ``Hello`` describing its role, KV
 layout and transfer endpoints, and then follows the router:
 
-  Reserve  -> engine leases blocks            -> Reserved | Busy
-  Prefill  -> engine prefills, writes KV out  -> Prefilled(first token) | Failed
+  Reserve   -> engine leases blocks, keeps prompt + sampling with them -> Reserved | Busy
+  Prefill   -> engine prefills (the router sent it with the Reserve, so no block ids yet)
+  DestReady -> the decode's block ids: the last chunk may run and write KV out
+               -> Prefilled(first token) | Failed
   Prefill without dest (mixed) -> prefills and decodes here -> Tokens (from the first token on)
-  Decode   -> engine claims the lease, decodes -> Tokens (one message per step, all sequences)
+  Decode(token one) -> engine claims the lease, decodes -> Tokens (one message per step, all sequences)
   Abort / Release -> sequence or lease dropped, blocks freed
 
 Socket I/O stays on the asyncio thread; the engine runs on its own thread and hands events
@@ -46,6 +48,7 @@ from pdbus.messages import (
     Abort,
     Busy,
     Decode,
+    DestReady,
     Failed,
     Hello,
     Load,
@@ -111,15 +114,22 @@ class RankBus(BusMember):
         super().__init__(endpoint, **kw)
 
     def on_reserve(self, peer, msg: Reserve, frames):
-        self.server.engine.reserve(msg.req_id, msg.num_tokens, msg.lease_s)
+        engine = self.server.engine
+        if msg.sampling is None:  # a lease without its request: only Release or expiry ends it
+            engine.reserve(msg.req_id, msg.num_tokens, msg.lease_s)
+        else:
+            engine.reserve(msg.req_id, msg.num_tokens, msg.lease_s, msg.prompt_token_ids, msg.output_token_ids, msg.sampling)
 
     def on_prefill(self, peer, msg: Prefill, frames):
         if msg.dest is not None:  # a mixed instance's prefill runs on into the decode: no Prefilled
             self.server.prefill_started[msg.req_id] = time.monotonic()
         self.server.engine.add_prefill(msg.req_id, msg.prompt_token_ids, msg.sampling, msg.dest, msg.num_output_tokens)
 
+    def on_dest_ready(self, peer, msg: DestReady, frames):
+        self.server.engine.dest_ready(msg.req_id, msg.block_ids, msg.dest)
+
     def on_decode(self, peer, msg: Decode, frames):
-        self.server.engine.add_decode(msg.req_id, msg.prompt_token_ids, msg.output_token_ids, msg.sampling)
+        self.server.engine.add_decode(msg.req_id, msg.first_token_id)
 
     def on_release(self, peer, msg: Release, frames):
         self.server.engine.release(msg.req_id)

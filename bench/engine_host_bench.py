@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from actors.engine.engine import Engine, EngineEvents, EngineLimits
+from actors.engine.engine import Engine, EngineEvents, EngineLimits, Reservation
 from pdbus.messages import SamplingParams
 
 try:
@@ -60,8 +60,8 @@ def main() -> None:
     sampling = SamplingParams(max_tokens=args.steps + 10, temperature=0.0, ignore_eos=True)
     for i in range(args.seqs):  # what a decode instance holds after 64 prefills of 8K tokens
         req = f"r{i}"
-        engine._reserve(req, max_len, 3600.0)
-        engine._add_decode(req, [(i * 7 + j) % VOCAB for j in range(args.context - 1)], [1], sampling)
+        engine._reserve(req, max_len, 3600.0, Reservation([(i * 7 + j) % VOCAB for j in range(args.context - 1)], sampling))
+        engine._add_decode(req, 1)
     assert len(engine.scheduler.running) == args.seqs
     for _ in range(10):  # warm-up
         engine.step()

@@ -249,11 +249,16 @@ class Bye(_Msg, tag="bye"):
 
 
 class Reserve(_Msg, tag="reserve"):
-    """Router -> decode: hold blocks for ``num_tokens`` tokens of a coming request."""
+    """Router -> decode: hold blocks for ``num_tokens`` tokens of a coming request, and keep its
+    prompt, outputs so far (a re-prefill after a lost decode) and sampling with the lease: the
+    ``Decode`` that claims it carries only token one. Sent together with the ``Prefill``."""
 
     req_id: str
     num_tokens: int
     lease_s: float = 30.0
+    prompt_token_ids: list[int] = []
+    output_token_ids: list[int] = []
+    sampling: SamplingParams | None = None
 
 
 class Reserved(_Msg, tag="reserved"):
@@ -267,10 +272,13 @@ class Busy(_Msg, tag="busy"):
 
 
 class Destination(msgspec.Struct, omit_defaults=True):
+    """Where a prefill writes a request's KV. ``block_ids`` None: the decode has not answered
+    yet; they follow in ``DestReady``, needed only when the prompt's last chunk computes."""
+
     instance_id: str
     protocol: TransferProtocol
     endpoint: Endpoint
-    block_ids: list[int]
+    block_ids: list[int] | None = None
     kv: KVLayout | None = None
 
 
@@ -287,6 +295,16 @@ class Prefill(_Msg, tag="prefill"):
     num_output_tokens: int = 0  # > 0 when re-prefilling prompt + generated tokens
 
 
+class DestReady(_Msg, tag="dest_ready"):
+    """Router -> prefill: the decode leased ``block_ids`` for the request (its ``Reserved``
+    forwarded). ``dest``, when set, replaces the ``Prefill``'s destination (the decode it named
+    was busy or lost and another one took the request)."""
+
+    req_id: str
+    block_ids: list[int]
+    dest: Destination | None = None
+
+
 class Prefilled(_Msg, tag="prefilled"):
     req_id: str
     first: TokenOut
@@ -295,12 +313,11 @@ class Prefilled(_Msg, tag="prefilled"):
 
 
 class Decode(_Msg, tag="decode"):
-    """Router -> decode: KV is in the reserved blocks; continue generating."""
+    """Router -> decode: the KV is in the reserved blocks; continue from token one (the prompt
+    and sampling came with ``Reserve``)."""
 
     req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    sampling: SamplingParams
+    first_token_id: int
 
 
 class Release(_Msg, tag="release"):
@@ -363,6 +380,7 @@ Message = (
     | Reserved
     | Busy
     | Prefill
+    | DestReady
     | Prefilled
     | Decode
     | Release

@@ -116,12 +116,23 @@ def test_lease_reserve_then_claim(bm):
     assert bm.num_reserved == 3 and bm.num_free == NUM_BLOCKS - 3
     assert bm.reserve("r1", 1, 5.0, now=100.0) == ids  # idempotent: the same lease
     assert bm.num_reserved == 3
-    claimed = bm.claim("r1")
+    claimed = bm.claim("r1").block_ids
     assert claimed == ids
     assert bm.num_reserved == 0 and bm.num_free == NUM_BLOCKS - 3  # now a sequence's blocks
     assert bm.claim("r1") is None
     assert bm.expire(now=1e9) == []  # claimed blocks never expire
     bm.free(claimed)
+
+
+def test_a_lease_keeps_its_request_until_claimed_and_drops_it_when_it_expires(bm):
+    bm.reserve("kept", BLOCK_SIZE, 5.0, now=0.0, request=("prompt", "sampling"))
+    bm.reserve("dropped", BLOCK_SIZE, 1.0, now=0.0, request=("other", "sampling"))
+    assert bm.expire(now=2.0) == ["dropped"]
+    assert "dropped" not in bm.leases and bm.claim("dropped") is None
+    lease = bm.claim("kept")
+    assert lease.request == ("prompt", "sampling")
+    bm.free(lease.block_ids)
+    assert bm.num_free == NUM_BLOCKS
 
 
 def test_lease_release(bm):

@@ -85,7 +85,10 @@ SAMPLES: dict[type, m.Message] = {
     m.Heartbeat: m.Heartbeat(load=LOAD),
     m.Unknown: m.Unknown(),
     m.Bye: m.Bye(reason="shutting down"),
-    m.Reserve: m.Reserve(req_id="r1", num_tokens=10**12, lease_s=1.5),
+    m.Reserve: m.Reserve(
+        req_id="r1", num_tokens=10**12, lease_s=1.5, prompt_token_ids=list(range(1000)), output_token_ids=[4, 5],
+        sampling=SAMPLING,
+    ),
     m.Reserved: m.Reserved(req_id="r1", block_ids=list(range(0, 4096, 3))),
     m.Busy: m.Busy(req_id="r1", reason="no free blocks"),
     m.Prefill: m.Prefill(
@@ -96,8 +99,12 @@ SAMPLES: dict[type, m.Message] = {
         ),
         num_output_tokens=12,
     ),
+    m.DestReady: m.DestReady(
+        req_id="r1", block_ids=[9, 8, 7],
+        dest=m.Destination(instance_id="d1", protocol=m.TransferProtocol.TCP, endpoint=ENDPOINTS[m.TransferProtocol.TCP]),
+    ),
     m.Prefilled: m.Prefilled(req_id="r1", first=TOKEN, transfer_bytes=BIG_UINT, transfer_s=0.0125),
-    m.Decode: m.Decode(req_id="r1", prompt_token_ids=[1, 2, 3], output_token_ids=[4], sampling=SAMPLING),
+    m.Decode: m.Decode(req_id="r1", first_token_id=4),
     m.Release: m.Release(req_id="r1"),
     m.Abort: m.Abort(req_id="r1", reason=TEXT),
     m.Tokens: m.Tokens(items=[TOKEN, m.TokenOut(req_id="r2", token_ids=[7])]),

@@ -447,14 +447,14 @@ def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, bu
     decode.start()
     try:
         max_tokens = MAX_NEW
-        decode.reserve("pd", len(prompt) + max_tokens, lease_s=60.0)
+        # as the router does it: Reserve (with the prompt) and Prefill (no block ids) at once
+        decode.reserve("pd", len(prompt) + max_tokens, 60.0, prompt, None, greedy(max_tokens=max_tokens))
+        dest = Destination(instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint())
+        prefill.add_prefill("pd", prompt, greedy(max_tokens=max_tokens), dest)
         d_events.wait(lambda: "pd" in d_events.reserved, "the reservation")
         dest_blocks = d_events.reserved["pd"]
         assert dest_blocks is not None and decode.blocks.num_reserved == len(dest_blocks)
-        dest = Destination(
-            instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks
-        )
-        prefill.add_prefill("pd", prompt, greedy(max_tokens=max_tokens), dest)
+        prefill.dest_ready("pd", dest_blocks)
         p_events.wait(lambda: "pd" in p_events.prefilled or "pd" in p_events.failed, "on_prefilled")
         assert "pd" not in p_events.failed, p_events.failed
         first, nbytes, seconds = p_events.prefilled["pd"]
@@ -470,7 +470,7 @@ def test_prefill_role_writes_kv_into_decode_blocks(model, prompts, reference, bu
             assert torch.equal(got, want), f"layer {layer}: transferred KV differs from the mixed run's"
 
         # the decode instance continues from the transferred KV exactly as the mixed run would
-        decode.add_decode("pd", prompt, first.token_ids, greedy(max_tokens=max_tokens))
+        decode.add_decode("pd", first.token_ids[0])  # prompt and sampling came with the reservation
         d_events.wait_done(["pd"])
         assert first.token_ids + d_events.tokens["pd"] == reference[4]
         assert d_events.finish["pd"] == "length"
@@ -488,16 +488,19 @@ def test_decode_without_reservation_fails_and_leases_expire(model, prompts):
     engine, events = make_engine(model, role="decode")
     engine.start()
     try:
-        engine.add_decode("ghost", prompts[2], [5], greedy())
+        engine.add_decode("ghost", 5)
         events.wait(lambda: "ghost" in events.failed, "the failure")
         assert "no reservation" in events.failed["ghost"]
-        engine.reserve("lease", 40, lease_s=0.05)
+        engine.reserve("lease", 40, 0.05, prompts[2], None, greedy())  # its prompt expires with it
         events.wait(lambda: "lease" in events.reserved, "the reservation")
         assert events.reserved["lease"] is not None
         engine.reserve("too-big", 10_000, lease_s=60.0)
         events.wait(lambda: "too-big" in events.reserved, "the refusal")
         assert events.reserved["too-big"] is None
         wait_until(lambda: engine.load().reserved_blocks == 0, WAIT_S, "the lease expiring", 0.02)
+        engine.add_decode("lease", 5)
+        events.wait(lambda: "lease" in events.failed, "the failure")
+        assert "no reservation" in events.failed["lease"]
     finally:
         engine.stop()
     assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -636,3 +639,90 @@ def test_a_transfer_that_never_lands_fails_at_its_deadline(model, prompts):
     assert 0.3 <= elapsed < 10.0
     assert held.aborted == ["p"]  # the transfer engine dropped its writes
     assert not engine.export.in_flight and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+# --------------------------------------------------------------------------- the destination comes later
+
+
+def test_a_prefill_computes_before_its_destination_and_waits_only_at_the_last_chunk(model, prompts, reference):
+    held = HeldTransfer()
+    engine, events = make_engine(model, role="prefill", transfers={"held": held}, max_num_batched_tokens=BLOCK_SIZE)
+    prompt = prompts[4]  # 3 full chunks + 2 tokens under a budget of one block
+    engine.add_prefill("p", prompt, greedy(), Destination(instance_id="decode-0", protocol="held", endpoint={}))
+    engine.add_request("other", prompts[1], greedy())  # behind it in the queue: must not wait with it
+    schedule = engine.scheduler.schedule
+    held_back = threading.Event()  # a step found only the prefill, and held it back
+
+    def watching_schedule():
+        batch = schedule()
+        if not batch and "p" in engine.seqs:
+            held_back.set()
+        return batch
+
+    engine.scheduler.schedule = watching_schedule
+    engine.start()
+    try:
+        events.wait_done(["other"])
+        assert held_back.wait(WAIT_S)
+        probe: list = []
+        probed = threading.Event()
+        engine.submit(lambda: (probe.append((engine.seqs["p"].num_computed_tokens, engine._wait_s())), probed.set()))
+        assert probed.wait(WAIT_S)
+        computed, wait = probe[0]
+        assert computed == 3 * BLOCK_SIZE, f"{computed} of {len(prompt)} computed: every chunk but the last runs at once"
+        assert wait is None or wait > 10, f"the waiting prefill wakes the engine every {wait}s"
+        assert not held.committed.is_set() and held.writes == 0 and "p" not in events.prefilled
+        engine.dest_ready("p", list(range(8)))
+        assert held.committed.wait(WAIT_S), "the last chunk never ran after its destination came"
+        held.handles["p"].set_done(1, 0.0)
+        events.wait(lambda: "p" in events.prefilled, "on_prefilled")
+    finally:
+        engine.stop()
+    assert events.prefilled["p"][0].token_ids == reference[4][:1], "the same token one as the mixed run"
+    assert events.tokens["other"] == reference[1]
+    assert held.writes == model.cfg.num_hidden_layers, "one write per layer in the last chunk's step"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_destination_that_never_comes_fails_the_prefill_and_frees_its_blocks(model, prompts):
+    held = HeldTransfer()
+    engine, events = make_engine(model, role="prefill", transfers={"held": held})
+    engine.limits.dest_timeout_s = 0.3
+    engine.add_prefill("p", prompts[4], greedy(), Destination(instance_id="decode-0", protocol="held", endpoint={}))
+    engine.start()
+    try:
+        events.wait(lambda: "p" in events.failed, "the failure", timeout=10.0)
+        engine.dest_ready("p", list(range(8)))  # too late: ignored
+        engine.submit(lambda: None)
+    finally:
+        engine.stop()
+    assert "no destination" in events.failed["p"] and not held.committed.is_set()
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.seqs
+
+
+def test_a_destination_too_small_for_the_prompt_fails_the_prefill(model, prompts):
+    held = HeldTransfer()
+    engine, events = make_engine(model, role="prefill", transfers={"held": held})
+    engine.add_prefill("p", prompts[4], greedy(), Destination(instance_id="decode-0", protocol="held", endpoint={}))
+    engine.dest_ready("p", [0])
+    engine.start()
+    try:
+        events.wait(lambda: "p" in events.failed, "the failure")
+    finally:
+        engine.stop()
+    assert "reserved 1 blocks" in events.failed["p"] and held.writes == 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_lease_without_its_prompt_cannot_be_decoded(model):
+    engine, events = make_engine(model, role="decode")
+    engine.start()
+    try:
+        engine.reserve("bare", 16, 60.0)
+        events.wait(lambda: "bare" in events.reserved, "the reservation")
+        engine.add_decode("bare", 5)
+        events.wait(lambda: "bare" in events.failed, "the failure")
+    finally:
+        engine.stop()
+    assert "carries no prompt" in events.failed["bare"]
+    assert engine.blocks.num_free == engine.blocks.num_blocks

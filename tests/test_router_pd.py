@@ -20,6 +20,7 @@ from pdbus.actor import Peer
 from pdbus.messages import (
     Abort,
     Decode,
+    DestReady,
     Failed,
     Hello,
     KVLayout,
@@ -117,7 +118,6 @@ class Client:
 
 def assert_clean(backend: PDBackend, orphans: int = 0):
     assert not backend.reqs, f"request entries left: {list(backend.reqs)}"
-    assert not backend.reserve_waiters
     assert len(backend.orphans) == orphans, backend.orphans
     busy = {k.decode(): v for k, v in backend.inflight.items() if not v.idle()}
     assert not busy, f"load estimates not put back: {busy}"
@@ -134,12 +134,20 @@ def cluster(prefills: int = 1, decodes: int = 1, **kw):
     return bus, PDBackend(bus, **{"reserve_timeout_s": 1.0, "request_timeout_s": 5.0, **kw}), ps, ds
 
 
+async def reserved(bus, backend, p, d, blocks=(1,)):
+    """The latest Reserve to ``d`` and the Prefill to ``p`` sent with it; ``d`` grants ``blocks``;
+    the DestReady that the router forwards to ``p``."""
+    reserve = await bus.next(Reserve, d, len(bus.of(Reserve, d)) or 1)
+    prefill = bus.of(Prefill, p)[-1]  # sent together with the Reserve
+    assert prefill.req_id == reserve.req_id
+    dests = len(bus.of(DestReady, p))
+    backend.on_reserve_answer(d.identity, reserve.req_id, list(blocks), "")
+    return reserve, prefill, await bus.next(DestReady, p, dests + 1)
+
+
 async def to_decode(bus, backend, p, d, blocks=(1,), first=9):
     """Walk the request to the decode phase on ``d``: Reserved, Prefilled, and the Decode message."""
-    reserve = await bus.next(Reserve, d, len(bus.of(Reserve, d)) or 1)
-    prefills = len(bus.of(Prefill, p))
-    backend.on_reserve_answer(d.identity, reserve.req_id, list(blocks), "")
-    prefill = await bus.next(Prefill, p, prefills + 1)
+    reserve, prefill, _ = await reserved(bus, backend, p, d, blocks)
     backend.on_prefill_end(p.identity, Prefilled(req_id=prefill.req_id, first=TokenOut(prefill.req_id, [first])))
     return reserve, prefill, await bus.next(Decode, d, len(bus.of(Decode, d)) + 1)
 
@@ -148,10 +156,14 @@ def test_finished_request_sends_no_release_and_leaves_nothing():
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
-        reserve, prefill, decode = await to_decode(bus, backend, p, d, blocks=(3, 4))
+        reserve, prefill, dest = await reserved(bus, backend, p, d, blocks=(3, 4))
         assert reserve.num_tokens == len(PROMPT) + 1
-        assert prefill.dest.block_ids == [3, 4] and prefill.prompt_token_ids == PROMPT
-        assert decode.output_token_ids == [9]
+        assert reserve.prompt_token_ids == PROMPT and reserve.sampling == SAMPLING and not reserve.output_token_ids
+        assert prefill.prompt_token_ids == PROMPT and prefill.dest.instance_id == "d0" and prefill.dest.block_ids is None
+        assert dest.block_ids == [3, 4] and dest.dest is None, "the Prefill named this decode already"
+        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        decode = await bus.next(Decode, d)
+        assert decode.first_token_id == 9
         backend.on_tokens(d.identity, [TokenOut("r1", [10]), TokenOut("r1", [11], finish_reason="stop")])
         await c.done()
         assert [t for i in c.items for t in i.token_ids] == [9, 10, 11] and c.items[-1].finish_reason == "stop"
@@ -166,9 +178,10 @@ def test_load_estimates_count_while_the_request_runs():
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1, 2], "")
-        await bus.next(Prefill, p)
+        await bus.next(Reserve, d)
+        assert backend.inflight[p.identity].pending_prefill_tokens == len(PROMPT), "the prefill starts at once"
+        assert not backend.inflight[d.identity].reserved_blocks
+        await reserved(bus, backend, p, d, blocks=(1, 2))
         assert backend.inflight[d.identity].reserved_blocks == 2
         assert backend.inflight[p.identity].pending_prefill_tokens == len(PROMPT)
         backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
@@ -181,15 +194,18 @@ def test_load_estimates_count_while_the_request_runs():
     run(main())
 
 
-def test_client_gone_while_reserving_releases_the_late_lease():
+def test_client_gone_before_the_decode_answers_releases_behind_the_reserve_and_aborts_the_prefill():
     async def main():
-        bus, backend, _, (d,) = cluster()
+        bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
         reserve = await bus.next(Reserve, d)
         await c.leave()
         assert_clean(backend)
+        # the Release follows the Reserve on the same pipe: the lease goes as soon as it is made
+        assert [type(m) for i, m in bus.sent if i == d.identity] == [Reserve, Release]
+        assert bus.of(Abort, p)[-1].req_id == "r1" and not bus.of(DestReady)
         backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")  # granted after the client left
-        assert bus.of(Release, d)[-1].req_id == "r1"
+        assert bus.of(Release, d)[-1].req_id == "r1" and not bus.of(DestReady)
 
     run(main())
 
@@ -198,9 +214,7 @@ def test_client_gone_during_prefill_releases_the_lease_once_the_prefill_stops_wr
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d)
         await c.leave()
         assert bus.of(Abort, p)[-1].req_id == "r1"
         assert not bus.of(Release, d), "released while the prefill may still write into the blocks"
@@ -218,9 +232,7 @@ def test_client_gone_between_first_token_and_decode_releases_the_lease():
         backend_items = []
         gen = backend.generate("r1", PROMPT, SAMPLING)
         task = asyncio.get_running_loop().create_task(gen.__anext__())
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d)
         backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
         backend_items.append(await asyncio.wait_for(task, WAIT_S))
         await gen.aclose()  # the client read the first token and left
@@ -251,9 +263,7 @@ def test_prefill_refusal_is_a_400_and_releases_the_lease_at_once():
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1, 2], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d, blocks=(1, 2))
         backend.on_prefill_end(p.identity, Failed(req_id="r1", error="token id 999999 is outside the vocabulary", retryable=False))
         await c.done()
         assert isinstance(c.error, RequestRejected) and "vocabulary" in str(c.error)
@@ -269,13 +279,11 @@ def test_prefill_lost_redispatches_with_the_same_lease():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
         backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [7], "")
-        await bus.next(Prefill, p0)
+        await reserved(bus, backend, p0, d, blocks=(7,))
         p0.alive = False
         backend.on_instance_lost(p0, "silent")
         again = await bus.next(Prefill, p1)
-        assert again.dest.block_ids == [7] and len(bus.of(Reserve)) == 1
+        assert again.dest.block_ids == [7] and len(bus.of(Reserve)) == 1, "the block ids come with the Prefill"
         backend.on_prefill_end(p1.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
         await bus.next(Decode, d)
         backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="length")])
@@ -290,9 +298,7 @@ def test_only_prefill_lost_is_a_503_and_releases_the_lease():
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [7], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d, blocks=(7,))
         p.alive = False
         backend.on_instance_lost(p, "silent")
         await c.done()
@@ -308,12 +314,11 @@ def test_transfer_failure_retries_the_prefill_then_moves_on():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
         backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [7], "")
+        await reserved(bus, backend, p0, d, blocks=(7,))
         for n in (1, 2):  # a live prefill gets a second try, then another prefill takes it
             await bus.next(Prefill, p0, n)
             backend.on_prefill_end(p0.identity, Failed(req_id="r1", error="KV transfer failed: reset", retryable=True))
-        await bus.next(Prefill, p1)
+        assert (await bus.next(Prefill, p1)).dest.block_ids == [7]
         backend.on_prefill_end(p1.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
         await bus.next(Decode, d)
         backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="stop")])
@@ -329,16 +334,14 @@ def test_decode_lost_during_prefill_stops_the_prefill_and_reserves_elsewhere():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
         backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
         c = Client(backend)
-        reserve = await bus.next(Reserve, d0)
-        backend.on_reserve_answer(d0.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d0)
         d0.alive = False
         backend.on_instance_lost(d0, "silent")
-        assert (await bus.next(Abort, p)).req_id == "r1"
-        reserve = await bus.next(Reserve, d1)
-        backend.on_reserve_answer(d1.identity, reserve.req_id, [2], "")
-        prefill = await bus.next(Prefill, p, 2)
-        assert prefill.dest.instance_id == "d1"
+        assert (await bus.next(Abort, p)).req_id == "r1", "the prefill had the block ids: it must stop writing"
+        _, prefill, dest = await reserved(bus, backend, p, d1, blocks=(2,))
+        assert prefill.dest.instance_id == "d1" and dest.block_ids == [2] and dest.dest is None
+        # the aborted dispatch's own answer comes first: it is not the new dispatch's refusal
+        backend.on_prefill_end(p.identity, Failed(req_id="r1", error="aborted: decode lost", retryable=False))
         backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
         await bus.next(Decode, d1)
         backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
@@ -358,14 +361,13 @@ def test_decode_lost_mid_stream_reprefills_prompt_and_outputs_elsewhere():
         backend.on_tokens(d0.identity, [TokenOut("r1", [10])])
         d0.alive = False
         backend.on_instance_lost(d0, "silent")
-        reserve = await bus.next(Reserve, d1)
+        reserve, prefill, _ = await reserved(bus, backend, p, d1, blocks=(5,))
         assert reserve.num_tokens == len(PROMPT) + 2 + 1
-        backend.on_reserve_answer(d1.identity, reserve.req_id, [5], "")
-        prefill = await bus.next(Prefill, p, 2)
+        assert reserve.prompt_token_ids == PROMPT and reserve.output_token_ids == [9, 10]
         assert prefill.prompt_token_ids == PROMPT + [9, 10] and prefill.num_output_tokens == 2
         backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [11])))
         decode = await bus.next(Decode, d1)
-        assert decode.prompt_token_ids == PROMPT and decode.output_token_ids == [9, 10, 11]
+        assert decode.first_token_id == 11
         backend.on_tokens(d1.identity, [TokenOut("r1", [12], finish_reason="stop")])
         await c.done()
         assert [t for i in c.items for t in i.token_ids] == [9, 10, 11, 12]
@@ -429,9 +431,7 @@ def test_silent_prefill_is_a_504_and_the_lease_goes_when_the_prefill_does():
     async def main():
         bus, backend, (p,), (d,) = cluster(request_timeout_s=0.2)
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d)
         await c.done()
         assert isinstance(c.error, RequestTimedOut) and "silent" in str(c.error)
         assert bus.of(Abort, p)[-1].req_id == "r1"
@@ -470,7 +470,7 @@ def test_no_decode_alive_is_a_503_at_once():
 
 def test_every_decode_busy_until_the_reserve_timeout_is_a_503_with_retry_after():
     async def main():
-        bus, backend, _, (d,) = cluster(reserve_timeout_s=0.3)
+        bus, backend, (p,), (d,) = cluster(reserve_timeout_s=0.3)
         c = Client(backend)
         answered = 0
 
@@ -486,6 +486,7 @@ def test_every_decode_busy_until_the_reserve_timeout_is_a_503_with_retry_after()
         decode.cancel()
         assert isinstance(c.error, BackendUnavailable) and "no decode instance has room" in str(c.error)
         assert answered >= 2
+        assert bus.of(Abort, p)[-1].req_id == "r1" and not bus.of(DestReady), "the prefill started at once: stopped"
         assert_clean(backend)
 
     run(main())
@@ -500,7 +501,7 @@ def test_concurrent_requests_all_finish_and_leave_nothing(prompts):
             reserve = next(m for m in await _all(bus, Reserve, prompts) if m.req_id == f"r{i}")
             backend.on_reserve_answer(d.identity, reserve.req_id, [i], "")
         for i in range(prompts):
-            prefill = next(m for m in await _all(bus, Prefill, prompts) if m.req_id == f"r{i}")
+            prefill = next(m for m in await _all(bus, DestReady, prompts) if m.req_id == f"r{i}")
             backend.on_prefill_end(p.identity, Prefilled(req_id=prefill.req_id, first=TokenOut(prefill.req_id, [1])))
         await _all(bus, Decode, prompts)
         backend.on_tokens(d.identity, [TokenOut(f"r{i}", [2], finish_reason="stop") for i in range(prompts)])
@@ -517,17 +518,183 @@ async def _all(bus: FakeBus, kind, count: int) -> list:
     return bus.of(kind)
 
 
-@pytest.mark.parametrize("answer", ["prefilled", "failed", "lost"])
-def test_client_gone_with_the_prefills_answer_unread_releases_the_lease_at_once(answer):
-    """The prefill's answer (or its loss) is already queued when the client goes: the prefill
-    writes no more, so the lease goes now — not after an answer that already came."""
+# --------------------------------------------------------------------------- Reserve and Prefill sent together: the races
 
+
+def test_prefill_refused_before_the_decode_answers_releases_the_lease_behind_the_reserve():
     async def main():
         bus, backend, (p,), (d,) = cluster()
         c = Client(backend)
         reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        backend.on_prefill_end(p.identity, Failed(req_id="r1", error="token id 999999 is outside the vocabulary", retryable=False))
+        await c.done()
+        assert isinstance(c.error, RequestRejected)
+        assert [type(m) for i, m in bus.sent if i == d.identity] == [Reserve, Release], "the lease goes as soon as it is made"
+        assert_clean(backend)
+        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")  # the destination comes after the failure
+        assert not bus.of(DestReady) and bus.of(Release, d)[-1].req_id == "r1"
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_busy_decode_hands_the_destination_to_another_decode():
+    async def main():
+        bus, backend, (p,), (d0, d1) = cluster(decodes=2)
+        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d0)
+        assert bus.of(Prefill, p)[-1].dest.instance_id == "d0"
+        backend.on_reserve_answer(d0.identity, reserve.req_id, None, "no free blocks")
+        reserve = await bus.next(Reserve, d1)
+        backend.on_reserve_answer(d1.identity, reserve.req_id, [4, 5], "")
+        dest = await bus.next(DestReady, p)
+        assert dest.block_ids == [4, 5] and dest.dest.instance_id == "d1" and dest.dest.block_ids == [4, 5]
+        assert len(bus.of(Prefill)) == 1 and not bus.of(Abort), "the prefill goes on: only its destination moved"
+        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        await bus.next(Decode, d1)
+        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
+        await c.done()
+        assert c.error is None and not bus.of(Release)
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_decode_lost_before_it_answers_hands_the_destination_to_another_decode():
+    async def main():
+        bus, backend, (p,), (d0, d1) = cluster(decodes=2)
+        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        c = Client(backend)
+        await bus.next(Reserve, d0)
+        d0.alive = False
+        backend.on_instance_lost(d0, "silent")
+        _, _, dest = await reserved(bus, backend, p, d1, blocks=(3,))
+        assert dest.dest.instance_id == "d1" and not bus.of(Abort), "the prefill never had d0's blocks: it goes on"
+        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        await bus.next(Decode, d1)
+        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
+        await c.done()
+        assert c.error is None
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_only_decode_lost_before_it_answers_aborts_the_prefill_with_a_503():
+    async def main():
+        bus, backend, (p,), (d,) = cluster(reserve_timeout_s=30.0)
+        c = Client(backend)
+        await bus.next(Reserve, d)
+        d.alive = False
+        backend.on_instance_lost(d, "silent")
+        await c.done()
+        assert isinstance(c.error, BackendUnavailable) and "no decode" in str(c.error)
+        assert bus.of(Abort, p)[-1].req_id == "r1" and not bus.of(DestReady)
+        assert backend.exits[Exit.NO_CAPACITY] == 1
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_silent_decode_is_given_up_and_its_late_lease_released():
+    async def main():
+        bus, backend, (p,), (d0, d1) = cluster(decodes=2, reserve_timeout_s=0.3)
+        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d0)
+        await bus.next(Reserve, d1)  # d0 never answered: given up
+        assert [type(m) for i, m in bus.sent if i == d0.identity] == [Reserve, Release]
+        backend.on_reserve_answer(d0.identity, reserve.req_id, [1], "")  # d0's answer, too late
+        assert len(bus.of(Release, d0)) == 2 and not bus.of(DestReady)
+        backend.on_reserve_answer(d1.identity, reserve.req_id, [2], "")
+        dest = await bus.next(DestReady, p)
+        assert dest.dest.instance_id == "d1" and dest.block_ids == [2]
+        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        await bus.next(Decode, d1)
+        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
+        await c.done()
+        assert c.error is None
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_prefill_lost_before_the_destination_redispatches_without_block_ids():
+    async def main():
+        bus, backend, (p0, p1), (d,) = cluster(prefills=2)
+        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d)
+        p0.alive = False
+        backend.on_instance_lost(p0, "silent")
+        again = await bus.next(Prefill, p1)
+        assert again.dest.instance_id == "d0" and again.dest.block_ids is None
+        backend.on_reserve_answer(d.identity, reserve.req_id, [6], "")
+        dest = await bus.next(DestReady, p1)
+        assert dest.block_ids == [6] and dest.dest is None and not bus.of(DestReady, p0)
+        backend.on_prefill_end(p1.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        await bus.next(Decode, d)
+        backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="stop")])
+        await c.done()
+        assert c.error is None and len(bus.of(Reserve)) == 1
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_prefill_unreachable_when_the_destination_comes_redispatches_with_the_block_ids():
+    async def main():
+        bus, backend, (p0, p1), (d,) = cluster(prefills=2)
+        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude and p.alive)
+        c = Client(backend)
+        reserve = await bus.next(Reserve, d)
+        p0.alive = False  # gone, not yet noticed: the DestReady cannot be sent
+        backend.on_reserve_answer(d.identity, reserve.req_id, [6], "")
+        again = await bus.next(Prefill, p1)
+        assert again.dest.block_ids == [6]
+        backend.on_prefill_end(p1.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+        await bus.next(Decode, d)
+        backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="stop")])
+        await c.done()
+        assert c.error is None
+        assert_clean(backend)
+
+    run(main())
+
+
+def test_client_gone_after_a_decode_was_lost_mid_prefill_waits_for_the_right_answer():
+    async def main():
+        # d0 lost while p wrote into it (abort, one stale answer due), then the client leaves
+        # while p writes into d1's lease: the lease must outlive the stale answer
+        bus, backend, (p,), (d0, d1) = cluster(decodes=2)
+        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        c = Client(backend)
+        await reserved(bus, backend, p, d0)
+        d0.alive = False
+        backend.on_instance_lost(d0, "silent")
+        await reserved(bus, backend, p, d1, blocks=(2,))
+        await c.leave()
+        assert_clean(backend, orphans=1)
+        backend.on_prefill_end(p.identity, Failed(req_id="r1", error="aborted: decode lost", retryable=False))
+        assert not bus.of(Release, d1), "released on the answer of the earlier dispatch"
+        backend.on_prefill_end(p.identity, Failed(req_id="r1", error="aborted: client_gone", retryable=False))
+        assert bus.of(Release, d1)[-1].req_id == "r1"
+        assert_clean(backend)
+
+    run(main())
+
+
+@pytest.mark.parametrize("answer", ["prefilled", "failed", "lost"])
+def test_client_gone_with_the_prefills_answer_unread_releases_the_lease_at_once(answer):
+    """The prefill's answer (or its loss) is already queued when the client goes: the prefill
+    writes no more, so the lease goes now — not after an answer that already came (found by the
+    soak harness)."""
+
+    async def main():
+        bus, backend, (p,), (d,) = cluster()
+        c = Client(backend)
+        await reserved(bus, backend, p, d)
         if answer == "prefilled":
             backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
         elif answer == "failed":
@@ -547,9 +714,7 @@ def test_an_orphan_whose_prefill_never_answers_expires_on_its_own():
     async def main():
         bus, backend, (p,), (d,) = cluster(lease_s=0.2)
         c = Client(backend)
-        reserve = await bus.next(Reserve, d)
-        backend.on_reserve_answer(d.identity, reserve.req_id, [1], "")
-        await bus.next(Prefill, p)
+        await reserved(bus, backend, p, d)
         await c.leave()
         assert_clean(backend, orphans=1)
         await asyncio.sleep(0.5)  # past the lease: the decode's own expiry has freed the blocks

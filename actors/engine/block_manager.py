@@ -1,7 +1,9 @@
 """Paged KV block bookkeeping: free list, reference counts and reservation leases.
 
 Pure Python, owned by the engine thread. A *lease* holds blocks for a request that has not
-arrived yet (a decode instance reserving room for a prefill's KV); it expires unless claimed.
+arrived yet (a decode instance reserving room for a prefill's KV), and what the request will need
+when it comes (``request``: the decode's prompt and sampling); it expires unless claimed, and its
+request goes with it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Lease:
     req_id: str
     block_ids: list[int]
     expires_at: float
+    request: object = None  # opaque here: what the claimer needs (actors.engine.engine.Reservation)
 
 
 class BlockManager:
@@ -92,20 +95,21 @@ class BlockManager:
         return True
 
     # ------------------------------------------------------------------ leases
-    def reserve(self, req_id: str, num_tokens: int, lease_s: float, now: float | None = None) -> list[int] | None:
+    def reserve(
+        self, req_id: str, num_tokens: int, lease_s: float, now: float | None = None, request: object = None
+    ) -> list[int] | None:
         if req_id in self.leases:
             return self.leases[req_id].block_ids
         n = self.blocks_for(num_tokens)
         if n > len(self._free):
             return None
         ids = self.allocate(n)
-        self.leases[req_id] = Lease(req_id, ids, (time.monotonic() if now is None else now) + lease_s)
+        self.leases[req_id] = Lease(req_id, ids, (time.monotonic() if now is None else now) + lease_s, request)
         return ids
 
-    def claim(self, req_id: str) -> list[int] | None:
-        """The lease's blocks now belong to a sequence (which frees them when it ends)."""
-        lease = self.leases.pop(req_id, None)
-        return lease.block_ids if lease else None
+    def claim(self, req_id: str) -> Lease | None:
+        """The lease ends: its blocks now belong to a sequence (which frees them when it ends)."""
+        return self.leases.pop(req_id, None)
 
     def release(self, req_id: str) -> bool:
         lease = self.leases.pop(req_id, None)

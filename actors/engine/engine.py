@@ -4,13 +4,17 @@ A request's walk through it, by role:
 
 * mixed: ``add_request`` -> waiting -> prefill (maybe in chunks) -> token 1 -> decode steps ->
   finished (eos / stop ids / max_tokens / max_model_len) -> blocks freed.
-* prefill: ``add_prefill`` carries a destination (decode instance, protocol, its block ids).
-  During the step that computes the prompt's last chunk, each layer's KV is written into the
-  destination blocks as soon as that layer is done (``layer_done`` hook, actors.engine.kv_export);
-  after sampling token 1 the sequence waits in TRANSFERRING until the transfer handle's callback
-  posts its completion to the inbox, then ``on_prefilled`` fires and the local blocks are freed.
-* decode: ``reserve`` leases blocks for a coming request; ``add_decode`` claims them (the KV is
-  already there) and the sequence joins the running batch with its first token.
+* prefill: ``add_prefill`` carries a destination (decode instance, protocol, endpoint), usually
+  without the decode's block ids: they come with ``dest_ready`` while the prompt computes. The
+  scheduler holds back the prompt's last chunk until they are there (the sequence waits, nothing
+  else does; ``dest_timeout_s`` bounds the wait). During the step that computes the last chunk,
+  each layer's KV is written into the destination blocks as soon as that layer is done
+  (``layer_done`` hook, actors.engine.kv_export); after sampling token 1 the sequence waits in
+  TRANSFERRING until the transfer handle's callback posts its completion to the inbox, then
+  ``on_prefilled`` fires and the local blocks are freed.
+* decode: ``reserve`` leases blocks for a coming request and keeps its prompt and sampling with
+  the lease; ``add_decode(req, token one)`` claims them (the KV is already there) and the
+  sequence joins the running batch with its first token.
 
 Every other thread talks to the engine through ``submit`` (a queue drained between steps); the
 engine answers through the ``EngineEvents`` callbacks, which must be thread-safe. With nothing
@@ -30,7 +34,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import msgspec
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.kv_export import KVExport
@@ -59,6 +65,16 @@ class EngineLimits:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     transfer_timeout_s: float = 30.0
+    dest_timeout_s: float = 60.0  # prefill: a last chunk waits this long for its block ids
+
+
+@dataclass
+class Reservation:
+    """Decode role: what a lease keeps for its request until ``add_decode`` claims it."""
+
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)  # a re-prefill's tokens so far
 
 
 class Engine:
@@ -105,6 +121,7 @@ class Engine:
         self.prompt_tokens_computed = 0
         self.last_error: str | None = None
         self._stalled = False  # the last step had work but no blocks to run it: don't spin
+        self._dest_waits: dict[str, float] = {}  # prefill: req -> deadline for its block ids
 
     # ------------------------------------------------------------------ thread API
     def start(self) -> None:
@@ -130,13 +147,26 @@ class Engine:
         seq = Sequence(req_id, prompt_token_ids, sampling, dest=dest, num_prompt_outputs=num_outputs)
         self.submit(lambda: self._add(seq))
 
-    def add_decode(
-        self, req_id: str, prompt_token_ids: list[int], output_token_ids: list[int], sampling: SamplingParams
-    ) -> None:
-        self.submit(lambda: self._add_decode(req_id, prompt_token_ids, output_token_ids, sampling))
+    def dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None = None) -> None:
+        """Prefill role: the decode's block ids for ``req_id`` (and a new destination, if set)."""
+        self.submit(lambda: self._dest_ready(req_id, block_ids, dest))
 
-    def reserve(self, req_id: str, num_tokens: int, lease_s: float) -> None:
-        self.submit(lambda: self._reserve(req_id, num_tokens, lease_s))
+    def add_decode(self, req_id: str, first_token_id: int) -> None:
+        self.submit(lambda: self._add_decode(req_id, first_token_id))
+
+    def reserve(
+        self,
+        req_id: str,
+        num_tokens: int,
+        lease_s: float,
+        prompt_token_ids: list[int] | None = None,
+        output_token_ids: list[int] | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> None:
+        request = None
+        if prompt_token_ids is not None:
+            request = Reservation(list(prompt_token_ids), sampling or SamplingParams(), list(output_token_ids or ()))
+        self.submit(lambda: self._reserve(req_id, num_tokens, lease_s, request))
 
     def release(self, req_id: str) -> None:
         self.submit(lambda: self._release(req_id))
@@ -164,7 +194,8 @@ class Engine:
         # stalled: the blocks it waits for come back only through the inbox (a command, a landed
         # transfer) or when a lease expires
         wait = self.runner.idle_wait_s
-        deadlines = [d for d in (self.blocks.next_expiry(), self.export.next_deadline()) if d is not None]
+        dest_wait = min(self._dest_waits.values(), default=None)
+        deadlines = [d for d in (self.blocks.next_expiry(), self.export.next_deadline(), dest_wait) if d is not None]
         if deadlines:
             until = max(0.0, min(deadlines) - time.monotonic())
             wait = until if wait is None else min(wait, until)
@@ -200,6 +231,7 @@ class Engine:
             return
         self._expire_leases()
         self._expire_transfers()
+        self._expire_dest_waits()
         try:
             self.step()
         except GroupBroken:
@@ -247,14 +279,39 @@ class Engine:
                 self.events.on_failed(seq.req_id, error, True)
                 return
         self.seqs[seq.req_id] = seq
+        if seq.dest_pending:
+            self._dest_waits[seq.req_id] = time.monotonic() + self.limits.dest_timeout_s
         self.scheduler.add(seq)
 
-    def _add_decode(self, req_id: str, prompt: list[int], outputs: list[int], sampling: SamplingParams) -> None:
-        blocks = self.blocks.claim(req_id)
-        if blocks is None:
+    def _dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None) -> None:
+        seq = self.seqs.get(req_id)
+        if seq is None or not seq.dest_pending:
+            return  # gone already (failed, aborted: the router hears that) or told twice
+        self._dest_waits.pop(req_id, None)
+        seq.dest = msgspec.structs.replace(dest or seq.dest, block_ids=list(block_ids))
+        error = self.export.check(seq)  # the blocks suffice; a new destination is reachable
+        if error is not None:
+            self.scheduler.remove(seq)
+            self._finish(seq)
+            self.events.on_failed(req_id, error, True)
+
+    def _add_decode(self, req_id: str, first_token_id: int) -> None:
+        lease = self.blocks.claim(req_id)
+        if lease is None:
             self.events.on_failed(req_id, "no reservation for this request (expired?)", True)
             return
-        seq = Sequence(req_id, prompt, sampling, output_token_ids=outputs, block_table=blocks)
+        req = lease.request
+        if not isinstance(req, Reservation):
+            self.blocks.free(lease.block_ids)
+            self.events.on_failed(req_id, "the reservation carries no prompt", False)
+            return
+        seq = Sequence(
+            req_id,
+            req.prompt_token_ids,
+            req.sampling,
+            output_token_ids=[*req.output_token_ids, first_token_id],
+            block_table=lease.block_ids,
+        )
         seq.num_computed_tokens = seq.num_tokens - 1
         self.seqs[req_id] = seq
         if self._check_finished(seq):
@@ -263,8 +320,8 @@ class Engine:
             return
         self.scheduler.add_running(seq)
 
-    def _reserve(self, req_id: str, num_tokens: int, lease_s: float) -> None:
-        ids = self.blocks.reserve(req_id, num_tokens, lease_s)
+    def _reserve(self, req_id: str, num_tokens: int, lease_s: float, request: Reservation | None = None) -> None:
+        ids = self.blocks.reserve(req_id, num_tokens, lease_s, request=request)
         if ids is None:
             need = self.blocks.blocks_for(num_tokens)
             self.events.on_reserved(req_id, None, f"need {need} blocks, {self.blocks.num_free} free")
@@ -295,6 +352,19 @@ class Engine:
             for req_id in self.blocks.expire():
                 self.log.warning("req %s: reservation expired, blocks reclaimed", req_id)
 
+    def _expire_dest_waits(self) -> None:
+        if not self._dest_waits:
+            return
+        now = time.monotonic()
+        for req_id in [r for r, deadline in self._dest_waits.items() if deadline <= now]:
+            del self._dest_waits[req_id]
+            seq = self.seqs.get(req_id)
+            if seq is None:
+                continue
+            self.scheduler.remove(seq)
+            self._finish(seq)
+            self.events.on_failed(req_id, f"no destination block ids within {self.limits.dest_timeout_s:g}s", True)
+
     def _expire_transfers(self) -> None:
         if self.export.in_flight:
             for seq in self.export.expire():
@@ -313,6 +383,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self.export.discard(seq)
+        self._dest_waits.pop(seq.req_id, None)
         if seq.status is not Status.FINISHED:
             self.blocks.free(seq.block_table)
             seq.block_table = []

@@ -56,13 +56,14 @@ class KVExport:
 
     # ------------------------------------------------------------------ before and during the step
     def check(self, seq: Sequence) -> str | None:
-        """Why ``seq``'s destination cannot take its KV (one line), or None."""
+        """Why ``seq``'s destination cannot take its KV (one line), or None. Its block ids may be
+        still unknown (checked again when they come, and before the last chunk)."""
         dest = seq.dest
         engine = self.transfers.get(dest.protocol)
         if engine is None:
             return f"no {dest.protocol} transfer engine on this instance"
         need = self.blocks.blocks_for(seq.num_tokens)
-        if need > len(dest.block_ids):
+        if dest.block_ids is not None and need > len(dest.block_ids):
             return f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {need}"
         try:
             engine.open_peer(dest.instance_id, dest.endpoint)

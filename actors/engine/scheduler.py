@@ -1,7 +1,9 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
 Each step: running sequences first (a decode token each, or the next chunk of a prompt), then
-waiting ones, all under ``max_num_batched_tokens`` and ``max_num_seqs``. When the cache runs out
+waiting ones, all under ``max_num_batched_tokens`` and ``max_num_seqs``. A prefill-role prompt
+whose destination blocks are not known yet is not given its last chunk (that step writes its KV
+out): it waits, and the sequences behind it go ahead. When the cache runs out
 of blocks the most recently admitted running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later. Pure Python, no torch.
 """
@@ -84,7 +86,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
-            if n <= 0:
+            if n <= 0 or not seq.may_compute(n):
                 i += 1
                 continue
             while not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
@@ -97,6 +99,7 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        held: list[Sequence] = []  # waiting for their destination: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_uncomputed
@@ -104,6 +107,9 @@ class Scheduler:
                 if not self.enable_chunked_prefill and out:
                     break
                 n = budget
+            if not seq.may_compute(n):
+                held.append(self.waiting.popleft())
+                continue
             if not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
@@ -111,4 +117,5 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         return out

@@ -107,6 +107,16 @@ class Sequence:
         self.token_ids.append(token_id)
 
     @property
+    def dest_pending(self) -> bool:
+        """Prefill role: the destination's block ids have not come yet (the last chunk waits)."""
+        return self.dest is not None and self.dest.block_ids is None
+
+    def may_compute(self, num_new_tokens: int) -> bool:
+        """Whether a step may compute the next ``num_new_tokens``: not the last chunk of a prompt
+        whose destination blocks are still unknown (that step writes the KV out)."""
+        return not (self.dest_pending and self.num_computed_tokens + num_new_tokens >= len(self.token_ids))
+
+    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 

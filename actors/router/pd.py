@@ -4,16 +4,22 @@
 :class:`Flow` whose phase moves RESERVE -> PREFILL -> DECODE -> DONE (a decode lost mid-stream
 sends it back to RESERVE with prompt + tokens so far):
 
-1. RESERVE: pick a decode (most free KV blocks, fewest running; power of two choices) and ask it
-   to lease blocks for the prompt. ``Busy`` everywhere: retry while a decode that could take the
-   request is alive, until ``reserve_timeout_s`` (503 + Retry-After); no decode alive: 503 at once.
-2. PREFILL: pick a prefill (fewest pending prefill tokens) and the transfer protocol for the
-   pair (the prefill's first choice that the decode offers; ``ipc`` only on one host); the
-   prefill writes the KV into the leased blocks and answers ``Prefilled(first token)``. A prefill
-   that dies or fails retryably is replaced by another, same lease.
-3. DECODE: the first token is yielded at once (TTFT), then ``Decode`` starts the decode; its
-   ``Tokens`` messages are demultiplexed to the request. A decode that dies mid-stream is
-   replaced: prompt + tokens so far are re-prefilled onto another decode (bounded retries).
+1. RESERVE: pick a decode (most free KV blocks, fewest running; power of two choices), a prefill
+   (fewest pending prefill tokens) and the transfer protocol for the pair (the prefill's first
+   choice that the decode offers; ``ipc`` only on one host), and send both at once: ``Reserve``
+   (tokens needed, the prompt and sampling, kept with the lease) to the decode, ``Prefill``
+   (prompt, destination without block ids) to the prefill, which starts computing.
+   ``Busy`` (or a decode silent for 5 s, or lost): ask another decode that the prefill can
+   reach, retrying while one that could take the request is alive, until ``reserve_timeout_s``
+   (503 + Retry-After, the prefill aborted); no decode alive: 503 at once.
+2. PREFILL: the decode's block ids go to the prefill (``DestReady``, with the whole destination
+   when another decode took the request); the prefill needs them only for its last chunk, writes
+   the KV into the leased blocks and answers ``Prefilled(first token)``. A prefill that dies or
+   fails retryably is replaced by another, same lease (or same pending reservation).
+3. DECODE: the first token is yielded at once (TTFT), then ``Decode(token one)`` starts the
+   decode; its ``Tokens`` messages are demultiplexed to the request. A decode that dies
+   mid-stream is replaced: prompt + tokens so far are re-prefilled onto another decode (bounded
+   retries).
 
 A mixed instance (``pdbus serve`` in the mixed role: prefill and decode in one engine) is driven
 by :meth:`PDBackend.generate_mixed`: one ``Prefill`` without destination, answered by ``Tokens``
@@ -21,14 +27,16 @@ by :meth:`PDBackend.generate_mixed`: one ``Prefill`` without destination, answer
 its decode from the start. :meth:`PDBackend.submit` chooses the path: a mixed instance when no
 prefill + decode pair is alive, or when one is less loaded than the best decode.
 
-The flow records what it holds, not only where it is: the decode lease and the blocks charged to
-that decode's estimate, the prefill that may still be writing into the lease and the prompt
-tokens charged to it, the decode running the sequence. Every way out — finished, client gone,
+The flow records what it holds, not only where it is: the decode asked for a lease and not yet
+answered, the decode lease and the blocks charged to that decode's estimate, the prefill and
+whether it knows the block ids (only then may it write into the lease), the prompt tokens
+charged to it, the decode running the sequence. Every way out — finished, client gone,
 prefill refuses, prefill or decode lost, transfer failed, timeout, retries exhausted, no
 capacity — goes through :meth:`PDBackend._close`, which gives back exactly what is still held:
-it tells every instance that holds the request to drop it, releases the lease (only once its
-prefill is done writing or dead: until then the lease waits in ``orphans``, so no block is freed
-while bytes may still land in it) and puts the router's load estimates back.
+it tells every instance that holds the request to drop it, releases the lease (a pending one too:
+the ``Release`` follows the ``Reserve`` on the same pipe; a lease whose prefill has its block ids
+only once that prefill is done writing or dead: until then it waits in ``orphans``, so no block
+is freed while bytes may still land in it) and puts the router's load estimates back.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from pdbus.messages import (
     Abort,
     Decode,
     Destination,
+    DestReady,
     Endpoint,
     Failed,
     Prefill,
@@ -88,6 +97,15 @@ class InstanceLost:
 
 
 @dataclass
+class ReserveAnswer:
+    """A decode's answer to the flow's pending ``Reserve``: block ids, or None (Busy)."""
+
+    identity: bytes
+    block_ids: list[int] | None
+    reason: str
+
+
+@dataclass
 class InstanceLoad:
     """What the router dispatched to an instance since it last reported."""
 
@@ -106,12 +124,18 @@ class Flow:
     req_id: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     phase: Phase = Phase.RESERVE
+    reserving: bytes | None = None  # asked for a lease (Reserve sent), its answer not taken yet
     decode: bytes | None = None  # holds a lease for the request (runs it once ``decoding``)
+    block_ids: list[int] | None = None  # the lease's blocks on ``decode``
     lease_blocks: int = 0  # blocks charged to the decode's estimate until Decode or release
     decoding: bool = False  # Decode sent: the decode runs the sequence (abort, not release)
-    prefill: bytes | None = None  # may still be writing into the lease
+    prefill: bytes | None = None  # computing the prompt; may write into the lease once ``dest_sent``
     prefill_tokens: int = 0  # charged to the prefill's pending estimate
     prefill_over: bool = False  # its answer (or its loss) arrived: it writes no more, even if unread
+    dest_sent: bool = False  # the prefill has the lease's block ids
+    # prefill -> answers still due for dispatches the flow gave up (Abort sent): each dispatch
+    # gets exactly one Prefilled or Failed, and these must not be read as the current one's
+    stale: dict[bytes, int] = field(default_factory=dict)
     exit: Exit | None = None
 
 
@@ -121,6 +145,7 @@ class Orphan:
 
     prefill: bytes
     decode: bytes
+    stale: int = 0  # answers of given-up dispatches to skip before the one that ends the writing
     since: float = field(default_factory=time.monotonic)
 
 
@@ -169,7 +194,6 @@ class PDBackend:
         self.max_retries = max_retries
         self.lease_s = lease_s
         self.reqs: dict[str, Flow] = {}
-        self.reserve_waiters: dict[str, tuple[asyncio.Future, bytes]] = {}
         self.orphans: dict[str, Orphan] = {}
         self.inflight: dict[bytes, InstanceLoad] = {}
         self.counters = {"reschedules": 0, "failures": 0, "busy": 0, "transfer_bytes": 0, "transfer_seconds": 0.0}
@@ -288,15 +312,16 @@ class PDBackend:
         """The one way out: give back everything the flow still holds, exactly once."""
         if flow.phase is Phase.DONE:
             return
-        waiter = self.reserve_waiters.pop(flow.req_id, None)
-        if waiter is not None:
-            waiter[0].cancel()  # a lease granted later is released by on_reserve_answer
+        if flow.reserving is not None:
+            # after the Reserve on the same pipe: frees the lease if granted, a no-op after Busy
+            self._send(flow.reserving, Release(req_id=flow.req_id))
+            flow.reserving = None
         if flow.decode is not None:
             if flow.decoding:
                 self._send(flow.decode, Abort(req_id=flow.req_id, reason=how.value))
-            elif flow.prefill is not None and not flow.prefill_over:
+            elif flow.prefill is not None and flow.dest_sent and not flow.prefill_over:
                 # the prefill may still write into the lease: release it once the prefill is done
-                self.orphans[flow.req_id] = Orphan(flow.prefill, flow.decode)
+                self.orphans[flow.req_id] = Orphan(flow.prefill, flow.decode, flow.stale.get(flow.prefill, 0))
                 asyncio.get_running_loop().call_later(self.lease_s + 0.01, self._expire_orphans)
             else:
                 self._send(flow.decode, Release(req_id=flow.req_id))
@@ -320,12 +345,11 @@ class PDBackend:
 
     # ----------------------------------------------------------------- bus events
     def on_reserve_answer(self, ident: bytes, req_id: str, block_ids: list[int] | None, reason: str) -> None:
-        waiter = self.reserve_waiters.get(req_id)
-        if waiter is not None and waiter[1] == ident and not waiter[0].done():
-            del self.reserve_waiters[req_id]
-            waiter[0].set_result((block_ids, reason))
+        flow = self.reqs.get(req_id)
+        if flow is not None and flow.reserving == ident:
+            flow.queue.put_nowait(ReserveAnswer(ident, block_ids, reason))
         elif block_ids is not None:
-            # the waiter gave up on this decode (timeout / client gone): give the lease back
+            # nobody waits for this lease (the flow gave up on this decode, or ended): give it back
             self._send(ident, Release(req_id=req_id))
 
     def on_prefill_end(self, ident: bytes, msg: Prefilled | Failed) -> None:
@@ -334,17 +358,24 @@ class PDBackend:
             self.counters["transfer_seconds"] += msg.transfer_s
         orphan = self.orphans.get(msg.req_id)
         if orphan is not None and orphan.prefill == ident:
+            if orphan.stale:
+                orphan.stale -= 1  # the answer of an earlier dispatch: the writer is still at it
+                return
             del self.orphans[msg.req_id]
             self._send(orphan.decode, Release(req_id=msg.req_id))
             return
         flow = self.reqs.get(msg.req_id)
-        if flow is not None and flow.prefill == ident:
+        if flow is None:
+            return
+        if flow.stale.get(ident):
+            flow.stale[ident] -= 1
+        elif flow.prefill == ident:
             flow.prefill_over = True
             flow.queue.put_nowait(msg)
 
     def on_decode_failed(self, ident: bytes, msg: Failed) -> None:
         flow = self.reqs.get(msg.req_id)
-        if flow is not None and flow.decode == ident:
+        if flow is not None and flow.decode == ident and flow.decoding:
             flow.queue.put_nowait(msg)
 
     def on_tokens(self, ident: bytes, items: list[TokenOut]) -> None:
@@ -357,13 +388,10 @@ class PDBackend:
 
     def on_instance_lost(self, peer: Peer, reason: str) -> None:
         for flow in self.reqs.values():
-            if peer.identity in (flow.prefill, flow.decode):
+            flow.stale.pop(peer.identity, None)  # a dead prefill answers nothing more
+            if peer.identity in (flow.prefill, flow.decode, flow.reserving):
                 flow.prefill_over = flow.prefill_over or flow.prefill == peer.identity
                 flow.queue.put_nowait(InstanceLost(peer.identity, f"{peer.name} lost: {reason}"))
-            waiter = self.reserve_waiters.get(flow.req_id)
-            if waiter is not None and waiter[1] == peer.identity and not waiter[0].done():
-                del self.reserve_waiters[flow.req_id]
-                waiter[0].set_result((None, f"{peer.name} lost"))
         for req_id, orphan in list(self.orphans.items()):
             if orphan.prefill == peer.identity:  # the writer is gone: the lease can go
                 del self.orphans[req_id]
@@ -393,21 +421,27 @@ class PDBackend:
             while True:
                 flow.phase = Phase.RESERVE
                 tokens = prompt_ids + outputs
-                decode, block_ids = await self._reserve(flow, len(tokens) + 1, lost_decodes, rescheduled=retries > 0)
-                flow.phase = Phase.PREFILL
-                first = await self._prefill(flow, decode, block_ids, tokens, len(outputs), sampling)
-                if first is None:  # the decode was lost during the prefill
+                reserve = Reserve(
+                    req_id=req_id,
+                    num_tokens=len(tokens) + 1,
+                    lease_s=self.lease_s,
+                    prompt_token_ids=prompt_ids,
+                    output_token_ids=list(outputs),
+                    sampling=sampling,
+                )
+                got = await self._prefill(flow, reserve, tokens, len(outputs), sampling, lost_decodes, retries > 0)
+                if got is None:  # the decode was lost while the prefill could write into it
                     retries += 1
-                    lost_decodes.add(decode.identity)
                     if retries > self.max_retries:
                         raise _Ended(Exit.RETRIES_EXHAUSTED, "decode instances keep failing")
                     continue
+                decode, first = got
                 outputs.extend(first.token_ids)
                 flow.phase = Phase.DECODE
                 yield first
                 self._start_decode(flow)
                 ev = None
-                if not self._send(decode.identity, Decode(req_id, prompt_ids, list(outputs), sampling)):
+                if not self._send(decode.identity, Decode(req_id, first.token_ids[-1])):
                     ev = InstanceLost(decode.identity, f"{decode.name} unreachable")
                 while ev is None:
                     ev = await self._next(flow, f"decode on {decode.name}")
@@ -495,98 +529,179 @@ class PDBackend:
         except TimeoutError:
             raise _Ended(Exit.TIMEOUT, f"{what} silent for {self.request_timeout_s:g}s") from None
 
-    async def _reserve(self, flow: Flow, num_tokens: int, lost: set[bytes], rescheduled: bool) -> tuple[Peer, list[int]]:
-        deadline = time.monotonic() + self.reserve_timeout_s
-        busy_seen: set[bytes] = set()
-        delay = 0.01
+    def _reserve(self, flow: Flow, reserve: Reserve, lost: set[bytes], skip: set[bytes], rescheduled: bool, prefill: Peer | None) -> Peer | None:
+        """Send ``reserve`` to a decode (one that ``prefill`` can write to, when given) outside
+        ``lost`` and ``skip``; None when none is left to ask (each said Busy or was unreachable).
+        No decode that could take the request alive: the request ends (503)."""
+        alive = self._alive("decode")
+        usable = [p for p in alive if p.identity not in lost and (prefill is None or self.choose_protocol(prefill, p) is not None)]
+        if not usable:
+            what = "no other decode instance is alive" if rescheduled else "no decode instance is alive"
+            raise _Ended(Exit.NO_CAPACITY, what, retry_after=5)
+        unusable = {p.identity for p in alive} - {p.identity for p in usable}
         while True:
-            if not any(p.identity not in lost for p in self._alive("decode")):
-                what = "no other decode instance is alive" if rescheduled else "no decode instance is alive"
-                raise _Ended(Exit.NO_CAPACITY, what, retry_after=5)
-            decode = self.pick_decode(lost | busy_seen)
-            if decode is None:  # every live decode said Busy: wait a bit and ask again
-                busy_seen.clear()
-                self.counters["busy"] += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Ended(
-                        Exit.NO_CAPACITY,
-                        f"no decode instance has room for {num_tokens} tokens (waited {self.reserve_timeout_s:g}s)",
-                        retry_after=max(1, int(self.reserve_timeout_s / 10)),
-                    )
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 2, 0.5)
-                continue
-            fut = asyncio.get_running_loop().create_future()
-            self.reserve_waiters[flow.req_id] = (fut, decode.identity)
-            if not self._send(decode.identity, Reserve(req_id=flow.req_id, num_tokens=num_tokens, lease_s=self.lease_s)):
-                self.reserve_waiters.pop(flow.req_id, None)
-                busy_seen.add(decode.identity)
-                continue
-            try:
-                block_ids, _reason = await wait_bounded(fut, max(0.1, min(5.0, deadline - time.monotonic())))
-            except TimeoutError:
-                self.reserve_waiters.pop(flow.req_id, None)  # a late grant is released on arrival
-                busy_seen.add(decode.identity)
-                continue
-            if block_ids is None:
-                busy_seen.add(decode.identity)
-                continue
-            self._hold_lease(flow, decode.identity, len(block_ids))
-            return decode, block_ids
+            decode = self.pick_decode(lost | skip | unusable)
+            if decode is None:
+                return None
+            if self._send(decode.identity, reserve):
+                flow.reserving = decode.identity
+                return decode
+            skip.add(decode.identity)
 
-    async def _prefill(
-        self, flow: Flow, decode: Peer, block_ids: list[int], tokens: list[int], num_outputs: int, sampling
-    ) -> TokenOut | None:
-        """Prefill ``tokens`` into ``block_ids`` of ``decode``; None if the decode is lost meanwhile."""
-        tried: set[bytes] = set()
-        failures: dict[bytes, int] = {}
+    def _dispatch_prefill(self, flow: Flow, decode: Peer, tokens: list[int], num_outputs: int, sampling, tried: set[bytes]) -> Peer:
+        """Send ``Prefill`` to a prefill outside ``tried`` that can write to ``decode``: with the
+        lease's block ids when ``decode`` holds one, else without (``DestReady`` brings them)."""
         while True:
             prefill = self.pick_prefill(tried)
             if prefill is None:
                 what = "no prefill instance is alive" if not tried else "no prefill instance could take the request"
                 raise _Ended(Exit.NO_CAPACITY, what, retry_after=5)
-            choice = self.choose_protocol(prefill, decode)
-            if choice is None:
+            block_ids = flow.block_ids if flow.decode == decode.identity else None
+            dest = self._destination(prefill, decode, block_ids)
+            if dest is None:
                 tried.add(prefill.identity)
                 continue
-            proto, endpoint = choice
             self._start_prefill(flow, prefill.identity, len(tokens))
-            sent = self._send(
-                prefill.identity,
-                Prefill(
-                    req_id=flow.req_id,
-                    prompt_token_ids=tokens,
-                    sampling=sampling,
-                    dest=Destination(decode.hello.instance_id, proto, endpoint, block_ids, decode.hello.kv),
-                    num_output_tokens=num_outputs,
-                ),
-            )
-            if not sent:
-                self._prefill_ended(flow)  # nothing reached it
-                tried.add(prefill.identity)
-                continue
-            ev = await self._next(flow, f"prefill on {prefill.name}")
-            while isinstance(ev, InstanceLost) and ev.identity not in (prefill.identity, decode.identity):
-                ev = await self._next(flow, f"prefill on {prefill.name}")  # about an earlier attempt
-            if isinstance(ev, InstanceLost) and ev.identity == decode.identity:
-                # the decode died: its blocks are gone; stop the prefill writing into them
-                self._send(prefill.identity, Abort(req_id=flow.req_id, reason="decode lost"))
-                self._prefill_ended(flow)
-                self._decode_ended(flow)
-                return None
-            self._prefill_ended(flow)  # it answered or died: it writes no more
-            if isinstance(ev, Prefilled):
-                return ev.first
-            if isinstance(ev, Failed) and not ev.retryable:
-                raise _Ended(Exit.PREFILL_REFUSED, ev.error)
-            why = ev.reason if isinstance(ev, InstanceLost) else getattr(ev, "error", "?")
+            msg = Prefill(req_id=flow.req_id, prompt_token_ids=tokens, sampling=sampling, dest=dest, num_output_tokens=num_outputs)
+            if self._send(prefill.identity, msg):
+                flow.dest_sent = block_ids is not None
+                return prefill
+            self._prefill_ended(flow)  # nothing reached it
+            tried.add(prefill.identity)
+
+    def _destination(self, prefill: Peer, decode: Peer, block_ids: list[int] | None) -> Destination | None:
+        choice = self.choose_protocol(prefill, decode)
+        if choice is None:
+            return None
+        proto, endpoint = choice
+        return Destination(decode.hello.instance_id, proto, endpoint, block_ids, decode.hello.kv)
+
+    async def _prefill(
+        self, flow: Flow, reserve: Reserve, tokens: list[int], num_outputs: int, sampling, lost: set[bytes], rescheduled: bool
+    ) -> tuple[Peer, TokenOut] | None:
+        """Reserve on a decode and prefill ``tokens`` at once; the decode's block ids follow the
+        prefill as ``DestReady``. (decode, token one), or None when the decode was lost while the
+        prefill could write into its blocks (the caller starts over: a retry). Events are taken
+        one at a time from the flow's queue; three clocks bound the waits: the asked decode's
+        answer (5 s, then another decode), the pause while every decode is busy (backoff, within
+        ``reserve_timeout_s``), the prefill's answer (``request_timeout_s``)."""
+        deadline = time.monotonic() + self.reserve_timeout_s
+        skip: set[bytes] = set()  # said Busy (forgotten when every decode has) or unreachable
+        silent: set[bytes] = set()  # gave up on its answer: not asked again (a late one is ambiguous)
+        tried: set[bytes] = set()  # prefills out of the running
+        failures: dict[bytes, int] = {}
+        delay = 0.01
+        retry_at: float | None = None  # every decode busy: ask again then
+
+        def all_busy() -> float:
+            nonlocal delay
+            skip.clear()
+            self.counters["busy"] += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Ended(
+                    Exit.NO_CAPACITY,
+                    f"no decode instance has room for {reserve.num_tokens} tokens (waited {self.reserve_timeout_s:g}s)",
+                    retry_after=max(1, int(self.reserve_timeout_s / 10)),
+                )
+            wait, delay = min(delay, remaining), min(delay * 2, 0.5)
+            return time.monotonic() + wait
+
+        # the decode first: the prefill is chosen to reach it (a decode nobody can reach: wait)
+        while (asked := self._reserve(flow, reserve, lost, skip | silent, rescheduled, None)) is None:
+            await asyncio.sleep(max(0.0, all_busy() - time.monotonic()))
+        asked_at = time.monotonic()
+        named = asked  # the decode that the prefill's destination names
+        holder: Peer | None = None  # the decode holding the lease (``flow.decode``)
+        prefill = self._dispatch_prefill(flow, named, tokens, num_outputs, sampling, tried)
+        prefill_since = time.monotonic()
+
+        def ask_next() -> None:
+            nonlocal asked, asked_at, retry_at
+            asked = self._reserve(flow, reserve, lost, skip | silent, rescheduled, prefill)
+            asked_at = time.monotonic()
+            retry_at = all_busy() if asked is None else None
+
+        def redispatch(why: str, drop: bool) -> None:
+            nonlocal prefill, prefill_since, named
             self.counters["reschedules"] += 1
             log.warning("req %s: prefill on %s failed (%s); re-dispatching", flow.req_id, prefill.name, why)
             failures[prefill.identity] = failures.get(prefill.identity, 0) + 1
             # a live prefill gets a second try (a transfer can fail once on a stale connection)
-            if isinstance(ev, InstanceLost) or failures[prefill.identity] >= 2:
+            if drop or failures[prefill.identity] >= 2:
                 tried.add(prefill.identity)
+            named = holder or (asked if flow.reserving is not None else None) or named
+            prefill = self._dispatch_prefill(flow, named, tokens, num_outputs, sampling, tried)
+            prefill_since = time.monotonic()
+
+        while True:
+            clocks = [prefill_since + self.request_timeout_s]
+            if flow.reserving is not None:
+                clocks.append(asked_at + max(0.1, min(5.0, deadline - asked_at)))
+            if retry_at is not None:
+                clocks.append(retry_at)
+            try:
+                ev = await wait_bounded(flow.queue.get(), max(0.0, min(clocks) - time.monotonic()))
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= prefill_since + self.request_timeout_s:
+                    raise _Ended(Exit.TIMEOUT, f"prefill on {prefill.name} silent for {self.request_timeout_s:g}s") from None
+                if flow.reserving is not None and now >= clocks[1]:  # the asked decode is silent
+                    self._send(flow.reserving, Release(req_id=flow.req_id))  # follows the Reserve
+                    silent.add(flow.reserving)
+                    flow.reserving = None
+                    ask_next()
+                elif retry_at is not None and now >= retry_at:
+                    ask_next()
+                continue
+            if isinstance(ev, ReserveAnswer):
+                if ev.identity != flow.reserving:
+                    continue  # the answer of a decode given up on: released when it came
+                flow.reserving = None
+                if ev.block_ids is None:  # Busy
+                    skip.add(ev.identity)
+                    ask_next()
+                    continue
+                flow.phase = Phase.PREFILL
+                holder = asked
+                self._hold_lease(flow, holder.identity, len(ev.block_ids))
+                flow.block_ids = ev.block_ids
+                # the whole destination only when another decode than the one named took it
+                dest = None if holder.identity == named.identity else self._destination(prefill, holder, ev.block_ids)
+                if self._send(prefill.identity, DestReady(flow.req_id, ev.block_ids, dest)):
+                    flow.dest_sent, named = True, holder
+                else:  # the prefill is gone: another one gets the request, block ids included
+                    self._prefill_ended(flow)
+                    redispatch(f"{prefill.name} unreachable", drop=True)
+            elif isinstance(ev, Prefilled):
+                if flow.dest_sent and holder is not None:
+                    self._prefill_ended(flow)  # it wrote everything and answered
+                    return holder, ev.first
+            elif isinstance(ev, Failed):  # from the prefill: a decode's Failed reaches a decoding flow only
+                self._prefill_ended(flow)
+                if not ev.retryable:
+                    raise _Ended(Exit.PREFILL_REFUSED, ev.error)
+                redispatch(ev.error, drop=False)
+            elif isinstance(ev, InstanceLost):
+                if ev.identity == prefill.identity:
+                    self._prefill_ended(flow)
+                    redispatch(ev.reason, drop=True)
+                elif ev.identity == flow.reserving:  # asked, never answered: ask another
+                    flow.reserving = None
+                    lost.add(ev.identity)
+                    ask_next()
+                elif ev.identity == flow.decode:
+                    lost.add(ev.identity)
+                    self._decode_ended(flow)  # its blocks are gone with it
+                    flow.block_ids, holder, flow.phase = None, None, Phase.RESERVE
+                    if flow.dest_sent:
+                        # the prefill may be writing into them: stop it, start over elsewhere
+                        flow.dest_sent = False
+                        self._send(prefill.identity, Abort(req_id=flow.req_id, reason="decode lost"))
+                        flow.stale[prefill.identity] = flow.stale.get(prefill.identity, 0) + 1
+                        self._prefill_ended(flow)
+                        return None
+                    ask_next()  # the prefill never had the blocks: it goes on, another decode answers
 
     def stats(self) -> dict:
         out = dict(self.counters, requests=len(self.reqs), orphans=len(self.orphans))
