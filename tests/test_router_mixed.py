@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 from test_router_pd import PROMPT, SAMPLING, FakeBus, assert_clean, run
+from test_router_pd import Client as PDClient
 
 from actors.frontend.server import BackendUnavailable, RequestRejected, RequestTimedOut
 from actors.router.pd import Exit, PDBackend
@@ -19,33 +20,9 @@ from pdbus.messages import Abort, Failed, Load, Prefill, Release, Reserve, Token
 from pdbus.sockets import PeerUnreachable
 
 
-class Client:
-    """Iterates ``submit`` (the router's choice of path) the way the frontend does."""
-
-    def __init__(self, backend: PDBackend, req_id: str = "r1"):
-        self.items: list[TokenOut] = []
-        self.error: BaseException | None = None
-        self.gen = backend.submit(req_id, list(PROMPT), SAMPLING)
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self):
-        try:
-            async for item in self.gen:
-                self.items.append(item)
-                if item.finish_reason is not None:
-                    break
-        except Exception as exc:  # noqa: BLE001 - the test asserts on it
-            self.error = exc
-        finally:
-            await self.gen.aclose()
-
-    async def done(self):
-        await asyncio.wait_for(self.task, 2.0)
-        return self
-
-    async def leave(self):
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+def Client(backend: PDBackend, req_id: str = "r1"):
+    """The fake bus's client, iterating ``submit`` (the router's choice of path)."""
+    return PDClient(backend, req_id, via="submit")
 
 
 def mixed(n: int = 1, prefills: int = 0, decodes: int = 0, **kw):

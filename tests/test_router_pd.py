@@ -87,12 +87,13 @@ class FakeBus:
 
 
 class Client:
-    """Iterates ``generate`` in a task the way the frontend does, collecting what it yields."""
+    """Iterates ``generate`` in a task the way the frontend does, collecting what it yields
+    (``via="submit"``: the router's choice between the PD walk and a mixed instance)."""
 
-    def __init__(self, backend: PDBackend, req_id: str = "r1", prompt=PROMPT):
+    def __init__(self, backend: PDBackend, req_id: str = "r1", prompt=PROMPT, via: str = "generate"):
         self.items: list[TokenOut] = []
         self.error: BaseException | None = None
-        self.gen = backend.generate(req_id, list(prompt), SAMPLING)
+        self.gen = getattr(backend, via)(req_id, list(prompt), SAMPLING)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self):
@@ -150,6 +151,21 @@ async def to_decode(bus, backend, p, d, blocks=(1,), first=9):
     reserve, prefill, _ = await reserved(bus, backend, p, d, blocks)
     backend.on_prefill_end(p.identity, Prefilled(req_id=prefill.req_id, first=TokenOut(prefill.req_id, [first])))
     return reserve, prefill, await bus.next(Decode, d, len(bus.of(Decode, d)) + 1)
+
+
+async def finish(bus, backend, c, p, d):
+    """The prefill answers token one, the decode finishes with one more: the request ends clean."""
+    backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
+    await bus.next(Decode, d)
+    backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="stop")])
+    await c.done()
+    assert c.error is None
+    assert_clean(backend)
+
+
+def prefer_decodes(backend, *decodes):
+    """The router picks the first live decode of ``decodes`` not excluded (a fixed order, not random)."""
+    backend.pick_decode = lambda exclude: next((d for d in decodes if d.identity not in exclude and d.alive), None)
 
 
 def test_finished_request_sends_no_release_and_leaves_nothing():
@@ -332,7 +348,7 @@ def test_transfer_failure_retries_the_prefill_then_moves_on():
 def test_decode_lost_during_prefill_stops_the_prefill_and_reserves_elsewhere():
     async def main():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         await reserved(bus, backend, p, d0)
         d0.alive = False
@@ -342,12 +358,7 @@ def test_decode_lost_during_prefill_stops_the_prefill_and_reserves_elsewhere():
         assert prefill.dest.instance_id == "d1" and dest.block_ids == [2] and dest.dest is None
         # the aborted dispatch's own answer comes first: it is not the new dispatch's refusal
         backend.on_prefill_end(p.identity, Failed(req_id="r1", error="aborted: decode lost", retryable=False))
-        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
-        await bus.next(Decode, d1)
-        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
-        await c.done()
-        assert c.error is None
-        assert_clean(backend)
+        await finish(bus, backend, c, p, d1)
 
     run(main())
 
@@ -355,7 +366,7 @@ def test_decode_lost_during_prefill_stops_the_prefill_and_reserves_elsewhere():
 def test_decode_lost_mid_stream_reprefills_prompt_and_outputs_elsewhere():
     async def main():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         await to_decode(bus, backend, p, d0)
         backend.on_tokens(d0.identity, [TokenOut("r1", [10])])
@@ -410,7 +421,7 @@ def test_decode_refusing_mid_stream_ends_the_stream_with_its_error():
 def test_retries_exhausted_ends_with_an_error():
     async def main():
         bus, backend, (p,), (d0, d1, d2) = cluster(decodes=3, max_retries=1)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1, d2) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1, d2)
         c = Client(backend)
         await to_decode(bus, backend, p, d0)
         d0.alive = False
@@ -541,7 +552,7 @@ def test_prefill_refused_before_the_decode_answers_releases_the_lease_behind_the
 def test_busy_decode_hands_the_destination_to_another_decode():
     async def main():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         reserve = await bus.next(Reserve, d0)
         assert bus.of(Prefill, p)[-1].dest.instance_id == "d0"
@@ -564,19 +575,14 @@ def test_busy_decode_hands_the_destination_to_another_decode():
 def test_decode_lost_before_it_answers_hands_the_destination_to_another_decode():
     async def main():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         await bus.next(Reserve, d0)
         d0.alive = False
         backend.on_instance_lost(d0, "silent")
         _, _, dest = await reserved(bus, backend, p, d1, blocks=(3,))
         assert dest.dest.instance_id == "d1" and not bus.of(Abort), "the prefill never had d0's blocks: it goes on"
-        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
-        await bus.next(Decode, d1)
-        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
-        await c.done()
-        assert c.error is None
-        assert_clean(backend)
+        await finish(bus, backend, c, p, d1)
 
     run(main())
 
@@ -600,7 +606,7 @@ def test_only_decode_lost_before_it_answers_aborts_the_prefill_with_a_503():
 def test_silent_decode_is_given_up_and_its_late_lease_released():
     async def main():
         bus, backend, (p,), (d0, d1) = cluster(decodes=2, reserve_timeout_s=0.3)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         reserve = await bus.next(Reserve, d0)
         await bus.next(Reserve, d1)  # d0 never answered: given up
@@ -610,12 +616,7 @@ def test_silent_decode_is_given_up_and_its_late_lease_released():
         backend.on_reserve_answer(d1.identity, reserve.req_id, [2], "")
         dest = await bus.next(DestReady, p)
         assert dest.dest.instance_id == "d1" and dest.block_ids == [2]
-        backend.on_prefill_end(p.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
-        await bus.next(Decode, d1)
-        backend.on_tokens(d1.identity, [TokenOut("r1", [10], finish_reason="stop")])
-        await c.done()
-        assert c.error is None
-        assert_clean(backend)
+        await finish(bus, backend, c, p, d1)
 
     run(main())
 
@@ -653,12 +654,7 @@ def test_prefill_unreachable_when_the_destination_comes_redispatches_with_the_bl
         backend.on_reserve_answer(d.identity, reserve.req_id, [6], "")
         again = await bus.next(Prefill, p1)
         assert again.dest.block_ids == [6]
-        backend.on_prefill_end(p1.identity, Prefilled(req_id="r1", first=TokenOut("r1", [9])))
-        await bus.next(Decode, d)
-        backend.on_tokens(d.identity, [TokenOut("r1", [10], finish_reason="stop")])
-        await c.done()
-        assert c.error is None
-        assert_clean(backend)
+        await finish(bus, backend, c, p1, d)
 
     run(main())
 
@@ -668,7 +664,7 @@ def test_client_gone_after_a_decode_was_lost_mid_prefill_waits_for_the_right_ans
         # d0 lost while p wrote into it (abort, one stale answer due), then the client leaves
         # while p writes into d1's lease: the lease must outlive the stale answer
         bus, backend, (p,), (d0, d1) = cluster(decodes=2)
-        backend.pick_decode = lambda exclude: next((d for d in (d0, d1) if d.identity not in exclude and d.alive), None)
+        prefer_decodes(backend, d0, d1)
         c = Client(backend)
         await reserved(bus, backend, p, d0)
         d0.alive = False

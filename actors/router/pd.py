@@ -57,6 +57,7 @@ from pdbus.messages import (
     DestReady,
     Endpoint,
     Failed,
+    FinishReason,
     Prefill,
     Prefilled,
     Release,
@@ -411,117 +412,125 @@ class PDBackend:
             return False
 
     # ----------------------------------------------------------------- the walk
-    async def generate(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams):
+    def generate(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams):
+        """The request's stream through a prefill + decode pair."""
         flow = Flow(req_id)
-        self.reqs[req_id] = flow
+        return self._run(flow, self._walk_pd(flow, prompt_ids, sampling))
+
+    async def _walk_pd(self, flow: Flow, prompt_ids: list[int], sampling: SamplingParams):
+        req_id = flow.req_id
         outputs: list[int] = []
         retries = 0
         lost_decodes: set[bytes] = set()
-        try:
-            while True:
-                flow.phase = Phase.RESERVE
-                tokens = prompt_ids + outputs
-                reserve = Reserve(
-                    req_id=req_id,
-                    num_tokens=len(tokens) + 1,
-                    lease_s=self.lease_s,
-                    prompt_token_ids=prompt_ids,
-                    output_token_ids=list(outputs),
-                    sampling=sampling,
-                )
-                got = await self._prefill(flow, reserve, tokens, len(outputs), sampling, lost_decodes, retries > 0)
-                if got is None:  # the decode was lost while the prefill could write into it
-                    retries += 1
-                    if retries > self.max_retries:
-                        raise _Ended(Exit.RETRIES_EXHAUSTED, "decode instances keep failing")
-                    continue
-                decode, first = got
-                outputs.extend(first.token_ids)
-                flow.phase = Phase.DECODE
-                yield first
-                self._start_decode(flow)
-                ev = None
-                if not self._send(decode.identity, Decode(req_id, first.token_ids[-1])):
-                    ev = InstanceLost(decode.identity, f"{decode.name} unreachable")
-                while ev is None:
-                    ev = await self._next(flow, f"decode on {decode.name}")
-                    if isinstance(ev, TokenOut):
-                        outputs.extend(ev.token_ids)
-                        if ev.finish_reason is not None:
-                            self._decode_ended(flow)  # the decode freed the sequence itself
-                            self._close(flow, Exit.FINISHED)
-                            yield ev
-                            return
-                        yield ev
-                        ev = None
-                    elif isinstance(ev, Failed) and not ev.retryable:
-                        self._decode_ended(flow)  # the decode dropped it
-                        raise _Ended(Exit.DECODE_FAILED, ev.error)
-                    elif isinstance(ev, InstanceLost) and ev.identity != decode.identity:
-                        ev = None  # the prefill that is done with this request died: not ours
-                    elif not isinstance(ev, (InstanceLost, Failed)):
-                        ev = None  # a late answer of that prefill
-                why = ev.reason if isinstance(ev, InstanceLost) else ev.error
-                self._decode_ended(flow)  # lost (its blocks died with it) or it dropped the sequence
+        while True:
+            flow.phase = Phase.RESERVE
+            tokens = prompt_ids + outputs
+            reserve = Reserve(
+                req_id=req_id,
+                num_tokens=len(tokens) + 1,
+                lease_s=self.lease_s,
+                prompt_token_ids=prompt_ids,
+                output_token_ids=list(outputs),
+                sampling=sampling,
+            )
+            got = await self._prefill(flow, reserve, tokens, len(outputs), sampling, lost_decodes, retries > 0)
+            if got is None:  # the decode was lost while the prefill could write into it
                 retries += 1
-                self.counters["reschedules"] += 1
-                lost_decodes.add(decode.identity)
                 if retries > self.max_retries:
-                    raise _Ended(Exit.RETRIES_EXHAUSTED, f"decode failed: {why}")
-                log.warning("req %s: decode failed (%s); re-prefilling %d tokens elsewhere", req_id, why, len(prompt_ids) + len(outputs))
-        except _Ended as end:
-            self.counters["failures"] += 1
-            self._close(flow, end.how)
-            log.info("req %s: %s: %s", req_id, end.how.value, end.message)
-            if outputs:  # the client already has tokens: end its stream with an error event
-                yield TokenOut(req_id, [], finish_reason="error", error=end.message)
-                return
-            raise end.as_http() from None
-        finally:
-            self._close(flow, Exit.CLIENT_GONE)  # a no-op unless the client left mid-way
+                    raise _Ended(Exit.RETRIES_EXHAUSTED, "decode instances keep failing")
+                continue
+            decode, first = got
+            outputs.extend(first.token_ids)
+            flow.phase = Phase.DECODE
+            yield first
+            self._start_decode(flow)
+            ev = None
+            if not self._send(decode.identity, Decode(req_id, first.token_ids[-1])):
+                ev = InstanceLost(decode.identity, f"{decode.name} unreachable")
+            while ev is None:
+                ev = await self._next(flow, f"decode on {decode.name}")
+                if isinstance(ev, TokenOut):
+                    outputs.extend(ev.token_ids)
+                    if ev.finish_reason is not None:
+                        self._decode_ended(flow)  # the decode freed the sequence itself
+                        self._close(flow, Exit.FINISHED)
+                        yield ev
+                        return
+                    yield ev
+                    ev = None
+                elif isinstance(ev, Failed) and not ev.retryable:
+                    self._decode_ended(flow)  # the decode dropped it
+                    raise _Ended(Exit.DECODE_FAILED, ev.error)
+                elif isinstance(ev, InstanceLost) and ev.identity != decode.identity:
+                    ev = None  # the prefill that is done with this request died: not ours
+                elif not isinstance(ev, (InstanceLost, Failed)):
+                    ev = None  # a late answer of that prefill
+            why = ev.reason if isinstance(ev, InstanceLost) else ev.error
+            self._decode_ended(flow)  # lost (its blocks died with it) or it dropped the sequence
+            retries += 1
+            self.counters["reschedules"] += 1
+            lost_decodes.add(decode.identity)
+            if retries > self.max_retries:
+                raise _Ended(Exit.RETRIES_EXHAUSTED, f"decode failed: {why}")
+            log.warning("req %s: decode failed (%s); re-prefilling %d tokens elsewhere", req_id, why, len(prompt_ids) + len(outputs))
 
-    async def generate_mixed(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
+    def generate_mixed(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
         """Run the request on mixed instance ``inst``: ``Prefill`` without destination, then its
         ``Tokens``. Exits: finished; the instance refuses (400, or an error event after tokens);
         it is lost or silent past the request timeout (503 / 504, or an error event after tokens);
         the client goes (``Abort`` to the instance). All through ``_close``."""
         flow = Flow(req_id)
-        self.reqs[req_id] = flow
+        return self._run(flow, self._walk_mixed(flow, prompt_ids, sampling, inst))
+
+    async def _walk_mixed(self, flow: Flow, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
+        req_id = flow.req_id
         outputs = 0
-        try:
-            flow.phase = Phase.PREFILL
-            flow.decode = inst.identity  # it runs the sequence from the first token on
-            self._start_decode(flow)
-            if not self._send(inst.identity, Prefill(req_id=req_id, prompt_token_ids=prompt_ids, sampling=sampling)):
-                self._decode_ended(flow)  # nothing reached it
-                raise _Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
-            while True:
-                ev = await self._next(flow, f"mixed instance {inst.name}")
-                if isinstance(ev, TokenOut):
-                    outputs += len(ev.token_ids)
-                    flow.phase = Phase.DECODE
-                    if ev.finish_reason is not None:
-                        self._decode_ended(flow)  # the instance freed the sequence itself
-                        self._close(flow, Exit.FINISHED)
-                        yield ev
-                        return
+        flow.phase = Phase.PREFILL
+        flow.decode = inst.identity  # it runs the sequence from the first token on
+        self._start_decode(flow)
+        if not self._send(inst.identity, Prefill(req_id=req_id, prompt_token_ids=prompt_ids, sampling=sampling)):
+            self._decode_ended(flow)  # nothing reached it
+            raise _Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
+        while True:
+            ev = await self._next(flow, f"mixed instance {inst.name}")
+            if isinstance(ev, TokenOut):
+                outputs += len(ev.token_ids)
+                flow.phase = Phase.DECODE
+                if ev.finish_reason is not None:
+                    self._decode_ended(flow)  # the instance freed the sequence itself
+                    self._close(flow, Exit.FINISHED)
                     yield ev
-                elif isinstance(ev, Failed):
-                    self._decode_ended(flow)  # it dropped the request
-                    raise _Ended(Exit.PREFILL_REFUSED if not outputs else Exit.DECODE_FAILED, ev.error)
-                elif isinstance(ev, InstanceLost) and ev.identity == inst.identity:
-                    self._decode_ended(flow)  # its sequences died with it
-                    raise _Ended(Exit.INSTANCE_LOST, ev.reason, retry_after=1)
+                    return
+                yield ev
+            elif isinstance(ev, Failed):
+                self._decode_ended(flow)  # it dropped the request
+                raise _Ended(Exit.PREFILL_REFUSED if not outputs else Exit.DECODE_FAILED, ev.error)
+            elif isinstance(ev, InstanceLost) and ev.identity == inst.identity:
+                self._decode_ended(flow)  # its sequences died with it
+                raise _Ended(Exit.INSTANCE_LOST, ev.reason, retry_after=1)
+
+    async def _run(self, flow: Flow, walk):
+        """The one exit handling of every path: ``walk`` (an async generator of the flow's
+        ``TokenOut``) ends in a finish, or in ``_Ended`` — then the flow is closed and the client
+        gets the HTTP error, or an error event once it has tokens — or the client leaves."""
+        self.reqs[flow.req_id] = flow
+        sent = False
+        try:
+            async for item in walk:
+                sent = sent or bool(item.token_ids)
+                yield item
         except _Ended as end:
             self.counters["failures"] += 1
             self._close(flow, end.how)
-            log.info("req %s: %s: %s", req_id, end.how.value, end.message)
-            if outputs:  # the client already has tokens: end its stream with an error event
-                yield TokenOut(req_id, [], finish_reason="error", error=end.message)
+            log.info("req %s: %s: %s", flow.req_id, end.how.value, end.message)
+            if sent:  # the client already has tokens: end its stream with an error event
+                yield TokenOut(flow.req_id, [], finish_reason=FinishReason.ERROR, error=end.message)
                 return
             raise end.as_http() from None
         finally:
+            await walk.aclose()
             self._close(flow, Exit.CLIENT_GONE)  # a no-op unless the client left mid-way
+
 
     async def _next(self, flow: Flow, what: str):
         try:
