@@ -132,8 +132,6 @@ BAD = [
     (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),
     (C, b'{"prompt": "abc\\udfff"}', 400),
     (CHAT, b'{"messages": [{"role": "user", "content": "raw \x01 control"}]}', 400),
-    (CHAT, _chat("nul \u0000 here"), 400),
-    (C, _c(prompt="a\u0000"), 400),
     (CHAT, b'{"messages": "hello"}', 400),
     (CHAT, b'{"messages": {"role": "user", "content": "x"}}', 400),
     (CHAT, _chat(42), 400),

@@ -10,7 +10,7 @@ wrap these in their aiohttp handlers. A handler does, per request:
    nesting deeper than ``MAX_JSON_DEPTH``); a bus client's ``Generate`` becomes the same kind of
    body through ``generate_body(msg)``;
 1. ``parse_completion_request(body, ...)`` / ``parse_chat_request(body, ...)``: every field is
-   checked explicitly (type, range, and text free of NUL and lone surrogates); a bad one raises
+   checked explicitly (type, range, and text free of lone surrogates); a bad one raises
    ``OpenAIError`` (400 naming the field, 404 for an unknown model) whose ``to_dict()`` is
    OpenAI's error body, the one way any error body is built;
 2. tokenizes (chat: applies the template to ``req.messages``), then
@@ -97,7 +97,7 @@ MAX_STOP = 16
 MAX_KWARGS_DEPTH = 16  # chat_template_kwargs: arrays and objects inside one another
 MAX_TOKEN_ID = (1 << 31) - 1  # the bound of a token id while the vocabulary is not known
 _MISSING = object()
-_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")  # NUL, and UTF-16 surrogates (lone: no pair in a str)
+_BAD_CHAR = re.compile("[\ud800-\udfff]")  # UTF-16 surrogates (lone: no pair in a str); NUL is text like any
 
 
 # --------------------------------------------------------------------------- errors
@@ -222,12 +222,12 @@ class _Fields:
 
 
 def _text(name: str, value: str) -> str:
-    """``value`` if it is text a tokenizer can take: no NUL, no lone UTF-16 surrogate."""
+    """``value`` if it is text a tokenizer can take: no lone UTF-16 surrogate (NUL and other
+    control characters are text: the tokenizer's byte fallback encodes them, as vLLM serves them)."""
     bad = _BAD_CHAR.search(value)
     if bad is not None:
         char = bad.group()
-        what = "a NUL character" if char == "\x00" else "a lone UTF-16 surrogate"
-        raise _invalid(name, f"'{name}' holds {what} (U+{ord(char):04X}) at position {bad.start()}.")
+        raise _invalid(name, f"'{name}' holds a lone UTF-16 surrogate (U+{ord(char):04X}) at position {bad.start()}.")
     return value
 
 
