@@ -165,19 +165,16 @@ class _Ended(Exception):
         return BackendUnavailable(self.message, retry_after=self.retry_after)
 
 
-async def wait_bounded(aw, timeout: float):
-    """``await aw`` for at most ``timeout`` seconds (``asyncio.TimeoutError`` after). Unlike
-    ``asyncio.wait_for`` before Python 3.12, a cancellation that races with ``aw`` completing is
-    never swallowed: a client that goes away is always seen."""
-    task = asyncio.ensure_future(aw)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-    finally:
-        if not task.done():
-            task.cancel()
-    if not done:
-        raise TimeoutError
-    return task.result()
+async def next_event(queue: asyncio.Queue, timeout: float):
+    """The queue's next item, waiting at most ``timeout`` seconds (``TimeoutError`` after). An item
+    already there is taken at once (no timer, no task: the per-token path). ``asyncio.timeout``
+    cancels only its own scope, so — unlike ``asyncio.wait_for`` before Python 3.12 — a
+    cancellation that races with an item arriving is never swallowed: a client that goes away is
+    always seen."""
+    if not queue.empty():
+        return queue.get_nowait()
+    async with asyncio.timeout(timeout):
+        return await queue.get()
 
 
 class PDBackend:
@@ -534,7 +531,7 @@ class PDBackend:
 
     async def _next(self, flow: Flow, what: str):
         try:
-            return await wait_bounded(flow.queue.get(), self.request_timeout_s)
+            return await next_event(flow.queue, self.request_timeout_s)
         except TimeoutError:
             raise _Ended(Exit.TIMEOUT, f"{what} silent for {self.request_timeout_s:g}s") from None
 
@@ -650,7 +647,7 @@ class PDBackend:
             if retry_at is not None:
                 clocks.append(retry_at)
             try:
-                ev = await wait_bounded(flow.queue.get(), max(0.0, min(clocks) - time.monotonic()))
+                ev = await next_event(flow.queue, max(0.0, min(clocks) - time.monotonic()))
             except TimeoutError:
                 now = time.monotonic()
                 if now >= prefill_since + self.request_timeout_s:
