@@ -42,12 +42,20 @@ is freed while bytes may still land in it) and puts the router's load estimates 
 from __future__ import annotations
 
 import asyncio
-import enum
 import random
 import time
-from dataclasses import dataclass, field
 
-from actors.frontend.server import BackendUnavailable, RequestRejected, RequestTimedOut
+from actors.router.flow import (
+    Ended,
+    Exit,
+    Flow,
+    InstanceLoad,
+    InstanceLost,
+    Orphan,
+    Phase,
+    ReserveAnswer,
+    next_event,
+)
 from pdbus.actor import Peer
 from pdbus.log import get_logger
 from pdbus.messages import (
@@ -69,112 +77,6 @@ from pdbus.messages import (
 from pdbus.sockets import BusError
 
 log = get_logger("router.pd")
-
-
-class Phase(enum.Enum):
-    RESERVE = "reserve"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    DONE = "done"
-
-
-class Exit(enum.Enum):
-    """How a request left the router (``PDBackend.exits`` counts them)."""
-
-    FINISHED = "finished"
-    CLIENT_GONE = "client_gone"
-    PREFILL_REFUSED = "prefill_refused"
-    DECODE_FAILED = "decode_failed"  # the decode refused the request for good
-    RETRIES_EXHAUSTED = "retries_exhausted"
-    INSTANCE_LOST = "instance_lost"  # the mixed instance running the request died
-    NO_CAPACITY = "no_capacity"
-    TIMEOUT = "timeout"
-
-
-@dataclass
-class InstanceLost:
-    identity: bytes
-    reason: str
-
-
-@dataclass
-class ReserveAnswer:
-    """A decode's answer to the flow's pending ``Reserve``: block ids, or None (Busy)."""
-
-    identity: bytes
-    block_ids: list[int] | None
-    reason: str
-
-
-@dataclass
-class InstanceLoad:
-    """What the router dispatched to an instance since it last reported."""
-
-    pending_prefill_tokens: int = 0
-    active: int = 0
-    reserved_blocks: int = 0
-
-    def idle(self) -> bool:
-        return not (self.pending_prefill_tokens or self.active or self.reserved_blocks)
-
-
-@dataclass
-class Flow:
-    """One request inside the router, and what it holds on the instances."""
-
-    req_id: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    phase: Phase = Phase.RESERVE
-    reserving: bytes | None = None  # asked for a lease (Reserve sent), its answer not taken yet
-    decode: bytes | None = None  # holds a lease for the request (runs it once ``decoding``)
-    block_ids: list[int] | None = None  # the lease's blocks on ``decode``
-    lease_blocks: int = 0  # blocks charged to the decode's estimate until Decode or release
-    decoding: bool = False  # Decode sent: the decode runs the sequence (abort, not release)
-    prefill: bytes | None = None  # computing the prompt; may write into the lease once ``dest_sent``
-    prefill_tokens: int = 0  # charged to the prefill's pending estimate
-    prefill_over: bool = False  # its answer (or its loss) arrived: it writes no more, even if unread
-    dest_sent: bool = False  # the prefill has the lease's block ids
-    # prefill -> answers still due for dispatches the flow gave up (Abort sent): each dispatch
-    # gets exactly one Prefilled or Failed, and these must not be read as the current one's
-    stale: dict[bytes, int] = field(default_factory=dict)
-    exit: Exit | None = None
-
-
-@dataclass
-class Orphan:
-    """A lease whose request ended while its prefill may still write into it."""
-
-    prefill: bytes
-    decode: bytes
-    stale: int = 0  # answers of given-up dispatches to skip before the one that ends the writing
-    since: float = field(default_factory=time.monotonic)
-
-
-class _Ended(Exception):
-    """A request's end other than finishing, with the HTTP answer it maps to."""
-
-    def __init__(self, how: Exit, message: str, retry_after: int = 5):
-        super().__init__(message)
-        self.how, self.message, self.retry_after = how, message, retry_after
-
-    def as_http(self) -> Exception:
-        if self.how in (Exit.PREFILL_REFUSED, Exit.DECODE_FAILED):
-            return RequestRejected(self.message)
-        if self.how is Exit.TIMEOUT:
-            return RequestTimedOut(self.message)
-        return BackendUnavailable(self.message, retry_after=self.retry_after)
-
-
-async def next_event(queue: asyncio.Queue, timeout: float):
-    """The queue's next item, waiting at most ``timeout`` seconds (``TimeoutError`` after). An item
-    already there is taken at once (no timer, no task: the per-token path). ``asyncio.timeout``
-    cancels only its own scope, so — unlike ``asyncio.wait_for`` before Python 3.12 — a
-    cancellation that races with an item arriving is never swallowed: a client that goes away is
-    always seen."""
-    if not queue.empty():
-        return queue.get_nowait()
-    async with asyncio.timeout(timeout):
-        return await queue.get()
 
 
 class PDBackend:
@@ -434,7 +336,7 @@ class PDBackend:
             if got is None:  # the decode was lost while the prefill could write into it
                 retries += 1
                 if retries > self.max_retries:
-                    raise _Ended(Exit.RETRIES_EXHAUSTED, "decode instances keep failing")
+                    raise Ended(Exit.RETRIES_EXHAUSTED, "decode instances keep failing")
                 continue
             decode, first = got
             outputs.extend(first.token_ids)
@@ -457,7 +359,7 @@ class PDBackend:
                     ev = None
                 elif isinstance(ev, Failed) and not ev.retryable:
                     self._decode_ended(flow)  # the decode dropped it
-                    raise _Ended(Exit.DECODE_FAILED, ev.error)
+                    raise Ended(Exit.DECODE_FAILED, ev.error)
                 elif isinstance(ev, InstanceLost) and ev.identity != decode.identity:
                     ev = None  # the prefill that is done with this request died: not ours
                 elif not isinstance(ev, (InstanceLost, Failed)):
@@ -468,7 +370,7 @@ class PDBackend:
             self.counters["reschedules"] += 1
             lost_decodes.add(decode.identity)
             if retries > self.max_retries:
-                raise _Ended(Exit.RETRIES_EXHAUSTED, f"decode failed: {why}")
+                raise Ended(Exit.RETRIES_EXHAUSTED, f"decode failed: {why}")
             log.warning("req %s: decode failed (%s); re-prefilling %d tokens elsewhere", req_id, why, len(prompt_ids) + len(outputs))
 
     def generate_mixed(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
@@ -487,7 +389,7 @@ class PDBackend:
         self._start_decode(flow)
         if not self._send(inst.identity, Prefill(req_id=req_id, prompt_token_ids=prompt_ids, sampling=sampling)):
             self._decode_ended(flow)  # nothing reached it
-            raise _Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
+            raise Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
         while True:
             ev = await self._next(flow, f"mixed instance {inst.name}")
             if isinstance(ev, TokenOut):
@@ -501,14 +403,14 @@ class PDBackend:
                 yield ev
             elif isinstance(ev, Failed):
                 self._decode_ended(flow)  # it dropped the request
-                raise _Ended(Exit.PREFILL_REFUSED if not outputs else Exit.DECODE_FAILED, ev.error)
+                raise Ended(Exit.PREFILL_REFUSED if not outputs else Exit.DECODE_FAILED, ev.error)
             elif isinstance(ev, InstanceLost) and ev.identity == inst.identity:
                 self._decode_ended(flow)  # its sequences died with it
-                raise _Ended(Exit.INSTANCE_LOST, ev.reason, retry_after=1)
+                raise Ended(Exit.INSTANCE_LOST, ev.reason, retry_after=1)
 
     async def _run(self, flow: Flow, walk):
         """The one exit handling of every path: ``walk`` (an async generator of the flow's
-        ``TokenOut``) ends in a finish, or in ``_Ended`` — then the flow is closed and the client
+        ``TokenOut``) ends in a finish, or in ``Ended`` — then the flow is closed and the client
         gets the HTTP error, or an error event once it has tokens — or the client leaves."""
         self.reqs[flow.req_id] = flow
         sent = False
@@ -516,7 +418,7 @@ class PDBackend:
             async for item in walk:
                 sent = sent or bool(item.token_ids)
                 yield item
-        except _Ended as end:
+        except Ended as end:
             self.counters["failures"] += 1
             self._close(flow, end.how)
             log.info("req %s: %s: %s", flow.req_id, end.how.value, end.message)
@@ -533,7 +435,7 @@ class PDBackend:
         try:
             return await next_event(flow.queue, self.request_timeout_s)
         except TimeoutError:
-            raise _Ended(Exit.TIMEOUT, f"{what} silent for {self.request_timeout_s:g}s") from None
+            raise Ended(Exit.TIMEOUT, f"{what} silent for {self.request_timeout_s:g}s") from None
 
     def _reserve(self, flow: Flow, reserve: Reserve, lost: set[bytes], skip: set[bytes], rescheduled: bool, prefill: Peer | None) -> Peer | None:
         """Send ``reserve`` to a decode (one that ``prefill`` can write to, when given) outside
@@ -543,7 +445,7 @@ class PDBackend:
         usable = [p for p in alive if p.identity not in lost and (prefill is None or self.choose_protocol(prefill, p) is not None)]
         if not usable:
             what = "no other decode instance is alive" if rescheduled else "no decode instance is alive"
-            raise _Ended(Exit.NO_CAPACITY, what, retry_after=5)
+            raise Ended(Exit.NO_CAPACITY, what, retry_after=5)
         unusable = {p.identity for p in alive} - {p.identity for p in usable}
         while True:
             decode = self.pick_decode(lost | skip | unusable)
@@ -561,7 +463,7 @@ class PDBackend:
             prefill = self.pick_prefill(tried)
             if prefill is None:
                 what = "no prefill instance is alive" if not tried else "no prefill instance could take the request"
-                raise _Ended(Exit.NO_CAPACITY, what, retry_after=5)
+                raise Ended(Exit.NO_CAPACITY, what, retry_after=5)
             block_ids = flow.block_ids if flow.decode == decode.identity else None
             dest = self._destination(prefill, decode, block_ids)
             if dest is None:
@@ -605,7 +507,7 @@ class PDBackend:
             self.counters["busy"] += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _Ended(
+                raise Ended(
                     Exit.NO_CAPACITY,
                     f"no decode instance has room for {reserve.num_tokens} tokens (waited {self.reserve_timeout_s:g}s)",
                     retry_after=max(1, int(self.reserve_timeout_s / 10)),
@@ -651,7 +553,7 @@ class PDBackend:
             except TimeoutError:
                 now = time.monotonic()
                 if now >= prefill_since + self.request_timeout_s:
-                    raise _Ended(Exit.TIMEOUT, f"prefill on {prefill.name} silent for {self.request_timeout_s:g}s") from None
+                    raise Ended(Exit.TIMEOUT, f"prefill on {prefill.name} silent for {self.request_timeout_s:g}s") from None
                 if flow.reserving is not None and now >= clocks[1]:  # the asked decode is silent
                     self._send(flow.reserving, Release(req_id=flow.req_id))  # follows the Reserve
                     silent.add(flow.reserving)
@@ -686,7 +588,7 @@ class PDBackend:
             elif isinstance(ev, Failed):  # from the prefill: a decode's Failed reaches a decoding flow only
                 self._prefill_ended(flow)
                 if not ev.retryable:
-                    raise _Ended(Exit.PREFILL_REFUSED, ev.error)
+                    raise Ended(Exit.PREFILL_REFUSED, ev.error)
                 redispatch(ev.error, drop=False)
             elif isinstance(ev, InstanceLost):
                 if ev.identity == prefill.identity:
