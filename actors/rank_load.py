@@ -73,6 +73,8 @@ class LoadedRank:
 
         cfg = self.cfg
         self.device = pick_device(cfg)
+        if cfg.splitwise_role != "mixed":
+            self._offered_protocols()  # before the weights load: a protocol that cannot be built stops us now
         t0 = time.monotonic()
         self.model_cfg = ErnieConfig.from_model_dir(cfg.model)
         self.model_name = cfg.served_model_name or os.path.basename(os.path.normpath(cfg.model))
@@ -197,6 +199,24 @@ class LoadedRank:
         world, self.tp_control = init_group(0, spec.size, spec.master_port, self.device)
         self.model, self.model_cfg, self.tp_split, self.kv_cache = build_shard(spec, self.device, world, self.tp_control)
         self.tp_group.wait_ready()
+
+    def _offered_protocols(self) -> None:
+        """What this instance offers: the listed protocols that apply to its cache on this host
+        (tcp needs a CPU cache, ipc on a GPU needs cupy, rdma a NIC and Mooncake); each one left out
+        says why in one line, and only when none applies does the instance stop, saying why for each."""
+        from native.transfer.base import unavailable
+
+        kept, why = [], []
+        for proto in self.cfg.cache_transfer_protocol:
+            reason = unavailable(proto, self.device.type)
+            if reason is None:
+                kept.append(proto)
+            else:
+                why.append(f"{proto}: {reason}")
+                log.warning("--cache-transfer-protocol %s is left out: %s", proto, reason)
+        if not kept:
+            raise RuntimeError(f"no --cache-transfer-protocol applies on this host ({'; '.join(why)})")
+        self.cfg.cache_transfer_protocol = kept
 
     def _make_transfers(self) -> None:
         from native.transfer.base import create_transfer_engine

@@ -136,14 +136,26 @@ def kv_blocks_for_budget(
     per_block *= cfg.block_size
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        # activations (profiled) of every rank on this GPU, then this rank's share
-        budget = (free - (1 - cfg.gpu_memory_utilization) * total - sharing * reserve_bytes) / sharing
+        budget = gpu_kv_budget(free, total, torch.cuda.memory_reserved(device), cfg.gpu_memory_utilization, sharing, reserve_bytes)
+        # more blocks than max_num_seqs sequences of max_model_len can hold are never used: a small
+        # model on a large card takes what it can use, not the card
+        blocks = min(int(budget // per_block), cfg.max_num_seqs * (needed - 1) + 1)
     else:
-        budget = cfg.kv_cache_memory_gb * (1 << 30)
-    blocks = int(budget // per_block)
+        blocks = int(cfg.kv_cache_memory_gb * (1 << 30) // per_block)
     if blocks < needed:
         raise RuntimeError(
             f"KV cache budget holds {blocks} blocks, one max-length sequence needs {needed}: "
             "raise --kv-cache-memory-gb / --gpu-memory-utilization or lower --max-model-len"
         )
     return blocks
+
+
+def gpu_kv_budget(free: int, total: int, own: int, utilization: float, sharing: int = 1, reserve: int = 0) -> float:
+    """Bytes of KV cache for one rank on a GPU. ``--gpu-memory-utilization`` is this instance's
+    share of the card — ``sharing`` ranks of one instance on the GPU split it — less what this
+    rank already holds (``own``: its weights) and its profiled activation ``reserve``; and never
+    more than is free now (other instances on the card hold the rest), 1% of the card kept for
+    their CUDA contexts. So a prefill and a decode on one GPU each take their share."""
+    share = utilization * total / sharing - own - reserve
+    room = (free - 0.01 * total) / sharing - reserve
+    return max(0.0, min(share, room))

@@ -183,3 +183,19 @@ def test_mixed_scenario_returns_to_full(bm):
     bm.free(table)
     bm.free(table[:1])
     assert bm.expire(now=2.0) == ["x"]
+
+
+def test_gpu_kv_budget_is_this_instances_share():
+    from native.kv_cache import gpu_kv_budget
+
+    gib = 1 << 30
+    total = 100 * gib
+    # one instance alone at 0.4: its share less its weights and activations
+    assert gpu_kv_budget(free=95 * gib, total=total, own=5 * gib, utilization=0.4, reserve=gib) == 34 * gib
+    # a second instance at 0.4 on the same card, the first holding 40 GiB: its own share again
+    assert gpu_kv_budget(free=55 * gib, total=total, own=5 * gib, utilization=0.4, reserve=gib) == 34 * gib
+    # shares that overbook the card: never more than is free (1% kept for contexts)
+    assert gpu_kv_budget(free=20 * gib, total=total, own=5 * gib, utilization=0.9, reserve=gib) == 18 * gib
+    # two ranks of one instance on the GPU split its share
+    assert gpu_kv_budget(free=90 * gib, total=total, own=5 * gib, utilization=0.5, sharing=2, reserve=gib) == 19 * gib
+    assert gpu_kv_budget(free=gib, total=total, own=5 * gib, utilization=0.5) == 0.0

@@ -41,6 +41,15 @@ def test_single_node_serves_and_ctrl_c_stops_all(tmp_path, default_model_dir):
         f"kv_cache_memory_gb = 0.05\ncache_transfer_protocol = \"ipc,tcp\"\n"
         f"[prefill]\nports = [{prefill}]\n[decode]\nports = [{decode}]\n"
     )
+    cases = json.load(open(os.path.join(default_model_dir, "eval_prompts.json"), encoding="utf-8"))
+    expected = next(c["expected"] for c in cases if c["prompt"] == "你好，请介绍一下自己。")
+    answer = launch_and_chat(conf, router)
+    assert answer == expected
+
+
+def launch_and_chat(conf, router: int, timeout: float = 180) -> str:
+    """``python -m pdbus.launch single-node --config conf``: healthy, the printed curl command's
+    chat request answered, and Ctrl-C stops every process it started. Returns the answer."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdbus.launch", "single-node", "--config", str(conf)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -54,7 +63,7 @@ def test_single_node_serves_and_ctrl_c_stops_all(tmp_path, default_model_dir):
             lines.append(line)
             return "pdbus is serving the OpenAI API" in line
 
-        wait_showing(serving, 180, "the launcher healthy", lambda: "".join(lines[-30:]), interval=0)
+        wait_showing(serving, timeout, "the launcher healthy", lambda: "".join(lines[-30:]), interval=0)
         curl = next(line for line in proc.stdout if "try: curl" in line)
         assert f":{router}/v1/chat/completions" in curl
         status, body = http_json(
@@ -62,17 +71,16 @@ def test_single_node_serves_and_ctrl_c_stops_all(tmp_path, default_model_dir):
             {"messages": [{"role": "user", "content": "你好，请介绍一下自己。"}], "max_tokens": 128, "temperature": 0},
         )
         assert status == 200, body
-        cases = json.load(open(os.path.join(default_model_dir, "eval_prompts.json"), encoding="utf-8"))
-        expected = next(c["expected"] for c in cases if c["prompt"] == "你好，请介绍一下自己。")
-        assert body["choices"][0]["message"]["content"] == expected
         started = _children(proc.pid)
         assert len(started) >= 3  # router, prefill, decode
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+
         def left() -> list[int]:  # zombies count as gone (an OSError: one went while being read)
             return [p for p in started if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
 
         wait_showing(lambda: not left(), 30, "no process left after Ctrl-C", left)
+        return body["choices"][0]["message"]["content"]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

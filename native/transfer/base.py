@@ -152,6 +152,31 @@ def host_id() -> str:
         return socket.gethostname()
 
 
+def unavailable(name: str, device_type: str) -> str | None:
+    """Why protocol ``name`` cannot serve a KV cache on ``device_type`` ("cpu" / "cuda") on this
+    host, or None. Cheap (no model, no cache): the rank checks it before its weights load, so a
+    protocol that cannot be built is found out at once."""
+    protocol = TransferProtocol(name)
+    if protocol is TransferProtocol.TCP and device_type != "cpu":
+        return "the tcp backend sends from and receives into contiguous CPU caches, and this cache is on the GPU"
+    if protocol is TransferProtocol.IPC and device_type == "cuda":
+        from native.transfer.cuda_ipc import _cupy
+
+        try:
+            _cupy()
+        except TransferError as exc:
+            return str(exc)
+    if protocol is TransferProtocol.RDMA:
+        from native.transfer.mooncake import _import_engine, choose_protocol
+
+        try:
+            _import_engine()
+            choose_protocol()
+        except TransferError as exc:
+            return str(exc)
+    return None
+
+
 def create_transfer_engine(name: str, cache: KVCache, host: str = "127.0.0.1", **kwargs) -> TransferEngine:
     """Lazy factory: importing a backend pulls its dependencies only when it is chosen."""
     try:
