@@ -167,10 +167,15 @@ def unavailable(name: str, device_type: str) -> str | None:
         except TransferError as exc:
             return str(exc)
     if protocol is TransferProtocol.RDMA:
-        from native.transfer.mooncake import _import_engine, choose_protocol
+        import importlib.util
 
+        from native.transfer.mooncake import choose_protocol
+
+        # found, not imported: Mooncake reads its settings (MC_TRANSFER_TIMEOUT...) at import,
+        # which the engine sets just before it imports it
+        if importlib.util.find_spec("mooncake") is None:
+            return "rdma: Mooncake's TransferEngine is not installed (pip install mooncake-transfer-engine, or -non-cuda)"
         try:
-            _import_engine()
             choose_protocol()
         except TransferError as exc:
             return str(exc)
