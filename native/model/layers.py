@@ -17,6 +17,8 @@ Triton), which the model sets once for all its layers.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -194,7 +196,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.logits(hidden)
 
 
-class ExpertsBase(nn.Module):
+class ExpertsBase(nn.Module, abc.ABC):
     """Routed experts ``lo..hi-1`` (EP) of a MoE layer, each holding intermediate slice
     ``[a, b)`` (TP): w13 rows gate ``[a, b)`` then up ``mI + [a, b)``, w2 columns ``[a, b)``."""
 
@@ -212,13 +214,13 @@ class ExpertsBase(nn.Module):
         self.shard_rows = _rows([(0, a, b), (inter, a, b)]) if sliced else None  # w13 rows of every expert
         self.shard_cols = (a, b) if sliced else None  # w2 columns of every expert
 
+    @abc.abstractmethod
     def storage(self, which: str, e: int) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         """Local expert ``e``'s ``which`` ("w13" or "w2") as quant.store_rows' first arguments."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(w13, w2, w13 scales, w2 scales) as the grouped kernels take them."""
-        raise NotImplementedError
 
 
 class Experts(ExpertsBase):

@@ -19,6 +19,7 @@ outputs are accumulated in fp32.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -80,53 +81,55 @@ def split_qkv(attn, qkv: torch.Tensor):
     return qkv[..., :nh, :], qkv[..., nh:nq, :], qkv[..., nq:, :]
 
 
-class Ops:
+class Ops(abc.ABC):
     """The operations a layer's ``forward`` calls (see the module docstring)."""
 
     name = "abstract"
 
+    @abc.abstractmethod
     def begin(self, model, positions: torch.Tensor, meta: AttnMeta):
         """Per-forward state for the attention layers."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        raise NotImplementedError
+        """RMSNorm of ``x`` (ERNIE's: fp32 statistics, cast back before the weight)."""
 
+    @abc.abstractmethod
     def add_rmsnorm(self, delta, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         """(RMSNorm of ``residual + delta``, that sum as the new residual); ``delta`` None: no add."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T of a layers.LinearBase (float or weight-only)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def swiglu(self, gate_up, x: torch.Tensor) -> torch.Tensor:
         """silu(gate x) * up x of a fused gate/up projection (gate rows first)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attention(self, attn, qkv: torch.Tensor, k_cache, v_cache, step) -> torch.Tensor:
         """RoPE, K/V store at the step's slots, paged attention: qkv [T, .] -> [T, nh * hd]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def moe_experts(self, moe, x: torch.Tensor):
         """Route ``x [T, H]`` and apply the routed experts (result in the table's own form)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def moe_output(self, routed, top_k: int, shared: torch.Tensor | None, dtype: torch.dtype):
         """A MoE block's delta from its routed part (``top_k`` outputs a row) and shared expert."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def combine(self, delta) -> torch.Tensor:
-        raise NotImplementedError
+        """A MoE block's delta as one tensor (where a collective or the caller needs it)."""
 
+    @abc.abstractmethod
     def ep_payload(self, moe, x: torch.Tensor, rows: int) -> torch.Tensor:
         """What this rank sends into the EP all-gather: ``x`` padded to ``rows`` (and whatever
         else the table's experts need of each row)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ep_experts(self, moe, gathered: torch.Tensor) -> torch.Tensor:
         """This rank's experts over every rank's rows: the combined partial sums [N * rows, H]."""
-        raise NotImplementedError
 
 
 @dataclass
