@@ -9,6 +9,7 @@ so that the cache can be sized from ``--gpu-memory-utilization``.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from native.attn_meta import AttnMeta
 from native.kv_cache import KVCache
 
 
-class Runner:
+class Runner(abc.ABC):
     """What the engine calls each step. A runner alone decides by itself; a runner of a group
     whose ranks must step together (native.parallel.ep_runner.EPRunner) overrides the step
     agreement: ``plan`` before every step, ``idle_step`` when this rank has nothing to run."""
@@ -29,7 +30,7 @@ class Runner:
         """Step now? ``num_tokens`` is this rank's step (0: nothing scheduled here)."""
         return num_tokens > 0
 
-    def idle_step(self) -> None:
+    def idle_step(self) -> None:  # noqa: B027 - a runner alone has no idle step to run
         """Run the step the plan agreed on with no tokens of this rank's own."""
 
     @property
@@ -37,8 +38,9 @@ class Runner:
         """Other ranks are mid-work and wait for this one: plan again at once."""
         return False
 
+    @abc.abstractmethod
     def execute(self, token_chunks, start_positions, block_tables, sample_rows, layer_done=None) -> torch.Tensor:
-        raise NotImplementedError
+        """Run one step over these rows; the logits of ``sample_rows``."""
 
 
 class ModelRunner(Runner):

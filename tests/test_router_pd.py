@@ -713,7 +713,9 @@ def test_an_orphan_whose_prefill_never_answers_expires_on_its_own():
         await reserved(bus, backend, p, d)
         await c.leave()
         assert_clean(backend, orphans=1)
-        await asyncio.sleep(0.5)  # past the lease: the decode's own expiry has freed the blocks
+        deadline = time.monotonic() + 2.0  # the lease (0.2 s) past: the decode's own expiry freed the blocks
+        while backend.orphans and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         assert_clean(backend)
 
     run(main())
