@@ -122,17 +122,18 @@ def _prefill_group(meta: AttnMeta, seqs: list[int], device) -> _Group:
     )
 
 
-def plan_attention(meta: AttnMeta) -> AttnPlan:
-    """Build the per-step index tensors (call once per forward, pass to every layer)."""
+def plan_attention(meta: AttnMeta, skip: frozenset[int] = frozenset()) -> AttnPlan:
+    """Build the per-step index tensors (call once per forward, pass to every layer); rows in
+    ``skip`` are left out (another path computes them: native/cpu's kernel)."""
     device = meta.block_tables.device
     n = len(meta.query_lens)
     num_tokens = sum(meta.query_lens)
-    if n == 0:
-        return AttnPlan(0, True, [], [])
-    if meta.is_decode:
+    if n == len(skip):
+        return AttnPlan(num_tokens, False, [], [])
+    if meta.is_decode and not skip:
         return AttnPlan(num_tokens, True, [_decode_group(meta, list(range(n)), device)], [])
-    decode = [i for i in range(n) if meta.query_lens[i] == 1]
-    prefill = [i for i in range(n) if meta.query_lens[i] > 1]
+    decode = [i for i in range(n) if meta.query_lens[i] == 1 and i not in skip]
+    prefill = [i for i in range(n) if meta.query_lens[i] > 1 and i not in skip]
     groups = [_decode_group(meta, decode, device)] if decode else []
     # rows without cached prefix run alone with is_causal (no mask, no gather waste)
     fresh = [i for i in prefill if meta.context_lens[i] == meta.query_lens[i]]
@@ -183,7 +184,8 @@ def paged_attention(
     num_kv_heads: int,
     plan: AttnPlan | None = None,
 ) -> torch.Tensor:
-    """q [T, nh, hd] -> [T, nh, hd]; each row attends over its sequence's paged context."""
+    """q [T, nh, hd] -> [T, nh, hd]: each row of the plan attends over its sequence's paged
+    context (the rows a plan skips are left unwritten)."""
     if plan is None:
         plan = plan_attention(meta)
     T, nh, hd = q.shape

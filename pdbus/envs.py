@@ -69,6 +69,8 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PDBUS_EP_MASTER": _str("PDBUS_EP_MASTER"),
     # serve this directory when --model is not given (default: native/default_model)
     "PDBUS_DEFAULT_MODEL": _str("PDBUS_DEFAULT_MODEL"),
+    # 1: the CPU path runs plain torch only, without the compiled CPU kernels (native/cpu)
+    "PDBUS_NO_CPU_KERNELS": _flag("PDBUS_NO_CPU_KERNELS"),
     # Mooncake RDMA: NIC names (comma list)
     "KVCACHE_RDMA_NICS": _str("KVCACHE_RDMA_NICS"),
     # Mooncake's own: force a real HCA (no TCP fallback); its transfer timeout in seconds (pdbus
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # the types of the attributes above, for static tools
     PDBUS_MOONCAKE_TCP: bool
     PDBUS_EP_MASTER: str
     PDBUS_DEFAULT_MODEL: str
+    PDBUS_NO_CPU_KERNELS: bool
     KVCACHE_RDMA_NICS: str
     MC_FORCE_HCA: str
     MC_TRANSFER_TIMEOUT: str

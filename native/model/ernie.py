@@ -222,6 +222,12 @@ class ErnieForCausalLM(nn.Module):
         # None: the Triton kernel path whenever it supports the weights and cache (CUDA bf16);
         # True / False force it (True on CPU tensors needs TRITON_INTERPRET=1)
         self.use_kernels: bool | None = None
+        # CPU tensors: the torch table's hot ops on native/cpu's compiled kernels when they build
+        # (False: plain torch throughout, the reference)
+        self.cpu_kernels = True
+        # the torch table's rows through native/cpu's compiled kernel where it applies (False:
+        # plain torch throughout, the reference)
+        self.cpu_kernels = True
         self.ops: Ops = TORCH_OPS
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()
@@ -267,6 +273,13 @@ class ErnieForCausalLM(nn.Module):
             from .gpu_ops import KERNEL_OPS
 
             return self.use_ops(KERNEL_OPS)
+        on_cpu = self.model.embed_tokens.weight.device.type == "cpu"
+        if self.cpu_kernels and on_cpu and self.dtype in (torch.float32, torch.bfloat16):
+            from native.cpu.ops import cpu_ops
+
+            table = cpu_ops()
+            if table is not None:
+                return self.use_ops(table)
         return self.use_ops(TORCH_OPS)
 
     def forward(
@@ -281,7 +294,8 @@ class ErnieForCausalLM(nn.Module):
 
         Stores each layer's K/V at ``meta.slot_mapping`` and calls ``layer_done(i)`` as soon as
         layer ``i`` has stored its K/V (so a KV transfer of layer i overlaps later layers).
-        On CUDA bf16 the layers run on the Triton kernels (native/model/gpu_ops.py).
+        On CUDA bf16 the layers run on the Triton kernels (native/model/gpu_ops.py), on the CPU
+        on native/cpu's compiled kernels where they build (native/cpu/ops.py).
         """
         ops = self.select_ops(kv_cache)
         step = ops.begin(self, positions, meta)

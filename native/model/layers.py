@@ -244,7 +244,8 @@ class Experts(ExpertsBase):
         return F.linear(F.silu(gate) * up, self.w2[e])
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: x [T, H] -> [E, T, H]."""
+        """Every expert on every token, x [T, H] -> [E, T, H]; or each expert on its own rows,
+        x [E, C, H] -> [E, C, H]."""
         gate, up = torch.matmul(x, self.w13.transpose(1, 2)).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up, self.w2.transpose(1, 2))
 

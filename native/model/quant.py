@@ -221,7 +221,8 @@ class QuantExperts(ExpertsBase):
         return F.linear(F.silu(gate) * up, w2) * self.w2_s[e].to(dt)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: x [T, H] -> [E, T, H]."""
+        """Every expert on every token, x [T, H] -> [E, T, H]; or each expert on its own rows,
+        x [E, C, H] -> [E, C, H]."""
         dt = x.dtype
         w13 = int_weight(self.w13_q, self.bits).to(dt)
         gate_up = torch.matmul(x, w13.transpose(1, 2)) * self.w13_s[:, None, :].to(dt)

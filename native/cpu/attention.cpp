@@ -1,0 +1,175 @@
+// Paged attention for the CPU, fused with RoPE and the K/V store: one call per layer and step.
+//
+// qkv [T, (nh + 2 kvh) * hd] (one row per token, sequences back to back as in AttnMeta) ->
+// out [T, nh * hd]. For every token: q and k rotated by interleaved RoPE at the token's position
+// (pairs (2i, 2i+1), cos / sin from the model's fp32 table [P, hd/2, 2]); k and v stored at
+// slot_mapping[t] in the caches [NB, kvh, bs, hd] (slot < 0: not stored); then every query
+// attends causally over its sequence's context through the block table. Math in fp32; the
+// caches and qkv are float or bfloat16. Rows are independent: they split over torch's threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+template <typename T>
+void rope_store(const T* qkv, int64_t row_stride, int64_t tok, int64_t pos, const float* cis, int nh, int kvh,
+                int hd, int64_t slot, int64_t bs, T* kc, T* vc, float* qrot) {
+  const T* src = qkv + tok * row_stride;
+  const float* cs = cis + pos * hd;  // [hd/2, 2] for this position
+  for (int h = 0; h < nh; ++h) {
+    const T* x = src + h * hd;
+    float* y = qrot + h * hd;
+    for (int i = 0; i < hd; i += 2) {
+      float a = to_f(x[i]), b = to_f(x[i + 1]), c = cs[i], s = cs[i + 1];
+      y[i] = a * c - b * s;
+      y[i + 1] = a * s + b * c;
+    }
+  }
+  if (slot < 0) return;
+  const int64_t block = slot / bs, off = slot % bs;
+  for (int h = 0; h < kvh; ++h) {
+    const T* k = src + (nh + h) * hd;
+    const T* v = src + (nh + kvh + h) * hd;
+    T* kd = kc + ((block * kvh + h) * bs + off) * hd;
+    T* vd = vc + ((block * kvh + h) * bs + off) * hd;
+    for (int i = 0; i < hd; i += 2) {
+      float a = to_f(k[i]), b = to_f(k[i + 1]), c = cs[i], s = cs[i + 1];
+      kd[i] = static_cast<T>(a * c - b * s);
+      kd[i + 1] = static_cast<T>(a * s + b * c);
+    }
+    for (int i = 0; i < hd; ++i) vd[i] = v[i];
+  }
+}
+
+template <typename T, int HD>
+void attend(const float* q, int g, int64_t ctx, const int64_t* table, const T* kc, const T* vc, int kvh, int h,
+            int64_t bs, int hd_rt, float scale, float* scores, float* acc, T* out) {
+  const int hd = HD > 0 ? HD : hd_rt;
+  // the g query heads q [g, hd] of kv head h over keys 0..ctx-1: scores [g, ctx], softmax,
+  // weighted sum of the values; out [g, hd]. Keys are walked block by block (no division per key).
+  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
+    const int64_t len = std::min(bs, ctx - j0);
+    const T* kb = kc + (table[n] * kvh + h) * bs * hd;
+    for (int64_t o = 0; o < len; ++o) {
+      const T* k = kb + o * hd;
+      for (int x = 0; x < g; ++x) {
+        const float* qx = q + x * hd;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < hd; ++i) s += qx[i] * to_f(k[i]);
+        scores[x * ctx + j0 + o] = s * scale;
+      }
+    }
+  }
+  for (int x = 0; x < g; ++x) {
+    float* sx = scores + x * ctx;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, sx[j]);
+    for (int64_t j = 0; j < ctx; ++j) {
+      sx[j] = std::exp(sx[j] - mx);
+      sum += sx[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < ctx; ++j) sx[j] *= inv;
+  }
+  std::fill(acc, acc + g * hd, 0.f);
+  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
+    const int64_t len = std::min(bs, ctx - j0);
+    const T* vb = vc + (table[n] * kvh + h) * bs * hd;
+    for (int64_t o = 0; o < len; ++o) {
+      const T* v = vb + o * hd;
+      for (int x = 0; x < g; ++x) {
+        const float p = scores[x * ctx + j0 + o];
+        float* ax = acc + x * hd;
+#pragma omp simd
+        for (int i = 0; i < hd; ++i) ax[i] += p * to_f(v[i]);
+      }
+    }
+  }
+  for (int x = 0; x < g; ++x)
+    for (int i = 0; i < hd; ++i) out[x * hd + i] = static_cast<T>(acc[x * hd + i]);
+}
+
+template <typename T, int HD>
+void run(const torch::Tensor& qkv, const torch::Tensor& cis, const torch::Tensor& slots, torch::Tensor& kc,
+         torch::Tensor& vc, const torch::Tensor& tables, const torch::Tensor& qsl, const torch::Tensor& ctx_lens,
+         const torch::Tensor& rows, int nh, int kvh, int hd, double scale, torch::Tensor& out) {
+  const T* qkv_p = qkv.data_ptr<T>();
+  const float* cis_p = cis.data_ptr<float>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  const int64_t* tab_p = tables.data_ptr<int64_t>();
+  const int64_t* qsl_p = qsl.data_ptr<int64_t>();
+  const int64_t* ctx_p = ctx_lens.data_ptr<int64_t>();
+  const int64_t* row_p = rows.data_ptr<int64_t>();
+  T* kc_p = kc.data_ptr<T>();
+  T* vc_p = vc.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  const int64_t row_stride = qkv.stride(0), nbmax = tables.size(1), bs = kc.size(2);
+  const int64_t n = rows.numel();
+  const int g = nh / kvh;
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> qrot, scores, acc(g * hd);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = row_p[r], start = qsl_p[b], qlen = qsl_p[b + 1] - start, ctx = ctx_p[b];
+      const int64_t first = ctx - qlen;  // position of the row's first query
+      qrot.resize(qlen * nh * hd);
+      scores.resize(g * ctx);
+      for (int64_t i = 0; i < qlen; ++i)
+        rope_store<T>(qkv_p, row_stride, start + i, first + i, cis_p, nh, kvh, hd, slot_p[start + i], bs, kc_p,
+                      vc_p, qrot.data() + i * nh * hd);
+      const int64_t* table = tab_p + b * nbmax;
+      for (int64_t i = 0; i < qlen; ++i)
+        for (int h = 0; h < kvh; ++h)  // query heads h*g .. h*g+g-1 share kv head h
+          attend<T, HD>(qrot.data() + (i * nh + h * g) * hd, g, first + i + 1, table, kc_p, vc_p, kvh, h, bs, hd,
+                    static_cast<float>(scale), scores.data(), acc.data(), out_p + (start + i) * nh * hd + h * g * hd);
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention(torch::Tensor qkv, torch::Tensor cis, torch::Tensor slots, torch::Tensor k_cache,
+                     torch::Tensor v_cache, torch::Tensor tables, torch::Tensor qsl, torch::Tensor ctx_lens,
+                     torch::Tensor rows, int64_t nh, int64_t kvh, int64_t hd, double scale, torch::Tensor out) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, (nh + 2 kvh) * hd] with unit column stride");
+  TORCH_CHECK(qkv.size(1) == (nh + 2 * kvh) * hd, "qkv width does not match the heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+              "caches and qkv must share a dtype");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type(), "out must be contiguous, qkv's dtype");
+  TORCH_CHECK(cis.scalar_type() == torch::kFloat32 && cis.is_contiguous() && cis.size(-1) == hd,
+              "cis must be a contiguous fp32 [P, hd] table");
+  TORCH_CHECK(hd % 2 == 0 && nh % kvh == 0, "head_dim must be even and heads a multiple of kv heads");
+  for (const auto* t : {&slots, &tables, &qsl, &ctx_lens, &rows})
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(), "index tensors must be contiguous int64");
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 || qkv.scalar_type() == torch::kBFloat16,
+              "paged_attention: float32 or bfloat16 only, got ", qkv.scalar_type());
+  const bool f32 = qkv.scalar_type() == torch::kFloat32;
+  // the common head sizes get loops of a compile-time length (unrolled, no remainder)
+  switch (hd) {
+    case 64:
+      return f32 ? run<float, 64>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd, scale, out)
+                 : run<c10::BFloat16, 64>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd,
+                                          scale, out);
+    case 128:
+      return f32 ? run<float, 128>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd, scale, out)
+                 : run<c10::BFloat16, 128>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd,
+                                           scale, out);
+    case 32:
+      return f32 ? run<float, 32>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd, scale, out)
+                 : run<c10::BFloat16, 32>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd,
+                                          scale, out);
+    default:
+      return f32 ? run<float, 0>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd, scale, out)
+                 : run<c10::BFloat16, 0>(qkv, cis, slots, k_cache, v_cache, tables, qsl, ctx_lens, rows, nh, kvh, hd,
+                                         scale, out);
+  }
+}

@@ -1,0 +1,138 @@
+"""The CPU op table: the torch table (native/model/ops.py) with its hot ops on native/cpu's
+compiled kernels — what a model on CPU tensors in fp32 or bf16 computes with when they build.
+
+Per layer of a decode step that is one attention call (RoPE, K/V store and paged attention
+fused), one call per norm (with the residual add), one per SwiGLU, and a MoE of: the router
+linear, one routing + grouping call, two grouped GEMMs over the experts' rows only (padded to
+the busiest expert, not every expert over every token), one combine call (with the shared
+expert). Rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) keep torch's flash SDPA,
+which is faster there. Everything else (EP, TP collectives, the dense tiny-step MoE, linears)
+is the torch table's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from native.attention import plan_attention
+from native.attn_meta import AttnMeta
+from native.model.ops import TorchOps, TorchStep
+
+from . import kernels
+
+KERNEL_MAX_QUERY = 128
+_EMPTY = torch.empty(0)
+
+
+@dataclass
+class CpuStep(TorchStep):
+    rows: torch.Tensor | None = None  # int64 rows (sequences) the fused kernel computes
+    cis_real: torch.Tensor | None = None  # fp32 [P, hd]: (cos, sin) pairs of the RoPE table
+    torch_rows: bool = True  # some rows remain for the torch path
+
+
+@dataclass
+class _Routed:
+    """A MoE block's routed part before the combine: grouped outputs and where each row went."""
+
+    y: torch.Tensor  # [E * cap, H]
+    dest: torch.Tensor  # int64 [T, k]
+    weights: torch.Tensor  # fp32 [T, k]
+
+
+class CpuOps(TorchOps):
+    name = "cpu"
+
+    def __init__(self, module):
+        self.k = module
+
+    def begin(self, model, positions, meta: AttnMeta):
+        rows = [i for i, q in enumerate(meta.query_lens) if 0 < q <= KERNEL_MAX_QUERY]
+        if not rows:
+            return super().begin(model, positions, meta)
+        rest = len(rows) < len(meta.query_lens)
+        table = model.rotary._table(max(meta.max_context_len, 1), meta.block_tables.device)
+        plan = plan_attention(meta, frozenset(rows))
+        cis = model.rotary.cis(positions, meta.max_context_len) if rest else None
+        return CpuStep(
+            meta, plan, cis, torch.tensor(rows, dtype=torch.int64), torch.view_as_real(table).flatten(1), rest
+        )
+
+    def rmsnorm(self, x, weight, eps):
+        if x.dim() != 2:
+            return super().rmsnorm(x, weight, eps)
+        return self.k.add_rmsnorm(_EMPTY, x, weight, eps)[0]
+
+    def add_rmsnorm(self, delta, residual, weight, eps):
+        if residual.dim() != 2:
+            return super().add_rmsnorm(delta, residual, weight, eps)
+        out, res = self.k.add_rmsnorm(_EMPTY if delta is None else delta, residual, weight, eps)
+        return out, res
+
+    def swiglu(self, gate_up, x):
+        return self.k.silu_mul(gate_up(x))
+
+    def attention(self, attn, qkv, k_cache, v_cache, step):
+        if not isinstance(step, CpuStep):
+            return super().attention(attn, qkv, k_cache, v_cache, step)
+        if k_cache.dtype != qkv.dtype:
+            raise RuntimeError(
+                f"the CPU kernel needs the KV cache in the model's dtype ({k_cache.dtype}, {qkv.dtype})"
+            )
+        if step.torch_rows:
+            o = super().attention(attn, qkv, k_cache, v_cache, step)  # leaves the kernel's rows unwritten
+        else:
+            o = qkv.new_empty((qkv.shape[0], attn.num_heads * attn.head_dim))
+        m = step.meta
+        self.k.paged_attention(
+            qkv.contiguous(),
+            step.cis_real,
+            m.slot_mapping,
+            k_cache,
+            v_cache,
+            m.block_tables,
+            m.query_start_loc,
+            m.context_lens_t,
+            step.rows,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+            attn.scale,
+            o,
+        )
+        return o
+
+    def moe_experts(self, moe, x):
+        T, H = x.shape
+        if T == 0:
+            return super().moe_experts(moe, x)
+        logits = torch.nn.functional.linear(x.float(), moe.gate.weight)
+        weights, _, dest, xin = self.k.moe_route(
+            x, logits, moe.e_score_correction_bias, moe.top_k, moe.norm_min
+        )
+        E, cap, _ = xin.shape
+        if E * cap > 2 * T * moe.top_k + E:  # routing so uneven that padding doubles the work
+            return super().moe_experts(moe, x)
+        y = moe.experts.forward_all(xin)  # [E, cap, H]: each expert over its own rows
+        return _Routed(y.reshape(-1, H), dest, weights)
+
+    def moe_output(self, routed, top_k, shared, dtype):
+        if not isinstance(routed, _Routed):
+            return super().moe_output(routed, top_k, shared, dtype)
+        return self.k.moe_combine(routed.y, routed.dest, routed.weights, _EMPTY if shared is None else shared)
+
+
+_CPU_OPS: CpuOps | None = None
+
+
+def cpu_ops() -> CpuOps | None:
+    """The CPU table, or None when the kernels are not available (native.cpu.kernels says why)."""
+    global _CPU_OPS
+    if _CPU_OPS is None:
+        module = kernels()
+        if module is None:
+            return None
+        _CPU_OPS = CpuOps(module)
+    return _CPU_OPS
