@@ -40,13 +40,16 @@ class AttnMeta:
             raise ValueError("query_lens, context_lens and block_tables differ in length")
         slots: list[int] = []
         for q, c, table in zip(query_lens, context_lens, block_tables):
+            if q == 1:
+                pos = c - 1
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+                continue
             for pos in range(c - q, c):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=0) or 1
-        bt = torch.zeros((len(block_tables), width), dtype=torch.int64)
-        for i, t in enumerate(block_tables):
-            if t:
-                bt[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        # one tensor from padded rows (a tensor per row costs microseconds each)
+        padded = [t if len(t) == width else [*t, *([0] * (width - len(t)))] for t in block_tables]
+        bt = torch.tensor(padded, dtype=torch.int64) if padded else torch.zeros((0, width), dtype=torch.int64)
         qsl = [0]
         for q in query_lens:
             qsl.append(qsl[-1] + q)

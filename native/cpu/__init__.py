@@ -52,7 +52,7 @@ def _build():
 
         return cpp_extension.load(
             name="pdbus_cpu_kernels",
-            sources=[str(_HERE / "attention.cpp"), str(_HERE / "layers.cpp")],
+            sources=[str(_HERE / name) for name in ("attention.cpp", "layers.cpp")],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],
             verbose=False,
         )

@@ -9,6 +9,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -98,6 +99,116 @@ void attend(const float* q, int g, int64_t ctx, const int64_t* table, const T* k
     for (int i = 0; i < hd; ++i) out[x * hd + i] = static_cast<T>(acc[x * hd + i]);
 }
 
+#ifdef __AVX512F__
+// The same as attend() for head sizes that are multiples of 16, on AVX-512 registers: a key or
+// value row is loaded once for the g queries of its kv head, the g query rows and the g output
+// accumulators live in registers, and the softmax's exp is vectorised (exp_ps).
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// e^x for x <= 0 (softmax arguments after the max is subtracted): 2^n * p(r), r in [-ln2/2, ln2/2],
+// a degree-6 polynomial (relative error ~2e-7); x below -87 gives 0.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2 = _mm512_set1_ps(0.693147180559945309f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, ln2, x);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T, int HD, int G>
+void attend_avx512(const float* q, int64_t ctx, const int64_t* table, const T* kc, const T* vc, int kvh, int h,
+                   int64_t bs, float scale, float* scores, T* out) {
+  constexpr int C = HD / 16;
+  __m512 qv[G][C];
+  for (int x = 0; x < G; ++x)
+    for (int c = 0; c < C; ++c) qv[x][c] = _mm512_mul_ps(_mm512_loadu_ps(q + x * HD + 16 * c), _mm512_set1_ps(scale));
+  const int64_t stride = (ctx + 15) & ~int64_t(15);  // scores rows padded to whole vectors
+  float mx[G];
+  for (int x = 0; x < G; ++x) mx[x] = -INFINITY;
+  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
+    const int64_t len = std::min(bs, ctx - j0);
+    const T* kb = kc + (table[n] * kvh + h) * bs * HD;
+    for (int64_t o = 0; o < len; ++o) {
+      __m512 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = load16(kb + o * HD + 16 * c);
+      for (int x = 0; x < G; ++x) {
+        __m512 acc = _mm512_mul_ps(qv[x][0], kv[0]);
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[x][c], kv[c], acc);
+        const float sc = _mm512_reduce_add_ps(acc);
+        scores[x * stride + j0 + o] = sc;
+        mx[x] = std::max(mx[x], sc);
+      }
+    }
+  }
+  float inv[G];
+  for (int x = 0; x < G; ++x) {
+    float* sx = scores + x * stride;
+    for (int64_t j = ctx; j < stride; ++j) sx[j] = -INFINITY;
+    const __m512 m = _mm512_set1_ps(mx[x]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < stride; j += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sx + j), m));
+      _mm512_storeu_ps(sx + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[x] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[G][C];
+  for (int x = 0; x < G; ++x)
+    for (int c = 0; c < C; ++c) acc[x][c] = _mm512_setzero_ps();
+  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
+    const int64_t len = std::min(bs, ctx - j0);
+    const T* vb = vc + (table[n] * kvh + h) * bs * HD;
+    for (int64_t o = 0; o < len; ++o) {
+      __m512 vv[C];
+      for (int c = 0; c < C; ++c) vv[c] = load16(vb + o * HD + 16 * c);
+      for (int x = 0; x < G; ++x) {
+        const __m512 p = _mm512_set1_ps(scores[x * stride + j0 + o]);
+        for (int c = 0; c < C; ++c) acc[x][c] = _mm512_fmadd_ps(p, vv[c], acc[x][c]);
+      }
+    }
+  }
+  for (int x = 0; x < G; ++x) {
+    alignas(64) float tmp[HD];
+    for (int c = 0; c < C; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_mul_ps(acc[x][c], _mm512_set1_ps(inv[x])));
+    for (int i = 0; i < HD; ++i) out[x * HD + i] = static_cast<T>(tmp[i]);
+  }
+}
+
+// attend() through the AVX-512 path when (HD, g) has an instance; false: not handled
+template <typename T, int HD>
+bool attend_fast(const float* q, int g, int64_t ctx, const int64_t* table, const T* kc, const T* vc, int kvh, int h,
+                 int64_t bs, float scale, float* scores, T* out) {
+  if constexpr (HD > 0 && HD % 16 == 0 && HD <= 128) {
+    switch (g) {
+      case 1: attend_avx512<T, HD, 1>(q, ctx, table, kc, vc, kvh, h, bs, scale, scores, out); return true;
+      case 2: attend_avx512<T, HD, 2>(q, ctx, table, kc, vc, kvh, h, bs, scale, scores, out); return true;
+      case 4: attend_avx512<T, HD, 4>(q, ctx, table, kc, vc, kvh, h, bs, scale, scores, out); return true;
+      case 5: attend_avx512<T, HD, 5>(q, ctx, table, kc, vc, kvh, h, bs, scale, scores, out); return true;
+      case 8: attend_avx512<T, HD, 8>(q, ctx, table, kc, vc, kvh, h, bs, scale, scores, out); return true;
+      default: return false;
+    }
+  }
+  return false;
+}
+#else
+template <typename T, int HD>
+bool attend_fast(const float*, int, int64_t, const int64_t*, const T*, const T*, int, int, int64_t, float, float*, T*) {
+  return false;
+}
+#endif
+
 template <typename T, int HD>
 void run(const torch::Tensor& qkv, const torch::Tensor& cis, const torch::Tensor& slots, torch::Tensor& kc,
          torch::Tensor& vc, const torch::Tensor& tables, const torch::Tensor& qsl, const torch::Tensor& ctx_lens,
@@ -121,15 +232,21 @@ void run(const torch::Tensor& qkv, const torch::Tensor& cis, const torch::Tensor
       const int64_t b = row_p[r], start = qsl_p[b], qlen = qsl_p[b + 1] - start, ctx = ctx_p[b];
       const int64_t first = ctx - qlen;  // position of the row's first query
       qrot.resize(qlen * nh * hd);
-      scores.resize(g * ctx);
+      scores.resize(g * ((ctx + 15) & ~int64_t(15)));
       for (int64_t i = 0; i < qlen; ++i)
         rope_store<T>(qkv_p, row_stride, start + i, first + i, cis_p, nh, kvh, hd, slot_p[start + i], bs, kc_p,
                       vc_p, qrot.data() + i * nh * hd);
       const int64_t* table = tab_p + b * nbmax;
       for (int64_t i = 0; i < qlen; ++i)
-        for (int h = 0; h < kvh; ++h)  // query heads h*g .. h*g+g-1 share kv head h
-          attend<T, HD>(qrot.data() + (i * nh + h * g) * hd, g, first + i + 1, table, kc_p, vc_p, kvh, h, bs, hd,
-                    static_cast<float>(scale), scores.data(), acc.data(), out_p + (start + i) * nh * hd + h * g * hd);
+        for (int h = 0; h < kvh; ++h) {  // query heads h*g .. h*g+g-1 share kv head h
+          const float* qh = qrot.data() + (i * nh + h * g) * hd;
+          T* oh = out_p + (start + i) * nh * hd + h * g * hd;
+          const int64_t n_keys = first + i + 1;
+          if (!attend_fast<T, HD>(qh, g, n_keys, table, kc_p, vc_p, kvh, h, bs, static_cast<float>(scale),
+                                  scores.data(), oh))
+            attend<T, HD>(qh, g, n_keys, table, kc_p, vc_p, kvh, h, bs, hd, static_cast<float>(scale), scores.data(),
+                          acc.data(), oh);
+        }
     }
   });
 }

@@ -110,9 +110,10 @@ torch::Tensor silu_mul(torch::Tensor x) {
 }
 
 // Router and grouping in one pass. logits fp32 [T, E] (x @ gate^T), bias fp32 [E].
-// Returns (weights fp32 [T, k] rounded to `dtype`, ids int64 [T, k], dest int64 [T, k], cap):
-// assignment (t, j) is row dest[t, j] of the grouped input [E * cap, H] (expert-major; within
-// an expert, tokens in order), and xin, the rows of x placed there (zero padding).
+// Returns (weights fp32 [T, k] rounded to x's dtype, dest int64 [T, k], xs [T * k, H], counts
+// int64 [E]): the rows of x sorted by expert (expert-major, tokens in order within an expert),
+// so that expert e's rows are the counts[e] rows after those of experts < e, and assignment
+// (t, j) is row dest[t, j] of xs.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> moe_route(torch::Tensor x, torch::Tensor logits,
                                                                                  torch::Tensor bias, int64_t k,
                                                                                  double norm_min) {
@@ -127,14 +128,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> moe_route
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   auto weights = torch::empty({T, k}, f32);
-  auto ids = torch::empty({T, k}, i64);
   auto dest = torch::empty({T, k}, i64);
+  auto counts = torch::zeros({E}, i64);
   const float* lg = logits.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   float* w = weights.data_ptr<float>();
-  int64_t* id = ids.data_ptr<int64_t>();
-  std::vector<int64_t> count(E, 0);
+  int64_t* dp = dest.data_ptr<int64_t>();
+  int64_t* count = counts.data_ptr<int64_t>();
   std::vector<float> probs(E), score(E);
+  std::vector<char> taken(E);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   for (int64_t t = 0; t < T; ++t) {
     const float* l = lg + t * E;
@@ -145,15 +147,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> moe_route
     for (int64_t e = 0; e < E; ++e) {
       probs[e] /= sum;
       score[e] = probs[e] + b[e];
+      taken[e] = 0;
     }
     float wsum = 0.f;
     for (int64_t j = 0; j < k; ++j) {  // top-k by score; ties to the lower id
       int64_t best = -1;
       for (int64_t e = 0; e < E; ++e)
-        if (score[e] != -INFINITY && (best < 0 || score[e] > score[best])) best = e;
-      if (best < 0) best = 0;
-      score[best] = -INFINITY;
-      id[t * k + j] = best;
+        if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
+      taken[best] = 1;
+      dp[t * k + j] = best;  // the expert for now; its row below
       w[t * k + j] = probs[best];
       wsum += probs[best];
       ++count[best];
@@ -164,26 +166,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> moe_route
       w[t * k + j] = bf16 ? static_cast<float>(c10::BFloat16(v)) : v;
     }
   }
-  int64_t cap = 0;
-  for (int64_t e = 0; e < E; ++e) cap = std::max(cap, count[e]);
-  std::vector<int64_t> fill(E, 0);
-  int64_t* dp = dest.data_ptr<int64_t>();
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + count[e - 1];
+  auto xs = torch::empty({T * k, H}, x.options());
+  const int64_t row_bytes = H * x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(xs.data_ptr());
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = id[t * k + j];
-      dp[t * k + j] = e * cap + fill[e]++;
+      const int64_t row = next[dp[t * k + j]]++;
+      dp[t * k + j] = row;
+      std::memcpy(dst + row * row_bytes, src + t * row_bytes, row_bytes);
     }
-  auto xin = torch::zeros({E, cap, H}, x.options());
-  const int64_t row_bytes = H * x.element_size();
-  const char* xs = static_cast<const char*>(x.data_ptr());
-  char* xd = static_cast<char*>(xin.data_ptr());
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) std::memcpy(xd + dp[t * k + j] * row_bytes, xs + t * row_bytes, row_bytes);
-  return {weights, ids, dest, xin};
+  return {weights, dest, xs, counts};
 }
 
-// out [T, H] = round(sum_j weights[t, j] * y[dest[t, j]] + shared[t]) in fp32; y [E * cap, H]
-// the grouped expert outputs, shared [T, H] or empty.
+// out [T, H] = round(sum_j weights[t, j] * y[dest[t, j]] + shared[t]) in fp32; y [T * k, H]
+// the expert outputs of moe_route's rows, shared [T, H] or empty.
 torch::Tensor moe_combine(torch::Tensor y, torch::Tensor dest, torch::Tensor weights, torch::Tensor shared) {
   y = y.contiguous();
   TORCH_CHECK(dest.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32, "dest int64, weights fp32");
@@ -225,6 +224,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "RoPE + K/V store + causal paged attention");
   m.def("add_rmsnorm", &add_rmsnorm, "(RMSNorm(residual + delta) * weight, residual + delta)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [.., 2I] projection");
-  m.def("moe_route", &moe_route, "router softmax + bias + top-k + renormalisation, grouped by expert");
+  m.def("moe_route", &moe_route, "router softmax + bias + top-k + renormalisation, rows sorted by expert");
   m.def("moe_combine", &moe_combine, "weighted sum of the grouped expert outputs, plus the shared expert");
 }

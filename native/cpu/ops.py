@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from native.attention import plan_attention
 from native.attn_meta import AttnMeta
+from native.model.layers import Experts
 from native.model.ops import TorchOps, TorchStep
 
 from . import kernels
@@ -37,8 +39,8 @@ class CpuStep(TorchStep):
 class _Routed:
     """A MoE block's routed part before the combine: grouped outputs and where each row went."""
 
-    y: torch.Tensor  # [E * cap, H]
-    dest: torch.Tensor  # int64 [T, k]
+    y: torch.Tensor  # [T * k, H], rows sorted by expert
+    dest: torch.Tensor  # int64 [T, k]: the row of each (token, choice)
     weights: torch.Tensor  # fp32 [T, k]
 
 
@@ -106,17 +108,25 @@ class CpuOps(TorchOps):
 
     def moe_experts(self, moe, x):
         T, H = x.shape
-        if T == 0:
+        experts = moe.experts
+        if T == 0 or experts.shard_experts is not None:
             return super().moe_experts(moe, x)
-        logits = torch.nn.functional.linear(x.float(), moe.gate.weight)
-        weights, _, dest, xin = self.k.moe_route(
+        logits = F.linear(x.float(), moe.gate.weight)
+        weights, dest, xs, counts = self.k.moe_route(
             x, logits, moe.e_score_correction_bias, moe.top_k, moe.norm_min
         )
-        E, cap, _ = xin.shape
-        if E * cap > 2 * T * moe.top_k + E:  # routing so uneven that padding doubles the work
-            return super().moe_experts(moe, x)
-        y = moe.experts.forward_all(xin)  # [E, cap, H]: each expert over its own rows
-        return _Routed(y.reshape(-1, H), dest, weights)
+        # each expert over its own rows only, in place in the sorted buffer
+        float_experts = isinstance(experts, Experts)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                rows = xs[start : start + n]
+                if float_experts:
+                    rows.copy_(F.linear(self.k.silu_mul(F.linear(rows, experts.w13[e])), experts.w2[e]))
+                else:
+                    rows.copy_(experts.forward_expert(e, rows))
+                start += n
+        return _Routed(xs, dest, weights)
 
     def moe_output(self, routed, top_k, shared, dtype):
         if not isinstance(routed, _Routed):
