@@ -264,9 +264,38 @@ void paged_attention(torch::Tensor qkv, torch::Tensor cis, torch::Tensor slots, 
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type(), "out must be contiguous, qkv's dtype");
   TORCH_CHECK(cis.scalar_type() == torch::kFloat32 && cis.is_contiguous() && cis.size(-1) == hd,
               "cis must be a contiguous fp32 [P, hd] table");
-  TORCH_CHECK(hd % 2 == 0 && nh % kvh == 0, "head_dim must be even and heads a multiple of kv heads");
+  TORCH_CHECK(nh > 0 && kvh > 0 && hd > 0 && hd % 2 == 0 && nh % kvh == 0,
+              "head_dim must be even and heads a positive multiple of kv heads");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == qkv.size(0) && out.size(1) == nh * hd, "out must be [T, nh * hd]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == kvh && k_cache.size(3) == hd,
+              "caches must be [blocks, kv heads, block size, head_dim]");
   for (const auto* t : {&slots, &tables, &qsl, &ctx_lens, &rows})
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(), "index tensors must be contiguous int64");
+  // every index the kernel follows, checked once (a bad one would read or write out of bounds)
+  const int64_t B = ctx_lens.numel(), T = qkv.size(0), NB = k_cache.size(0), slots_max = NB * k_cache.size(2);
+  TORCH_CHECK(qsl.numel() == B + 1 && tables.dim() == 2 && tables.size(0) == B && slots.numel() == T,
+              "query_start_loc [B + 1], block_tables [B, n] and slot_mapping [T] must match the step");
+  {
+    const int64_t* q = qsl.data_ptr<int64_t>();
+    const int64_t* c = ctx_lens.data_ptr<int64_t>();
+    const int64_t* tb = tables.data_ptr<int64_t>();
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const int64_t* sl = slots.data_ptr<int64_t>();
+    const int64_t bs = k_cache.size(2), width = tables.size(1);
+    TORCH_CHECK(q[0] == 0 && q[B] <= T, "query_start_loc out of range");
+    for (int64_t i = 0; i < rows.numel(); ++i) {
+      const int64_t b = r[i];
+      TORCH_CHECK(b >= 0 && b < B, "row ", b, " out of range");
+      const int64_t qlen = q[b + 1] - q[b];
+      TORCH_CHECK(qlen >= 0 && q[b + 1] <= T && c[b] >= qlen && c[b] <= cis.size(0) && (c[b] + bs - 1) / bs <= width,
+                  "row ", b, ": context ", c[b], " does not fit its queries, block table or RoPE table");
+      for (int64_t n = 0; n < (c[b] + bs - 1) / bs; ++n)
+        TORCH_CHECK(tb[b * width + n] >= 0 && tb[b * width + n] < NB, "row ", b, ": block ", tb[b * width + n],
+                    " outside the cache's ", NB);
+      for (int64_t t = q[b]; t < q[b + 1]; ++t)
+        TORCH_CHECK(sl[t] < slots_max, "slot ", sl[t], " outside the cache");
+    }
+  }
   TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 || qkv.scalar_type() == torch::kBFloat16,
               "paged_attention: float32 or bfloat16 only, got ", qkv.scalar_type());
   const bool f32 = qkv.scalar_type() == torch::kFloat32;
