@@ -171,6 +171,22 @@ def test_sampling_follows_distribution():
     assert all(abs(f - p) < 0.04 for f, p in zip(freq, [0.7, 0.2, 0.1], strict=True))
 
 
+def test_unseeded_rows_beside_seeded_ones_keep_their_support_and_distribution():
+    """A batch mixing seeded rows (exponential race) and unseeded ones (inverse CDF): each
+    unseeded row draws only from its own support, in proportion to its probabilities."""
+    probs = torch.tensor([0.6, 0.0, 0.3, 0.1] + [0.0] * (V - 4))
+    logits = torch.log(probs.clamp_min(1e-30))[None, :].expand(4, -1).contiguous()
+    params = [SamplingParams(seed=11), SamplingParams(), SamplingParams(seed=12), SamplingParams(top_k=2)]
+    sampler = Sampler(seed=5)
+    seen: list[list[int]] = [[], [], [], []]
+    for _ in range(1500):
+        for row, t in enumerate(_run(sampler, logits, params).token_ids):
+            seen[row].append(t)
+    assert set(seen[1]) <= {0, 2, 3} and set(seen[3]) <= {0, 2}
+    assert abs(seen[1].count(0) / 1500 - 0.6) < 0.05 and abs(seen[3].count(0) / 1500 - 2 / 3) < 0.05
+    assert len(set(seen[0])) == 1 and len(set(seen[2])) == 1  # seeded, same step: the same draw
+
+
 def test_seeded_rows_ignore_batch_composition():
     logits = _logits(6, seed=1)
     target = SamplingParams(seed=1234, temperature=1.5)
