@@ -220,7 +220,37 @@ torch::Tensor moe_combine(torch::Tensor y, torch::Tensor dest, torch::Tensor wei
   return out;
 }
 
+// A whole MoE block with float experts in one call (ATen from C++: no Python between the ~30
+// small ops of a decode step): router linear, moe_route, each expert's gate/up GEMM + SiLU-mul +
+// down GEMM over its own rows (written in place), the shared expert, moe_combine.
+// x [T, H]; gate_w fp32 [E, H]; w13 [E, 2I, H]; w2 [E, H, I]; shared_w13 [2S, H] and
+// shared_w2 [H, S], or empty tensors for none.
+torch::Tensor moe_block(torch::Tensor x, torch::Tensor gate_w, torch::Tensor bias, int64_t k, double norm_min,
+                        torch::Tensor w13, torch::Tensor w2, torch::Tensor shared_w13, torch::Tensor shared_w2) {
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) && w13.size(0) == gate_w.size(0),
+              "moe_block: w13 [E, 2I, H], w2 [E, H, I] and gate [E, H] must agree");
+  TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "moe_block: experts must be in x's dtype");
+  x = x.contiguous();
+  auto logits = at::linear(x.to(torch::kFloat32), gate_w);
+  auto [weights, dest, xs, counts] = moe_route(x, logits, bias, k, norm_min);
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t e = 0; e < w13.size(0); ++e) {
+    const int64_t n = cnt[e];
+    if (n == 0) continue;
+    auto rows = xs.narrow(0, start, n);
+    auto h = silu_mul(at::linear(rows, w13[e]));
+    at::mm_out(rows, h, w2[e].t());  // in place: rows are read by the first GEMM only
+    start += n;
+  }
+  torch::Tensor shared = torch::empty({0});
+  if (shared_w13.numel() > 0) shared = at::linear(silu_mul(at::linear(x, shared_w13)), shared_w2);
+  return moe_combine(xs, dest, weights, shared);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("moe_block", &moe_block, "a MoE block with float experts: route, experts, shared expert, combine");
   m.def("paged_attention", &paged_attention, "RoPE + K/V store + causal paged attention");
   m.def("add_rmsnorm", &add_rmsnorm, "(RMSNorm(residual + delta) * weight, residual + delta)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [.., 2I] projection");

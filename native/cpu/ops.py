@@ -106,6 +106,28 @@ class CpuOps(TorchOps):
         )
         return o
 
+    def moe(self, moe, x):
+        experts, shared = moe.experts, moe.shared_experts
+        plain = isinstance(experts, Experts) and experts.shard_experts is None and x.shape[0] > 0
+        if not plain or (
+            shared is not None and (shared.gate_up_proj.bits is not None or shared.down_proj.bits is not None)
+        ):
+            return super().moe(moe, x)
+        sw13, sw2 = (
+            (shared.gate_up_proj.weight, shared.down_proj.weight) if shared is not None else (_EMPTY, _EMPTY)
+        )
+        return self.k.moe_block(
+            x,
+            moe.gate.weight,
+            moe.e_score_correction_bias,
+            moe.top_k,
+            moe.norm_min,
+            experts.w13,
+            experts.w2,
+            sw13,
+            sw2,
+        )
+
     def moe_experts(self, moe, x):
         T, H = x.shape
         experts = moe.experts

@@ -153,9 +153,7 @@ class MoE(OpModule):
             return self.forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         if self.ep_rows is not None:
             return self._forward_ep(x)
-        routed = self.ops.moe_experts(self, x)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        delta = self.ops.moe_output(routed, self.top_k, shared, x.dtype)
+        delta = self.ops.moe(self, x)
         if self.tp.size > 1:
             delta = self.tp.comm.all_reduce(self.ops.combine(delta))
         return delta

@@ -118,6 +118,12 @@ class Ops(abc.ABC):
     def moe_output(self, routed, top_k: int, shared: torch.Tensor | None, dtype: torch.dtype):
         """A MoE block's delta from its routed part (``top_k`` outputs a row) and shared expert."""
 
+    def moe(self, moe, x: torch.Tensor):
+        """A MoE block's delta before any collective: routed experts, shared expert, combine."""
+        routed = self.moe_experts(moe, x)
+        shared = moe.shared_experts(x) if moe.shared_experts is not None else None
+        return self.moe_output(routed, moe.top_k, shared, x.dtype)
+
     @abc.abstractmethod
     def combine(self, delta) -> torch.Tensor:
         """A MoE block's delta as one tensor (where a collective or the caller needs it)."""
