@@ -158,18 +158,21 @@ class Sampler:
         min_token_masks: list[tuple[int, list[int]]],
     ) -> torch.Tensor:
         device = logits.device
+        penalized = [i for i, p in enumerate(params) if _has_penalty(p)]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not min_token_masks and not penalized and len(random_rows) == len(params):
+            # every row random, nothing to mask: straight to the draw (no copy, no argmax)
+            return self._sample_random(logits, list(params), [len(o) for o in output_ids])
         x = logits.clone()
         if min_token_masks:
             rows = [i for i, banned in min_token_masks for _ in banned]
             cols = [t for _, banned in min_token_masks for t in banned]
             x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = -math.inf
 
-        penalized = [i for i, p in enumerate(params) if _has_penalty(p)]
         if penalized:
             self._apply_penalties(x, penalized, params, prompt_ids, output_ids)
 
         token_ids = x.argmax(dim=-1)  # right for greedy rows; the others are overwritten below
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             sampled = self._sample_random(
                 x[random_rows], [params[i] for i in random_rows], [len(output_ids[i]) for i in random_rows]
@@ -208,8 +211,11 @@ class Sampler:
 
     def _sample_random(self, x: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
         device, vocab = x.device, x.shape[1]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        x = x / temps[:, None]
+        temps = [p.temperature for p in params]
+        if len(set(temps)) == 1:  # one temperature for the batch (the usual case): a scalar divide
+            x = x / temps[0] if temps[0] != 1.0 else x
+        else:
+            x = x / torch.tensor(temps, dtype=torch.float32, device=device)[:, None]
 
         min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
@@ -285,6 +291,7 @@ def _top_k_only(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     sub = x[index]
     kth_index = torch.tensor(ks, device=x.device)[:, None] - 1
     kth = sub.topk(max(ks), dim=-1).values.gather(1, kth_index)
+    x = x.clone()  # the caller's logits stay as they were
     x[index] = sub.masked_fill(sub < kth, -math.inf)
     return x
 
