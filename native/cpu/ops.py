@@ -6,7 +6,8 @@ fused), one call per norm (with the residual add), one per SwiGLU, and a MoE of:
 linear, one routing + grouping call, two grouped GEMMs over the experts' rows only (padded to
 the busiest expert, not every expert over every token), one combine call (with the shared
 expert). Rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) keep torch's flash SDPA,
-which is faster there. Everything else (EP, TP collectives, the dense tiny-step MoE, linears)
+which splits one long row over threads (the kernel splits rows, not one row; single-threaded
+the two are level from ~256 queries up). Everything else (EP, TP collectives, the dense tiny-step MoE, linears)
 is the torch table's.
 """
 
@@ -24,7 +25,7 @@ from native.model.ops import TorchOps, TorchStep
 
 from . import kernels
 
-KERNEL_MAX_QUERY = 128
+KERNEL_MAX_QUERY = 512
 _EMPTY = torch.empty(0)
 
 
