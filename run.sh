@@ -61,6 +61,10 @@ ensure_env() {
     cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -1)"
     log "installing cupy-cuda${cuda_major:-12}x (CUDA IPC)"; "$PY" -m pip install -q "cupy-cuda${cuda_major:-12}x"
   fi
+  if ! have_cuda; then  # the CPU path's compiled kernels (native/cpu): built once, cached by torch
+    log "building the CPU kernels (native/cpu, once per machine)"
+    "$PY" -c "from native.cpu import kernels; kernels()" || log "CPU kernels not built: the CPU path runs plain torch"
+  fi
   echo "$want" > "$stamp"
 }
 

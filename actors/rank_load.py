@@ -135,6 +135,10 @@ class LoadedRank:
             graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
         if self.ep is not None:
             self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
+        if self.device.type == "cpu" and self.model is not None:
+            # picks the CPU table now, so native/cpu's kernels build (once per machine, ~1 min)
+            # while the rank loads rather than inside its first request
+            self.model.select_ops(self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
         if self.ep is not None:
             from native.parallel.ep_runner import EPRunner

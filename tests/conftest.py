@@ -12,6 +12,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from pdbus.procs import Cluster  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Build native/cpu's kernels before any test starts a server: a cold build takes about a
+    minute, which would otherwise land inside some test's first request (and its timeout)."""
+    from native.cpu import kernels
+
+    kernels()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
