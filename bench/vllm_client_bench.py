@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,34 @@ def bench_serve(venv: Path, url: str, model_dir: str, out: Path, name: str, num_
     if rc != 0:
         raise RuntimeError(f"vllm bench serve against {name} exited {rc}: see {out / f'{name}.client.log'}")
     return json.loads((out / f"{name}.json").read_text())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """name -> CPU seconds (user + system) used so far by that process and its descendants
+    (`pdbus serve` in the mixed role runs its router as a child; vLLM its engine core)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        total, todo = 0, [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            except (OSError, IndexError, ValueError):
+                continue
+            todo += _children(p)
+        out[name.rsplit("-", 1)[0]] = total / tick
+    return out
 
 
 def py_spy(pids: dict[str, int], out: Path, seconds: int) -> list[subprocess.Popen]:
@@ -132,8 +161,12 @@ def main() -> None:
             common = dict(model_dir=model_dir, out=out, concurrency=args.concurrency, input_len=args.input_len,
                           output_len=args.output_len)  # fmt: skip
             bench_serve(venv, url, name=f"{system}-warmup", num_prompts=args.concurrency, seed=1, **common)
+            cpu0 = cpu_seconds(systems.pids())
             results[system] = bench_serve(venv, url, name=system, num_prompts=args.num_prompts, seed=0, **common)
+            cpu1 = cpu_seconds(systems.pids())
             r = results[system]
+            tokens = max(1, r.get("total_output_tokens") or 1)
+            r["cpu_ms_per_token"] = {k: (cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / tokens for k in cpu1}
             print(f"[{system}] {r['output_throughput']:.0f} output tok/s, TTFT p50 {r['median_ttft_ms']:.1f} ms, "
                   f"ITL p50 {r['median_itl_ms']:.1f} ms", flush=True)  # fmt: skip
             if args.py_spy and system != "vllm":
@@ -143,10 +176,12 @@ def main() -> None:
                     s.wait(60)
         finally:
             systems.close()
-    print("\n| system | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | completed |")
-    print("|---|---|---|---|---|")
+    print("\n| system | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | completed | server CPU ms / output token |")
+    print("|---|---|---|---|---|---|")
     for system, r in results.items():
-        print(f"| {system} | {r['output_throughput']:,.0f} | {r['median_ttft_ms']:.1f} | {r['median_itl_ms']:.1f} | {r['completed']} |")
+        cpu = r.get("cpu_ms_per_token", {})
+        per = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f" (total {sum(cpu.values()):.2f})"
+        print(f"| {system} | {r['output_throughput']:,.0f} | {r['median_ttft_ms']:.1f} | {r['median_itl_ms']:.1f} | {r['completed']} | {per} |")
     if "vllm" in results and "mixed" in results:
         v, m = results["vllm"], results["mixed"]
         print(f"\nmixed / vLLM output tok/s: {m['output_throughput'] / v['output_throughput']:.2f}x (target >= 1.2x); "

@@ -6,11 +6,12 @@ in a completion's choice and in a chat message or delta (FastDeploy's placement)
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from pdbus.messages import FinishReason
 
@@ -216,13 +217,17 @@ def chat_usage_chunk(*, id: str, model: str, created: int, usage: dict) -> dict:
     return _body("chat.completion.chunk", id, model, created, [], usage)
 
 
+_encode = msgspec.json.Encoder().encode  # compact, UTF-8 unescaped: json.dumps(ensure_ascii=False,
+# separators=(",", ":")) byte for byte on these bodies, ~10x faster (a chunk per token per stream)
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _encode(obj).decode("utf-8")
 
 
 def sse(obj: Any) -> bytes:
     """One server-sent event carrying ``obj`` as JSON."""
-    return b"data: " + dumps(obj).encode("utf-8") + b"\n\n"
+    return b"data: " + _encode(obj) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
