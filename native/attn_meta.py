@@ -40,10 +40,6 @@ class AttnMeta:
             raise ValueError("query_lens, context_lens and block_tables differ in length")
         slots: list[int] = []
         for q, c, table in zip(query_lens, context_lens, block_tables):
-            if q == 1:
-                pos = c - 1
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-                continue
             for pos in range(c - q, c):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=0) or 1

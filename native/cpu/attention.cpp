@@ -50,26 +50,33 @@ void rope_store(const T* qkv, int64_t row_stride, int64_t tok, int64_t pos, cons
   }
 }
 
+// f(j, row) for keys j = 0..ctx-1 of kv head h: row is that key's [hd] in the paged cache, walked
+// block by block through the table (no division per key)
+template <typename T, typename F>
+inline void for_each_key(const T* cache, const int64_t* table, int kvh, int h, int64_t bs, int64_t hd, int64_t ctx,
+                         F&& f) {
+  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
+    const int64_t len = std::min(bs, ctx - j0);
+    const T* block = cache + (table[n] * kvh + h) * bs * hd;
+    for (int64_t o = 0; o < len; ++o) f(j0 + o, block + o * hd);
+  }
+}
+
 template <typename T, int HD>
 void attend(const float* q, int g, int64_t ctx, const int64_t* table, const T* kc, const T* vc, int kvh, int h,
             int64_t bs, int hd_rt, float scale, float* scores, float* acc, T* out) {
   const int hd = HD > 0 ? HD : hd_rt;
   // the g query heads q [g, hd] of kv head h over keys 0..ctx-1: scores [g, ctx], softmax,
-  // weighted sum of the values; out [g, hd]. Keys are walked block by block (no division per key).
-  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
-    const int64_t len = std::min(bs, ctx - j0);
-    const T* kb = kc + (table[n] * kvh + h) * bs * hd;
-    for (int64_t o = 0; o < len; ++o) {
-      const T* k = kb + o * hd;
-      for (int x = 0; x < g; ++x) {
-        const float* qx = q + x * hd;
-        float s = 0.f;
+  // weighted sum of the values; out [g, hd]
+  for_each_key(kc, table, kvh, h, bs, hd, ctx, [&](int64_t j, const T* k) {
+    for (int x = 0; x < g; ++x) {
+      const float* qx = q + x * hd;
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int i = 0; i < hd; ++i) s += qx[i] * to_f(k[i]);
-        scores[x * ctx + j0 + o] = s * scale;
-      }
+      for (int i = 0; i < hd; ++i) s += qx[i] * to_f(k[i]);
+      scores[x * ctx + j] = s * scale;
     }
-  }
+  });
   for (int x = 0; x < g; ++x) {
     float* sx = scores + x * ctx;
     float mx = -INFINITY, sum = 0.f;
@@ -82,19 +89,14 @@ void attend(const float* q, int g, int64_t ctx, const int64_t* table, const T* k
     for (int64_t j = 0; j < ctx; ++j) sx[j] *= inv;
   }
   std::fill(acc, acc + g * hd, 0.f);
-  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
-    const int64_t len = std::min(bs, ctx - j0);
-    const T* vb = vc + (table[n] * kvh + h) * bs * hd;
-    for (int64_t o = 0; o < len; ++o) {
-      const T* v = vb + o * hd;
-      for (int x = 0; x < g; ++x) {
-        const float p = scores[x * ctx + j0 + o];
-        float* ax = acc + x * hd;
+  for_each_key(vc, table, kvh, h, bs, hd, ctx, [&](int64_t j, const T* v) {
+    for (int x = 0; x < g; ++x) {
+      const float p = scores[x * ctx + j];
+      float* ax = acc + x * hd;
 #pragma omp simd
-        for (int i = 0; i < hd; ++i) ax[i] += p * to_f(v[i]);
-      }
+      for (int i = 0; i < hd; ++i) ax[i] += p * to_f(v[i]);
     }
-  }
+  });
   for (int x = 0; x < g; ++x)
     for (int i = 0; i < hd; ++i) out[x * hd + i] = static_cast<T>(acc[x * hd + i]);
 }
@@ -136,21 +138,17 @@ void attend_avx512(const float* q, int64_t ctx, const int64_t* table, const T* k
   const int64_t stride = (ctx + 15) & ~int64_t(15);  // scores rows padded to whole vectors
   float mx[G];
   for (int x = 0; x < G; ++x) mx[x] = -INFINITY;
-  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
-    const int64_t len = std::min(bs, ctx - j0);
-    const T* kb = kc + (table[n] * kvh + h) * bs * HD;
-    for (int64_t o = 0; o < len; ++o) {
-      __m512 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = load16(kb + o * HD + 16 * c);
-      for (int x = 0; x < G; ++x) {
-        __m512 acc = _mm512_mul_ps(qv[x][0], kv[0]);
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[x][c], kv[c], acc);
-        const float sc = _mm512_reduce_add_ps(acc);
-        scores[x * stride + j0 + o] = sc;
-        mx[x] = std::max(mx[x], sc);
-      }
+  for_each_key(kc, table, kvh, h, bs, HD, ctx, [&](int64_t j, const T* k) {
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+    for (int x = 0; x < G; ++x) {
+      __m512 acc = _mm512_mul_ps(qv[x][0], kv[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[x][c], kv[c], acc);
+      const float sc = _mm512_reduce_add_ps(acc);
+      scores[x * stride + j] = sc;
+      mx[x] = std::max(mx[x], sc);
     }
-  }
+  });
   float inv[G];
   for (int x = 0; x < G; ++x) {
     float* sx = scores + x * stride;
@@ -167,18 +165,14 @@ void attend_avx512(const float* q, int64_t ctx, const int64_t* table, const T* k
   __m512 acc[G][C];
   for (int x = 0; x < G; ++x)
     for (int c = 0; c < C; ++c) acc[x][c] = _mm512_setzero_ps();
-  for (int64_t j0 = 0, n = 0; j0 < ctx; j0 += bs, ++n) {
-    const int64_t len = std::min(bs, ctx - j0);
-    const T* vb = vc + (table[n] * kvh + h) * bs * HD;
-    for (int64_t o = 0; o < len; ++o) {
-      __m512 vv[C];
-      for (int c = 0; c < C; ++c) vv[c] = load16(vb + o * HD + 16 * c);
-      for (int x = 0; x < G; ++x) {
-        const __m512 p = _mm512_set1_ps(scores[x * stride + j0 + o]);
-        for (int c = 0; c < C; ++c) acc[x][c] = _mm512_fmadd_ps(p, vv[c], acc[x][c]);
-      }
+  for_each_key(vc, table, kvh, h, bs, HD, ctx, [&](int64_t j, const T* v) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+    for (int x = 0; x < G; ++x) {
+      const __m512 p = _mm512_set1_ps(scores[x * stride + j]);
+      for (int c = 0; c < C; ++c) acc[x][c] = _mm512_fmadd_ps(p, vv[c], acc[x][c]);
     }
-  }
+  });
   for (int x = 0; x < G; ++x) {
     alignas(64) float tmp[HD];
     for (int c = 0; c < C; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_mul_ps(acc[x][c], _mm512_set1_ps(inv[x])));

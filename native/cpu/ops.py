@@ -1,14 +1,14 @@
 """The CPU op table: the torch table (native/model/ops.py) with its hot ops on native/cpu's
 compiled kernels — what a model on CPU tensors in fp32 or bf16 computes with when they build.
 
-Per layer of a decode step that is one attention call (RoPE, K/V store and paged attention
-fused), one call per norm (with the residual add), one per SwiGLU, and a MoE of: the router
-linear, one routing + grouping call, two grouped GEMMs over the experts' rows only (padded to
-the busiest expert, not every expert over every token), one combine call (with the shared
-expert). Rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) keep torch's flash SDPA,
-which splits one long row over threads (the kernel splits rows, not one row; single-threaded
-the two are level from ~256 queries up). Everything else (EP, TP collectives, the dense tiny-step MoE, linears)
-is the torch table's.
+Per layer of a decode step: one attention call (RoPE, K/V store and paged attention fused), one
+call per norm (with the residual add), one per SwiGLU, and one per MoE block with float experts
+(router, each expert's GEMMs over its own rows only, shared expert, combine). Weight-only experts
+(wint8 / wint4) route and combine through the kernels around the torch table's per-expert
+dequantizing GEMMs. Rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) keep torch's
+flash SDPA, which splits one long row over threads (the kernel splits rows, not one row;
+single-threaded the two are level from ~256 queries up). Everything else (EP, TP collectives,
+linears) is the torch table's.
 """
 
 from __future__ import annotations
@@ -56,12 +56,10 @@ class CpuOps(TorchOps):
         if not rows:
             return super().begin(model, positions, meta)
         rest = len(rows) < len(meta.query_lens)
-        table = model.rotary._table(max(meta.max_context_len, 1), meta.block_tables.device)
         plan = plan_attention(meta, frozenset(rows))
         cis = model.rotary.cis(positions, meta.max_context_len) if rest else None
-        return CpuStep(
-            meta, plan, cis, torch.tensor(rows, dtype=torch.int64), torch.view_as_real(table).flatten(1), rest
-        )
+        table = model.rotary.real_table(meta.max_context_len, meta.block_tables.device)
+        return CpuStep(meta, plan, cis, torch.tensor(rows, dtype=torch.int64), table, rest)
 
     def rmsnorm(self, x, weight, eps):
         if x.dim() != 2:
@@ -108,12 +106,10 @@ class CpuOps(TorchOps):
         return o
 
     def moe(self, moe, x):
-        experts, shared = moe.experts, moe.shared_experts
-        plain = isinstance(experts, Experts) and experts.shard_experts is None and x.shape[0] > 0
-        if not plain or (
-            shared is not None and (shared.gate_up_proj.bits is not None or shared.down_proj.bits is not None)
-        ):
-            return super().moe(moe, x)
+        experts = moe.experts
+        if not isinstance(experts, Experts) or experts.shard_experts is not None or x.shape[0] == 0:
+            return super().moe(moe, x)  # weight-only experts: moe_experts below
+        shared = moe.shared_experts  # float too: it is quantized only where the experts are
         sw13, sw2 = (
             (shared.gate_up_proj.weight, shared.down_proj.weight) if shared is not None else (_EMPTY, _EMPTY)
         )
@@ -130,24 +126,20 @@ class CpuOps(TorchOps):
         )
 
     def moe_experts(self, moe, x):
-        T, H = x.shape
+        """Weight-only experts: routed and sorted by the kernel, each expert's dequantizing GEMMs
+        over its own rows, in place in the sorted buffer."""
         experts = moe.experts
-        if T == 0 or experts.shard_experts is not None:
+        if x.shape[0] == 0 or experts.shard_experts is not None:
             return super().moe_experts(moe, x)
         logits = F.linear(x.float(), moe.gate.weight)
         weights, dest, xs, counts = self.k.moe_route(
             x, logits, moe.e_score_correction_bias, moe.top_k, moe.norm_min
         )
-        # each expert over its own rows only, in place in the sorted buffer
-        float_experts = isinstance(experts, Experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
                 rows = xs[start : start + n]
-                if float_experts:
-                    rows.copy_(F.linear(self.k.silu_mul(F.linear(rows, experts.w13[e])), experts.w2[e]))
-                else:
-                    rows.copy_(experts.forward_expert(e, rows))
+                rows.copy_(experts.forward_expert(e, rows))
                 start += n
         return _Routed(xs, dest, weights)
 

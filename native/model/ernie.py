@@ -223,9 +223,6 @@ class ErnieForCausalLM(nn.Module):
         # CPU tensors: the torch table's hot ops on native/cpu's compiled kernels when they build
         # (False: plain torch throughout, the reference)
         self.cpu_kernels = True
-        # the torch table's rows through native/cpu's compiled kernel where it applies (False:
-        # plain torch throughout, the reference)
-        self.cpu_kernels = True
         self.ops: Ops = TORCH_OPS
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()

@@ -44,6 +44,10 @@ class Rotary:
         self.theta = theta
         self._cis: torch.Tensor | None = None
 
+    def real_table(self, max_pos: int, device: torch.device) -> torch.Tensor:
+        """fp32 [P >= max_pos, hd]: each position's (cos, sin) pairs, interleaved (compiled kernels)."""
+        return torch.view_as_real(self._table(max(max_pos, 1), device)).flatten(1)
+
     def _table(self, max_pos: int, device: torch.device) -> torch.Tensor:
         if self._cis is None or self._cis.shape[0] < max_pos or self._cis.device != device:
             n = 1 << max(10, (max_pos - 1).bit_length())
