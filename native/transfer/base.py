@@ -14,7 +14,7 @@ of each side's cache, so prefill and decode may use different TP sizes (transfer
 
 The rest of the package: blocks.py (op validation and block-run arithmetic), peers.py (the
 peer and request tables and the ``open_peer``/``write``/``commit`` preambles every backend
-shares), serial.py (backends whose copy is one blocking call), one module per backend.
+shares), serial.py (backends whose copy is one blocking call, run on a worker), one module per backend.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Backends whose copy is one blocking call (shm memcpy, Mooncake batch write)."""
+"""Backends whose copy is one blocking call that should not run on the engine thread (Mooncake's
+batch write)."""
 
 from __future__ import annotations
 
