@@ -195,6 +195,7 @@ class RankServer:
             "total_blocks": load.total_blocks,
             "reserved_blocks": load.reserved_blocks,
             "steps": e.steps,
+            "steps_ahead": e.steps_ahead,
             "tokens_generated": e.tokens_generated,
             "prompt_tokens": e.prompt_tokens_computed,
             "preemptions": e.scheduler.num_preemptions,
@@ -285,6 +286,8 @@ class RankServer:
                 max_num_batched_tokens=self.cfg.max_num_batched_tokens,
                 max_model_len=self.cfg.max_model_len,
                 transfer_timeout_s=envs.PDBUS_TRANSFER_TIMEOUT_S,
+                # on the CPU the host is the device: nothing to overlap
+                async_scheduling=rank.device.type == "cuda" and not self.cfg.no_async_scheduling,
             ),
             rank.eos_ids,
             role=self.cfg.splitwise_role,

@@ -1,7 +1,12 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket, replayed with padded rows.
 
-Static device buffers hold a step's inputs (token ids, positions, slot mapping, block tables
-``[max_bucket, max_blocks]``, context lengths). Each bucket's graph is captured after one eager
+Static device buffers hold a step's inputs (token ids, positions, slot mapping, context lengths,
+block tables ``[max_bucket, max_blocks]``), all views of one int64 tensor, so that a step uploads
+its inputs in one copy from a pinned host mirror of the same layout; two mirrors take turns, so the
+host fills one while the other's copy may still be queued behind the step in flight, and nothing
+in ``run`` waits for the GPU (asynchronous scheduling launches step n+1 before it reads step n's
+tokens). Rows whose token is still on the device (the step in flight's draw) are filled from it on
+the device (``device_tokens``). Each bucket's graph is captured after one eager
 warm-up (which compiles its Triton kernels), largest bucket first, all into one memory pool;
 each keeps its own output rows ``[bucket, H]``. A step of B sequences fills the first B rows and
 replays the smallest bucket >= B; the padding rows have slot -1 (their K/V is not stored) and
@@ -24,6 +29,8 @@ from .kv_cache import KVCache
 from .model import gpu_ops
 
 log = logging.getLogger(__name__)
+
+_TABLES = 6  # int64 vectors of the max bucket's length ahead of the block tables in the inputs
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -72,12 +79,19 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         n = self.buckets[-1]
         i64 = dict(dtype=torch.int64, device=self.device)
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.slot_mapping = torch.full((n,), -1, **i64)
-        self.context_lens = torch.zeros(n, **i64)
-        self.block_tables = torch.zeros((n, self.max_blocks), **i64)
+        # one tensor: [ids | positions | slots | context lens | gather rows | gather sources | tables]
+        self._n = n
+        self._inputs = torch.zeros(_TABLES * n + n * self.max_blocks, **i64)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens, self._gather_rows, self._gather_src = (
+            self._inputs[i * n : (i + 1) * n] for i in range(_TABLES)
+        )
+        self.slot_mapping.fill_(-1)
+        self.block_tables = self._inputs[_TABLES * n :].view(n, self.max_blocks)
         self.query_start_loc = torch.arange(n + 1, **i64)
+        self._mirrors = [torch.zeros(self._inputs.numel(), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._mirror_np = [m.numpy() for m in self._mirrors]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._capture()
 
     @property
@@ -128,9 +142,11 @@ class DecodeGraphs:
         positions: list[int],
         block_tables: list[list[int]],
         context_lens: list[int],
+        device_tokens=None,
     ) -> torch.Tensor | None:
         """Replay the bucket for these decode rows: final hidden states ``[B, H]``, a view that
-        the next replay overwrites; None when no graph fits (B too large, a table too wide)."""
+        the next replay overwrites; None when no graph fits (B too large, a table too wide).
+        ``device_tokens`` (native.runner.DeviceTokens): rows whose token is read on the device."""
         B = len(token_ids)
         if not self.graphs or B == 0 or B > self.max_bucket:
             return None
@@ -143,22 +159,40 @@ class DecodeGraphs:
                 return None
         else:
             bs = min(b for b in self.buckets if b >= B)
-        pad = bs - B
-        bsz = self.block_size
-        slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(block_tables, positions)]
-        flat: list[int] = []
-        for t in block_tables:
-            flat.extend(t)
-            flat.extend([0] * (width - len(t)))
-        self.input_ids[:bs].copy_(torch.tensor(token_ids + [0] * pad, dtype=torch.int64))
-        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad, dtype=torch.int64))
-        self.slot_mapping[:bs].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int64))
-        self.context_lens[:bs].copy_(torch.tensor(context_lens + [0] * pad, dtype=torch.int64))
-        self.block_tables[:B, :width].copy_(torch.tensor(flat, dtype=torch.int64).view(B, width))
+        self._stage(bs, token_ids, positions, block_tables, context_lens, device_tokens)
         graph, out = self.graphs[bs]
         graph.replay()
         self.replays += 1
         return out[:B]
+
+    def _stage(self, bs, token_ids, positions, block_tables, context_lens, device_tokens) -> None:
+        """Fill a pinned mirror of the input buffers and upload it in one copy that does not wait."""
+        B, n, bsz = len(token_ids), self._n, self.block_size
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._uploaded[turn] is not None:
+            self._uploaded[turn].synchronize()  # its copy two steps ago has run: safe to refill
+        a = self._mirror_np[turn]
+        slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(block_tables, positions)]
+        for i, (values, pad) in enumerate(((token_ids, 0), (positions, 0), (slots, -1), (context_lens, 0))):
+            a[i * n : i * n + B] = values
+            a[i * n + B : i * n + bs] = pad
+        m = 0
+        if device_tokens is not None:
+            m = len(device_tokens.rows)
+            a[4 * n : 4 * n + m] = device_tokens.rows
+            a[5 * n : 5 * n + m] = device_tokens.source_rows
+        width = self.max_blocks
+        base = _TABLES * n
+        for i, t in enumerate(block_tables):
+            a[base + i * width : base + i * width + len(t)] = t
+        end = base + B * width
+        self._inputs[:end].copy_(self._mirrors[turn][:end], non_blocking=True)
+        event = self._uploaded[turn] or torch.cuda.Event()
+        event.record()
+        self._uploaded[turn] = event
+        if m:
+            src = device_tokens.source.index_select(0, self._gather_src[:m])
+            self.input_ids.index_copy_(0, self._gather_rows[:m], src)
 
     @torch.inference_mode()
     def run_idle(self, bucket: int) -> bool:

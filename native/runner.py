@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from native.attn_meta import AttnMeta
+from native.host import upload
 from native.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class DeviceTokens:
+    """Input tokens still on the device: the one query token of row ``rows[i]`` of this step is
+    ``source[source_rows[i]]`` (the step in flight's draw, not read back yet; the host passes a
+    placeholder for it). Asynchronous scheduling, actors.engine.engine."""
+
+    rows: list[int]
+    source: torch.Tensor
+    source_rows: list[int]
 
 
 class Runner(abc.ABC):
@@ -25,6 +38,9 @@ class Runner(abc.ABC):
 
     # how long an engine with nothing to do may wait before it must plan again (None: forever)
     idle_wait_s: float | None = None
+    # ``execute`` takes ``device_tokens`` (the engine may launch a step before it has read the
+    # last one's tokens); a group whose ranks get each step's tokens from the host does not
+    supports_device_tokens: bool = False
 
     def plan(self, num_tokens: int, decode_only: bool) -> bool:
         """Step now? ``num_tokens`` is this rank's step (0: nothing scheduled here)."""
@@ -40,10 +56,13 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, token_chunks, start_positions, block_tables, sample_rows, layer_done=None) -> torch.Tensor:
-        """Run one step over these rows; the logits of ``sample_rows``."""
+        """Run one step over these rows; the logits of ``sample_rows``. Runners that
+        ``supports_device_tokens`` also take ``device_tokens`` (a :class:`DeviceTokens`)."""
 
 
 class ModelRunner(Runner):
+    supports_device_tokens = True
+
     def __init__(self, model, kv_cache: KVCache, device: torch.device | str = "cpu", graphs=None):
         self.model = model
         self.kv_cache = kv_cache
@@ -59,28 +78,35 @@ class ModelRunner(Runner):
         block_tables: list[list[int]],
         sample_rows: list[int],
         layer_done: Callable[[int], None] | None = None,
+        device_tokens: DeviceTokens | None = None,
     ) -> torch.Tensor:
         query_lens = [len(c) for c in token_chunks]
         context_lens = [p + n for p, n in zip(start_positions, query_lens)]
+        every_row = len(sample_rows) == len(token_chunks)  # rows in order: no index to upload
         if self.graphs is not None and layer_done is None and all(n == 1 for n in query_lens):
             hidden_rows = self.graphs.run(
-                [c[0] for c in token_chunks], start_positions, block_tables, context_lens
+                [c[0] for c in token_chunks], start_positions, block_tables, context_lens, device_tokens
             )
             if hidden_rows is not None:
-                return self.model.compute_logits(hidden_rows[sample_rows])
+                return self.model.compute_logits(hidden_rows if every_row else hidden_rows[sample_rows])
         flat: list[int] = []
         positions: list[int] = []
         for chunk, start in zip(token_chunks, start_positions):
             flat.extend(chunk)
             positions.extend(range(start, start + len(chunk)))
         meta = AttnMeta.build(query_lens, context_lens, block_tables, self.block_size, self.device)
-        input_ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        input_ids = upload(flat, self.device, torch.int64)
+        pos = upload(positions, self.device, torch.int64)
+        if device_tokens is not None:  # each such row's last (its only) query token
+            ends = meta.query_start_loc[1:] - 1
+            at = ends[upload(device_tokens.rows, self.device, torch.int64)]
+            src = device_tokens.source[upload(device_tokens.source_rows, self.device, torch.int64)]
+            input_ids[at] = src
         hidden = self.model(input_ids, pos, self.kv_cache, meta, layer_done=layer_done)
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         last = meta.query_start_loc[1:] - 1
-        rows = last[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
+        rows = last if every_row else last[upload(sample_rows, self.device, torch.int64)]
         return self.model.compute_logits(hidden[rows])
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from native.host import upload
 from pdbus.messages import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -99,6 +100,28 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
+    @staticmethod
+    def reads_on_device(p: SamplingParams) -> bool:
+        """Whether a row is drawn without the host knowing its earlier outputs' values (only their
+        number): no penalties, no logprobs. Such rows may run a step ahead of their last token
+        (the engine's asynchronous scheduling, :meth:`sample`)."""
+        return p.logprobs is None and not _has_penalty(p)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        eos_token_ids: set[int] | frozenset[int],
+    ) -> torch.Tensor:
+        """The drawn token ids ``[B]`` on the logits' device, without reading anything back: for
+        rows that :meth:`reads_on_device` (the values in ``output_ids`` are not read, only their
+        number). The same draw ``__call__`` makes."""
+        if any(p.logprobs is not None for p in params):
+            raise ValueError("Sampler.sample draws no logprobs: call the sampler for those rows")
+        return self._draw(logits, params, prompt_ids, output_ids, eos_token_ids)
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -107,30 +130,36 @@ class Sampler:
         output_ids: Sequence[Sequence[int]],
         eos_token_ids: set[int] | frozenset[int],
     ) -> SampleOutput:
+        out = SampleOutput(token_ids=[])
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = None
+        if asked:
+            rows = logits if len(asked) == len(params) else logits[asked]
+            raw_logprobs = torch.log_softmax(rows.float(), dim=-1)
+        token_ids = self._draw(logits, params, prompt_ids, output_ids, eos_token_ids)
+        if raw_logprobs is not None:
+            self._fill_logprobs(out, raw_logprobs, token_ids, asked, params)
+        out.token_ids = token_ids.tolist()
+        return out
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        eos_token_ids: set[int] | frozenset[int],
+    ) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} sampling params")
         if len(prompt_ids) != len(params) or len(output_ids) != len(params):
             raise ValueError("prompt_ids and output_ids need one entry per row")
         if logits.dtype != torch.float32:
             logits = logits.float()
-
-        out = SampleOutput(token_ids=[])
-        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
-        raw_logprobs = None
-        if asked:
-            rows = logits if len(asked) == len(params) else logits[asked]
-            raw_logprobs = torch.log_softmax(rows, dim=-1)
-
         min_token_masks = self._min_token_masks(params, output_ids, eos_token_ids, logits.shape[1])
         if not min_token_masks and all(p.greedy and not _has_penalty(p) for p in params):
-            token_ids = logits.argmax(dim=-1)
-        else:
-            token_ids = self._sample(logits, params, prompt_ids, output_ids, min_token_masks)
-
-        if raw_logprobs is not None:
-            self._fill_logprobs(out, raw_logprobs, token_ids, asked, params)
-        out.token_ids = token_ids.tolist()
-        return out
+            return logits.argmax(dim=-1)
+        return self._sample(logits, params, prompt_ids, output_ids, min_token_masks)
 
     # ------------------------------------------------------------------ pieces
 
@@ -167,7 +196,7 @@ class Sampler:
         if min_token_masks:
             rows = [i for i, banned in min_token_masks for _ in banned]
             cols = [t for _, banned in min_token_masks for t in banned]
-            x[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = -math.inf
+            x[upload(rows, device), upload(cols, device)] = -math.inf
 
         if penalized:
             self._apply_penalties(x, penalized, params, prompt_ids, output_ids)
@@ -177,7 +206,7 @@ class Sampler:
             sampled = self._sample_random(
                 x[random_rows], [params[i] for i in random_rows], [len(output_ids[i]) for i in random_rows]
             )
-            token_ids[torch.tensor(random_rows, device=device)] = sampled
+            token_ids[upload(random_rows, device)] = sampled
         return token_ids
 
     @staticmethod
@@ -189,7 +218,7 @@ class Sampler:
         output_ids: Sequence[Sequence[int]],
     ) -> None:
         device, vocab = x.device, x.shape[1]
-        index = torch.tensor(rows, device=device)
+        index = upload(rows, device)
         sub = x[index]
         out_counts = _token_counts([output_ids[i] for i in rows], vocab, device)
         out_seen = out_counts > 0
@@ -197,16 +226,16 @@ class Sampler:
         rep = [params[i].repetition_penalty for i in rows]
         if any(r != 1.0 for r in rep):
             seen = out_seen | (_token_counts([prompt_ids[i] for i in rows], vocab, device) > 0)
-            rep_t = torch.tensor(rep, dtype=torch.float32, device=device)[:, None].expand_as(sub)
+            rep_t = upload(rep, device, torch.float32)[:, None].expand_as(sub)
             rep_t = torch.where(seen, rep_t, torch.ones_like(sub))
             sub = torch.where(sub > 0, sub / rep_t, sub * rep_t)
 
         freq = [params[i].frequency_penalty for i in rows]
         if any(freq):
-            sub -= torch.tensor(freq, dtype=torch.float32, device=device)[:, None] * out_counts
+            sub -= upload(freq, device, torch.float32)[:, None] * out_counts
         pres = [params[i].presence_penalty for i in rows]
         if any(pres):
-            sub -= torch.tensor(pres, dtype=torch.float32, device=device)[:, None] * out_seen
+            sub -= upload(pres, device, torch.float32)[:, None] * out_seen
         x[index] = sub
 
     def _sample_random(self, x: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
@@ -215,12 +244,12 @@ class Sampler:
         if len(set(temps)) == 1:  # one temperature for the batch (the usual case): a scalar divide
             x = x / temps[0] if temps[0] != 1.0 else x
         else:
-            x = x / torch.tensor(temps, dtype=torch.float32, device=device)[:, None]
+            x = x / upload(temps, device, torch.float32)[:, None]
 
         min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
             probs = torch.softmax(x, dim=-1)
-            floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=device)[:, None]
+            floor = probs.amax(dim=-1, keepdim=True) * upload(min_p, device)[:, None]
             x = x.masked_fill(probs < floor, -math.inf)
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -241,7 +270,7 @@ class Sampler:
             noise[i].exponential_(generator=gen)
         token_ids = probs.div(noise.clamp_min_(1e-20)).argmax(dim=-1)
         if len(seeded) < len(params):
-            unseeded = torch.tensor([i for i, p in enumerate(params) if p.seed is None], device=device)
+            unseeded = upload([i for i, p in enumerate(params) if p.seed is None], device)
             token_ids[unseeded] = _inverse_cdf(probs[unseeded], self._global_generator(device))
         return token_ids
 
@@ -286,10 +315,10 @@ def _inverse_cdf(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def _top_k_only(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     vocab = x.shape[1]
     rows = [i for i, k in enumerate(top_k) if k < vocab]
-    index = torch.tensor(rows, device=x.device)
+    index = upload(rows, x.device)
     ks = [top_k[i] for i in rows]
     sub = x[index]
-    kth_index = torch.tensor(ks, device=x.device)[:, None] - 1
+    kth_index = upload(ks, x.device)[:, None] - 1
     kth = sub.topk(max(ks), dim=-1).values.gather(1, kth_index)
     x = x.clone()  # the caller's logits stay as they were
     x[index] = sub.masked_fill(sub < kth, -math.inf)
@@ -300,11 +329,11 @@ def _top_k_top_p_sorted(x: torch.Tensor, top_k: list[int], top_p: list[float]) -
     device, vocab = x.device, x.shape[1]
     sorted_x, order = x.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
-    sorted_x.masked_fill_(ranks >= torch.tensor(top_k, device=device)[:, None], -math.inf)
+    sorted_x.masked_fill_(ranks >= upload(top_k, device)[:, None], -math.inf)
     probs = torch.softmax(sorted_x, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # Keep the shortest prefix whose mass reaches top_p; the best token always survives.
-    drop = mass_before >= torch.tensor(top_p, dtype=torch.float32, device=device)[:, None]
+    drop = mass_before >= upload(top_p, device, torch.float32)[:, None]
     drop[:, 0] = False
     sorted_x.masked_fill_(drop, -math.inf)
     return torch.empty_like(x).scatter_(1, order, sorted_x)

@@ -102,6 +102,9 @@ class ServeConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0
     enforce_eager: bool = False
+    # decode steps launched before the last one's tokens are read back (on a GPU, with a runner
+    # that takes its tokens on the device: actors.engine.overlap); this turns it off
+    no_async_scheduling: bool = False
     skip_tokenizer_init: bool = False
     heartbeat_interval: float = 1.0
     api_key: str | None = None
@@ -204,6 +207,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "cache_transfer_protocol": "comma list in order of preference: ipc,tcp,rdma",
         "quantization": "bf16 | wint8 | wint4 (experts int4, other linears int8)",
         "kv_cache_memory_gb": "KV cache size on the CPU (GiB) when --num-gpu-blocks-override is unset",
+        "no_async_scheduling": "read each decode step's tokens back before launching the next (on by default on a GPU)",
     }
     for f in fields(ServeConfig):
         flag = _flag(f.name)

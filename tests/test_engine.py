@@ -154,6 +154,8 @@ def make_engine(
     cache: KVCache | None = None,
     events: Collector | None = None,
     transfer_timeout_s: float = 30.0,
+    async_scheduling: bool = False,
+    runner=None,
 ) -> tuple[Engine, Collector]:
     cfg = model.cfg
     if cache is None:
@@ -162,7 +164,7 @@ def make_engine(
         )
     events = events or Collector()
     engine = Engine(
-        ModelRunner(model, cache, "cpu"),
+        runner or ModelRunner(model, cache, "cpu"),
         Sampler(seed=0),
         events,
         EngineLimits(
@@ -170,6 +172,7 @@ def make_engine(
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
             transfer_timeout_s=transfer_timeout_s,
+            async_scheduling=async_scheduling,
         ),
         eos if eos is not None else {cfg.eos_token_id},
         role=role,

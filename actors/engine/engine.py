@@ -40,6 +40,7 @@ import msgspec
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.kv_export import KVExport
+from actors.engine.overlap import InFlight
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence, Status
 from native.parallel.comm import GroupBroken
@@ -66,6 +67,9 @@ class EngineLimits:
     max_model_len: int = 2048
     transfer_timeout_s: float = 30.0
     dest_timeout_s: float = 60.0  # prefill: a last chunk waits this long for its block ids
+    # launch a decode step before reading the last one's tokens (actors.engine.overlap); used only
+    # where the runner takes tokens on the device and the role decodes
+    async_scheduling: bool = False
 
 
 @dataclass
@@ -117,11 +121,16 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.steps_ahead = 0  # of them launched before the previous step was read back
         self.tokens_generated = 0
         self.prompt_tokens_computed = 0
         self.last_error: str | None = None
         self._stalled = False  # the last step had work but no blocks to run it: don't spin
         self._dest_waits: dict[str, float] = {}  # prefill: req -> deadline for its block ids
+        self.async_scheduling = (
+            limits.async_scheduling and role != "prefill" and getattr(runner, "supports_device_tokens", False)
+        )
+        self._inflight: InFlight | None = None  # the step launched ahead, not read back yet
 
     # ------------------------------------------------------------------ thread API
     def start(self) -> None:
@@ -189,8 +198,8 @@ class Engine:
     # ------------------------------------------------------------------ loop
     def _wait_s(self) -> float | None:
         """How long the loop may sleep on the inbox before it must step (None: until a command)."""
-        if (self.scheduler.has_work() and not self._stalled) or self.runner.busy:
-            return 0.0  # work to run, or a busy group waiting for this rank in plan
+        if (self.scheduler.has_work() and not self._stalled) or self.runner.busy or self._inflight is not None:
+            return 0.0  # work to run, a step in flight to read, or a busy group waiting in plan
         # stalled: the blocks it waits for come back only through the inbox (a command, a landed
         # transfer) or when a lease expires
         wait = self.runner.idle_wait_s
@@ -385,12 +394,20 @@ class Engine:
         self.export.discard(seq)
         self._dest_waits.pop(seq.req_id, None)
         if seq.status is not Status.FINISHED:
-            self.blocks.free(seq.block_table)
+            if self._inflight is not None and self._inflight.holds(seq):
+                self._inflight.free_after.append(seq.block_table)  # its row may still be running
+            else:
+                self.blocks.free(seq.block_table)
             seq.block_table = []
             seq.status = Status.FINISHED
         self.seqs.pop(seq.req_id, None)
 
     def _fail_all(self, error: str) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:  # nothing of it is read; its blocks go once it has run
+            inflight.settle()
+            for table in inflight.free_after:
+                self.blocks.free(table)
         for seq in list(self.seqs.values()):
             self.scheduler.remove(seq)
             self._finish(seq)
@@ -398,6 +415,8 @@ class Engine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> None:
+        if self._inflight is not None and not self._chainable():
+            self._land()  # the next step needs host values the step in flight has not given yet
         batch = self.scheduler.schedule()
         self._stalled = not batch and self.scheduler.has_work()
         layer_done = None
@@ -416,6 +435,14 @@ class Engine:
         if not batch:
             self.runner.idle_step()
             return
+        if self.async_scheduling and layer_done is None and self._may_run_ahead(batch):
+            self._step_ahead(batch)
+            return
+        if self._inflight is not None:  # its placeholders must be tokens before this step reads them
+            self._land()
+            batch = [s for s in batch if s.seq.status is Status.RUNNING]
+            if not batch:
+                return
         self.steps += 1
         sampled = [s for s in batch if s.samples]
         try:
@@ -474,14 +501,86 @@ class Engine:
             self.events.on_tokens(items)
 
     def _check_finished(self, seq: Sequence) -> bool:
+        return self._finished_at(seq, seq.num_tokens - 1)
+
+    def _finished_at(self, seq: Sequence, slot: int) -> bool:
+        """Whether the token at ``slot`` of ``seq`` (its last, or a placeholder just read back)
+        ends it; sets the finish reason."""
         sp = seq.sampling
-        n_out = seq.num_sampled
-        tok = seq.last_token if seq.num_completion_tokens else None
+        n_out = slot + 1 - seq.num_prompt_tokens + seq.num_prompt_outputs
+        tok = seq.token_ids[slot] if slot >= seq.num_prompt_tokens else None
         if tok is not None and n_out >= sp.min_tokens:
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
                 seq.finish_reason = FinishReason.STOP
                 return True
-        if n_out >= sp.max_tokens or seq.num_tokens >= self.max_len:
+        if n_out >= sp.max_tokens or slot + 1 >= self.max_len:
             seq.finish_reason = FinishReason.LENGTH
             return True
         return False
+
+    # ------------------------------------------------------------------ a step ahead (overlap.py)
+    def _chainable(self) -> bool:
+        """The next step may be launched before the one in flight is read: only decode rows that
+        draw on the device, nothing waiting to be admitted, a free block for every row (so the
+        step cannot preempt a sequence whose last token is a placeholder)."""
+        sched = self.scheduler
+        if sched.waiting:
+            return False
+        live = [s for s in sched.running if not s.final_pending]
+        if not live or len(live) > sched.max_num_batched_tokens or self.blocks.num_free < len(live):
+            return False
+        reads = self.sampler.reads_on_device
+        return all(s.num_uncomputed == 1 and s.dest is None and reads(s.sampling) for s in live)
+
+    def _may_run_ahead(self, batch) -> bool:
+        reads = self.sampler.reads_on_device
+        return all(s.num_new_tokens == 1 and s.samples and s.seq.dest is None and reads(s.seq.sampling) for s in batch)
+
+    def _step_ahead(self, batch) -> None:
+        """Launch a decode step, then read the one in flight back while the device runs it."""
+        seqs = [s.seq for s in batch]
+        prev = self._inflight
+        self.steps += 1
+        self.steps_ahead += 1
+        logits = self.runner.execute(
+            [[seq.token_ids[seq.num_computed_tokens]] for seq in seqs],
+            [seq.num_computed_tokens for seq in seqs],
+            [seq.block_table for seq in seqs],
+            list(range(len(seqs))),
+            device_tokens=prev.device_tokens(seqs) if prev is not None else None,
+        )
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        histories = [seq.sampling_history() for seq in seqs]
+        tokens = self.sampler.sample(
+            logits, [seq.sampling for seq in seqs], [h[0] for h in histories], [h[1] for h in histories], self.eos_token_ids
+        )
+        self._inflight = InFlight.launch(seqs, tokens)
+        for seq, slot in zip(seqs, self._inflight.slots):
+            sp = seq.sampling  # the placeholder's read-back will end it whatever its value
+            seq.final_pending = slot + 1 - seq.num_prompt_tokens + seq.num_prompt_outputs >= sp.max_tokens or slot + 1 >= self.max_len
+        if prev is not None:
+            self._land(prev)
+
+    def _land(self, inflight: InFlight | None = None) -> None:
+        """Read a step in flight back (default: the only one): its placeholders become tokens,
+        its sequences finish or go on, its tokens are posted."""
+        if inflight is None:
+            inflight, self._inflight = self._inflight, None
+        tokens = inflight.wait()
+        items: list[TokenOut] = []
+        for seq, slot, tok in zip(inflight.seqs, inflight.slots, tokens):
+            if seq.status is Status.FINISHED:
+                continue  # aborted or failed while in flight
+            seq.token_ids[slot] = tok
+            self.tokens_generated += 1
+            item = TokenOut(seq.req_id, [tok])
+            if self._finished_at(seq, slot):
+                item.finish_reason = seq.finish_reason
+                self.scheduler.remove(seq)
+                self._finish(seq)
+            items.append(item)
+        for table in inflight.free_after:
+            self.blocks.free(table)
+        if items:
+            self.events.on_tokens(items)

@@ -79,6 +79,9 @@ class Sequence:
         self.num_prompt_outputs = num_prompt_outputs
         self.finish_reason: str | None = None
         self.first_token: object | None = None  # prefill role: token 1, held until the KV has landed
+        # asynchronous scheduling: the token in flight ends it (max_tokens, model length), so it
+        # is not scheduled again (actors.engine.overlap)
+        self.final_pending = False
 
     def __repr__(self) -> str:
         return f"Sequence({self.req_id!r}, {self.num_prompt_tokens}+{self.num_completion_tokens} tokens, {self.status.value})"
@@ -114,6 +117,8 @@ class Sequence:
     def may_compute(self, num_new_tokens: int) -> bool:
         """Whether a step may compute the next ``num_new_tokens``: not the last chunk of a prompt
         whose destination blocks are still unknown (that step writes the KV out)."""
+        if self.final_pending:
+            return False
         return not (self.dest_pending and self.num_computed_tokens + num_new_tokens >= len(self.token_ids))
 
     @property
