@@ -180,7 +180,9 @@ def bench_socket(shape: Shape, reps: int) -> list[float]:
         conn.close()
 
 
-def bench_engine(protocol: str, shape: Shape, reps: int, device: str = "cpu") -> list[float]:
+def bench_engine(protocol: str, shape: Shape, reps: int, device: str = "cpu", ranged: bool = False) -> list[float]:
+    """Writes layer by layer, as the prefill's layer hook does, or (``ranged``) all layers in
+    one write (``WriteOp.num_layers``), then commit and wait."""
     env = {"PDBUS_MOONCAKE_TCP": "1"} if protocol == "rdma" else {}
     proc, conn, endpoint = _spawn(_engine_receiver, protocol, shape, device, env)
     src = shape.cache(shape.blocks, device)
@@ -194,8 +196,11 @@ def bench_engine(protocol: str, shape: Shape, reps: int, device: str = "cpu") ->
     def run():
         count[0] += 1
         req = f"req{count[0]}"
-        for layer in range(shape.layers):
-            tx.write(req, "decode", WriteOp(layer, src_blocks, dst_blocks))
+        if ranged:
+            tx.write(req, "decode", WriteOp(0, src_blocks, dst_blocks, num_layers=shape.layers))
+        else:
+            for layer in range(shape.layers):
+                tx.write(req, "decode", WriteOp(layer, src_blocks, dst_blocks))
         tx.commit(req, "decode").wait(120)
 
     try:
@@ -240,6 +245,7 @@ def main() -> None:
                 ("cuda", "cuda-copy", lambda s=shape: bench_memcpy(s, args.reps, "cuda")),
                 ("cuda", "cuda-blockcopy", lambda s=shape: bench_blockcopy(s, args.reps, "cuda")),
                 ("cuda", "cuda ipc", lambda s=shape: bench_engine("ipc", s, args.reps, "cuda")),
+                ("cuda", "cuda ipc 1 write", lambda s=shape: bench_engine("ipc", s, args.reps, "cuda", ranged=True)),
             ]
         for key, name, fn in cases:
             if not want(key):

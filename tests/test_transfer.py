@@ -226,6 +226,11 @@ def test_bad_ops_are_refused(protocol):
         with pytest.raises(TransferError, match="dst heads"):
             tx.write("r", "d", WriteOp(0, [0], [0], (0, 1), (2, 3)))
         tx.write("r", "d", WriteOp(2, [7, 6], [0, 3], (2, 4), (0, 2)))  # a valid one still works
+        # the checks of a write are reused only while its blocks and heads repeat
+        with pytest.raises(TransferError, match="layer 9 outside"):
+            tx.write("r", "d", WriteOp(9, [7, 6], [0, 3], (2, 4), (0, 2)))
+        with pytest.raises(TransferError, match="dst block id outside"):
+            tx.write("r", "d", WriteOp(1, [7, 6], [0, 4], (2, 4), (0, 2)))
         tx.commit("r", "d").wait(30)
         assert torch.equal(dst.buffer[2, :, 3], src.buffer[2, :, 6, 2:4])
 

@@ -10,6 +10,9 @@ ValueError):
 * wlinear:   ``wlinear`` (quantize with native/model/quant.py)
 * moe:       ``fused_moe``, ``moe_route``, ``moe_align``, ``moe_gemm``, ``moe_combine``
 
+and, imported from its module by the CUDA ipc backend (it copies with torch where Triton is
+missing): kv_copy: ``copy_kv_blocks``.
+
 The package attribute ``wlinear`` is the function; the module is
 ``importlib.import_module("native.kernels.wlinear")``.
 """

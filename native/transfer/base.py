@@ -41,6 +41,7 @@ class WriteOp:
     dst_blocks: list[int]
     src_heads: tuple[int, int] | None = None  # None: all local heads
     dst_heads: tuple[int, int] | None = None
+    num_layers: int = 1  # layers [layer, layer + num_layers), the same blocks and heads in each
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TransferHandle:
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _callbacks: list = field(default_factory=list, repr=False)
+    # set by a backend that can complete the handle on the waiting thread: ``settle(timeout)``
+    # returns once it has, or the timeout ran out (then ``wait`` waits as usual)
+    settle: Callable[[float | None], None] | None = field(default=None, repr=False)
 
     def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
         """Call ``fn(handle)`` once the handle completes or fails: at once (on this thread) if it
@@ -94,6 +98,8 @@ class TransferHandle:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
+        if self.settle is not None and not self._event.is_set():
+            self.settle(timeout)
         if not self._event.wait(timeout):
             raise TransferError(f"transfer of {self.req_id} timed out after {timeout}s")
         if self.error is not None:
@@ -121,7 +127,8 @@ class TransferEngine(abc.ABC):
 
     @abc.abstractmethod
     def write(self, req_id: str, peer_id: str, op: WriteOp) -> None:
-        """Queue one layer's block copy from the local cache into the peer's. Non-blocking."""
+        """Queue the block copy of one layer (or of ``op.num_layers`` consecutive ones) from the
+        local cache into the peer's. Non-blocking."""
 
     @abc.abstractmethod
     def commit(self, req_id: str, peer_id: str) -> TransferHandle:

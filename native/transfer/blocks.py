@@ -24,6 +24,17 @@ class ResolvedOp:
     dst_blocks: list[int]
     src_heads: tuple[int, int]
     dst_heads: tuple[int, int]
+    num_layers: int = 1  # layers [layer, layer + num_layers)
+
+    def layers(self) -> list[ResolvedOp]:
+        """One op per layer (for backends that copy a layer at a time)."""
+        if self.num_layers == 1:
+            return [self]
+        return [ResolvedOp(i, self.src_blocks, self.dst_blocks, self.src_heads, self.dst_heads) for i in self.layer_range]
+
+    @property
+    def layer_range(self) -> range:
+        return range(self.layer, self.layer + self.num_layers)
 
     @property
     def num_heads(self) -> int:
@@ -41,8 +52,7 @@ def resolve_op(op: WriteOp, local: KVLayout, peer: KVLayout, peer_id: str) -> Re
     dst_heads = heads(op.dst_heads, peer.num_kv_heads, "dst")
     if src_heads[1] - src_heads[0] != dst_heads[1] - dst_heads[0]:
         raise TransferError(f"write to {peer_id}: src heads {src_heads} and dst heads {dst_heads} differ in count")
-    if not 0 <= op.layer < local.num_layers:
-        raise TransferError(f"write to {peer_id}: layer {op.layer} outside [0, {local.num_layers})")
+    check_layers(op, local.num_layers, peer_id)
     src_blocks, dst_blocks = [int(b) for b in op.src_blocks], [int(b) for b in op.dst_blocks]
     if len(src_blocks) != len(dst_blocks):
         raise TransferError(
@@ -51,7 +61,14 @@ def resolve_op(op: WriteOp, local: KVLayout, peer: KVLayout, peer_id: str) -> Re
     for blocks, limit, side in ((src_blocks, local.num_blocks, "src"), (dst_blocks, peer.num_blocks, "dst")):
         if blocks and not (0 <= min(blocks) and max(blocks) < limit):
             raise TransferError(f"write to {peer_id}: {side} block id outside [0, {limit})")
-    return ResolvedOp(op.layer, src_blocks, dst_blocks, src_heads, dst_heads)
+    return ResolvedOp(op.layer, src_blocks, dst_blocks, src_heads, dst_heads, op.num_layers)
+
+
+def check_layers(op: WriteOp, num_layers: int, peer_id: str) -> None:
+    if op.num_layers < 1 or not 0 <= op.layer <= op.layer + op.num_layers - 1 < num_layers:
+        last = op.layer + op.num_layers - 1
+        what = f"layer {op.layer}" if op.num_layers == 1 else f"layers {op.layer}..{last}"
+        raise TransferError(f"write to {peer_id}: {what} outside [0, {num_layers})")
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:

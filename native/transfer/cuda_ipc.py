@@ -3,12 +3,18 @@
 Receiver: exports the allocation that holds its cache buffer with ``cudaIpcGetMemHandle``
 (through cupy) and publishes the handle, the buffer's offset inside that allocation, the GPU's
 uuid and the host's boot id. Sender: opens the handle once per peer (``cudaIpcOpenMemHandle``,
-peer access enabled lazily), wraps the pointer as a torch tensor of the peer's cache shape,
-and copies each layer with one gather and one scatter (K and V together) on a dedicated CUDA
-stream that first waits for the compute stream, so the copy sees the finished layer and runs
-beside the next one. ``commit`` records an event; the engine's one completion thread waits on
-the events in order and completes each handle (its callbacks run there). A decode on another
-GPU of the host is written through a peer copy.
+peer access enabled lazily) and wraps the pointer as a torch tensor of the peer's cache shape.
+Writes into a decode on this GPU queue on their request as runs of layers (a write may name one
+layer, as the prefill's layer hook does, or a range, ``WriteOp.num_layers``); once
+``FLUSH_LAYERS`` layers are queued, and at ``commit``, each run goes out as one
+``copy_kv_blocks`` launch (native/kernels/kv_copy.py: K and V of every block of those layers,
+the offsets computed on the device from the block ids, uploaded once per request) on a dedicated
+CUDA stream that first waits for the compute stream, so the copy sees the finished layers and runs
+beside the next ones. A decode on another GPU of the host is written layer by layer, with one
+gather, a peer copy and one scatter (``copy_blocks``). ``commit`` then records an event; the
+engine's one completion thread waits on the events in order and completes each handle (its
+callbacks run there), and a caller of ``TransferHandle.wait`` completes it itself as soon as the
+event has passed. An abort drops the writes not launched yet and waits for the launched ones.
 
 The prefill process must see the decode's GPU (do not narrow CUDA_VISIBLE_DEVICES to its own
 GPU only; pick the device with ``torch.cuda.set_device``). cupy is imported on first use, so
@@ -21,10 +27,13 @@ import ctypes
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
+from native.host import upload
+from native.kernels.kv_copy import copy_kv_blocks
 from native.kv_cache import DTYPES, KVCache
 from native.transfer.base import TransferError
 from native.transfer.blocks import ResolvedOp, block_index, copy_blocks
@@ -32,6 +41,11 @@ from native.transfer.peers import Peer, PeerEngine, PendingTransfer
 from pdbus.messages import CudaIpcEndpoint, TransferProtocol
 
 log = logging.getLogger(__name__)
+
+# A request's writes into a decode on this GPU are launched once this many layers are queued: a
+# few launches per request written layer by layer, each copying layers the prefill finished while
+# it computes the next ones. Engines read it when they are built.
+FLUSH_LAYERS = 8
 
 
 def _cupy():
@@ -80,10 +94,28 @@ class _Mapped:
     buffer: torch.Tensor  # the peer's cache, [layers, 2, blocks, heads, block_size, head_dim]
 
 
+@dataclass(eq=False)
+class _Batch:
+    """One request's writes into a peer on this GPU: the blocks and heads they copy (``op``, its
+    block ids on the device once uploaded), the layer runs not launched yet, and every id tensor
+    a launch read (kept until the commit's event has completed)."""
+
+    peer: Peer
+    op: ResolvedOp | None = None
+    ids: tuple[torch.Tensor, torch.Tensor] | None = None
+    runs: list[list[int]] = field(default_factory=list)  # [first layer, count] not launched yet
+    keep: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def pending(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
 class CudaIpcTransfer(PeerEngine):
     name = TransferProtocol.IPC.value
     endpoint_types = (CudaIpcEndpoint,)
     same_host_only = True
+    takes_layer_ranges = True
 
     def __init__(self, cache: KVCache, host: str = "127.0.0.1"):
         if cache.device.type != "cuda":
@@ -91,12 +123,14 @@ class CudaIpcTransfer(PeerEngine):
         super().__init__(cache, host)
         self._index = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
         self._stream = torch.cuda.Stream(device=self._index)
+        self._flush_layers = max(1, FLUSH_LAYERS)
+        self._batches: dict[PendingTransfer, _Batch] = {}  # requests with writes into this GPU; under _lock
         self._endpoint: CudaIpcEndpoint | None = None
         self._index_key: tuple | None = None
         self._block_index: tuple[torch.Tensor, torch.Tensor] | None = None
         # One thread for the engine, not one per request: it waits on each commit's event in
         # order (the events of one stream complete in order) and completes its handle.
-        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (event, entry); None stops
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (event, entry, batch or None); None stops
         self._waiter: threading.Thread | None = None
 
     # ----- receiver side
@@ -134,37 +168,61 @@ class CudaIpcTransfer(PeerEngine):
         except Exception as e:  # cupy raises its own CUDARuntimeError
             raise TransferError(f"peer {peer_id}: cudaIpcOpenMemHandle failed: {e}") from None
         layout = endpoint.layout
-        shape = (layout.num_layers, 2, layout.num_blocks, layout.num_kv_heads, layout.block_size, layout.head_dim)
+        shape = (
+            layout.num_layers,
+            2,
+            layout.num_blocks,
+            layout.num_kv_heads,
+            layout.block_size,
+            layout.head_dim,
+        )
         raw = torch.as_tensor(_DevicePointer(base + int(endpoint.offset), int(endpoint.nbytes)))
         buffer = raw.view(DTYPES[layout.dtype]).view(shape)
         return _Mapped(peer_id, base, buffer)
 
     def _write(self, entry: PendingTransfer, peer: Peer, op: ResolvedOp) -> None:
         mapped: _Mapped = peer.obj
-        compute = torch.cuda.current_stream(self._index)
-        self._stream.wait_stream(compute)  # the layer was produced on the compute stream
-        with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
-            key = (peer.peer_id, op.src_blocks, op.dst_blocks)
-            if key != self._index_key:  # every layer of a request uses the same blocks: upload once
-                self._index_key = key
-                self._block_index = block_index(op, self.cache.buffer.device, mapped.buffer.device)
-            entry.nbytes += copy_blocks(self.cache.buffer, mapped.buffer, op, self._block_index)
-            if mapped.buffer.device.index != self._index:
-                # the scatter ran on the peer GPU's current stream: keep commit's event after it
-                self._stream.wait_stream(torch.cuda.current_stream(mapped.buffer.device))
+        if mapped.buffer.device.index != self._index:
+            for one in op.layers():
+                self._write_to_peer_gpu(entry, peer, one)
+            return
+        with self._lock:
+            batch = self._batches.get(entry)
+            if batch is None:
+                batch = self._batches[entry] = _Batch(peer)
+            same = batch.op is not None and (batch.op.src_blocks, batch.op.dst_blocks, batch.op.src_heads, batch.op.dst_heads) == (
+                op.src_blocks, op.dst_blocks, op.src_heads, op.dst_heads)  # fmt: skip
+            if not same:  # other blocks or heads: what is queued goes first
+                self._flush(entry, batch)
+                batch.op, batch.ids = op, None
+            if batch.runs and sum(batch.runs[-1]) == op.layer:
+                batch.runs[-1][1] += op.num_layers  # the next layers of the same run
+            else:
+                batch.runs.append([op.layer, op.num_layers])
+            if batch.pending >= self._flush_layers:
+                self._flush(entry, batch)
 
     def _commit(self, entry: PendingTransfer, peer: Peer) -> None:
-        event = torch.cuda.Event()
-        event.record(self._stream)
         with self._lock:
+            batch = self._batches.pop(entry, None)
+            if batch is not None:
+                self._flush(entry, batch)
             if self._waiter is None:
                 self._waiter = threading.Thread(target=self._wait_loop, name="pdbus-cuda-ipc-done", daemon=True)
                 self._waiter.start()
-        self._done.put((event, entry))
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        # whoever sees the event first completes the handle: the waiter thread, or a caller of
+        # ``wait`` (no thread hand-off on its way back)
+        entry.handle.settle = lambda timeout: self._settle(event, entry, timeout)
+        self._done.put((event, entry, batch))  # the batch keeps its ids alive until the event
 
     def _aborted(self, entries: list[PendingTransfer]) -> None:
-        """Copies already queued on the stream are waited for, so nothing of the request lands
-        after abort returns."""
+        """Writes not launched yet are dropped and launched ones waited for, so nothing of the
+        request lands after abort returns."""
+        with self._lock:
+            for entry in entries:
+                self._batches.pop(entry, None)
         self._stream.synchronize()
 
     def _shutdown(self, peers: list[Peer]) -> None:
@@ -176,6 +234,8 @@ class CudaIpcTransfer(PeerEngine):
 
     def _detach(self, mapped: _Mapped) -> None:
         self._index_key = self._block_index = None
+        with self._lock:  # the peer's requests have failed: their queued writes go
+            self._batches = {e: b for e, b in self._batches.items() if b.peer.obj is not mapped}
         self._stream.synchronize()  # no copy into it may still be running
         if mapped.buffer.device.index != self._index:
             torch.cuda.current_stream(mapped.buffer.device).synchronize()
@@ -187,9 +247,54 @@ class CudaIpcTransfer(PeerEngine):
         except Exception as e:  # closing the mapping of a dead peer may fail; nothing is left to free
             log.info("ipc: closing the mapping of %s failed: %s", mapped.peer_id, e)
 
+    def _flush(self, entry: PendingTransfer, batch: _Batch) -> None:
+        """Launch ``batch``'s queued layer runs (one ``copy_kv_blocks`` each: one for a request
+        written in order) on the transfer stream, after what the compute stream has queued so far."""
+        if not batch.runs:
+            return
+        op = batch.op
+        self._stream.wait_stream(torch.cuda.current_stream(self._index))  # the layers were produced there
+        with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+            if batch.ids is None:  # every layer of a request has the same blocks: uploaded once
+                ids = upload([op.src_blocks, op.dst_blocks], self.cache.device, torch.int64)
+                batch.ids = (ids[0], ids[1])
+                batch.keep.append(batch.ids)
+            for layer, n in batch.runs:
+                entry.nbytes += copy_kv_blocks(
+                    self.cache.buffer, batch.peer.obj.buffer, layer, n, *batch.ids, op.src_heads, op.dst_heads
+                )
+        batch.runs = []
+
+    def _write_to_peer_gpu(self, entry: PendingTransfer, peer: Peer, op: ResolvedOp) -> None:
+        """One layer's gather, peer copy and scatter into a decode on another GPU of the host."""
+        mapped: _Mapped = peer.obj
+        compute = torch.cuda.current_stream(self._index)
+        self._stream.wait_stream(compute)  # the layer was produced on the compute stream
+        with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+            key = (peer.peer_id, op.src_blocks, op.dst_blocks)
+            if key != self._index_key:  # every layer of a request uses the same blocks: upload once
+                self._index_key = key
+                self._block_index = block_index(op, self.cache.buffer.device, mapped.buffer.device)
+            entry.nbytes += copy_blocks(self.cache.buffer, mapped.buffer, op, self._block_index)
+            # the scatter ran on the peer GPU's current stream: keep commit's event after it
+            self._stream.wait_stream(torch.cuda.current_stream(mapped.buffer.device))
+
+    def _settle(self, event: torch.cuda.Event, entry: PendingTransfer, timeout: float | None) -> None:
+        """Complete ``entry`` here if its copies finish within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not event.query():
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                time.sleep(0)
+        except RuntimeError as e:  # an asynchronous CUDA error surfaced here
+            self._requests.finish(entry, f"ipc transfer of {entry.req_id} failed: {e}")
+            return
+        self._requests.finish(entry)
+
     def _wait_loop(self) -> None:
         while (item := self._done.get()) is not None:
-            event, entry = item
+            event, entry, _ = item
             try:
                 event.synchronize()
             except RuntimeError as e:  # an asynchronous CUDA error surfaced here

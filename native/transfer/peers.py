@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from native.kv_cache import KVCache
 from native.transfer.base import TransferEngine, TransferError, TransferHandle, WriteOp, host_id
-from native.transfer.blocks import ResolvedOp, resolve_op
+from native.transfer.blocks import ResolvedOp, check_layers, resolve_op
 from pdbus.messages import Endpoint, KVLayout
 
 
@@ -140,6 +140,7 @@ class PeerEngine(TransferEngine):
 
     endpoint_types: tuple[type, ...] = ()  # the endpoint structs this backend writes into
     same_host_only = False  # ``ipc``: the peer's host_id must be this host's
+    takes_layer_ranges = False  # ``_write`` gets multi-layer ops whole (else one per layer)
 
     def __init__(self, cache: KVCache, host: str = "127.0.0.1"):
         super().__init__(cache, host)
@@ -147,6 +148,7 @@ class PeerEngine(TransferEngine):
         self._host_id = host_id()
         self._requests = RequestTable(self.name)
         self._peers: dict[str, Peer] = {}
+        self._last_resolved: tuple[Peer, tuple, ResolvedOp] | None = None  # see _resolve
         self._lock = threading.RLock()
         self._closed = False
 
@@ -161,7 +163,8 @@ class PeerEngine(TransferEngine):
 
     @abc.abstractmethod
     def _write(self, entry: PendingTransfer, peer: Peer, op: ResolvedOp) -> None:
-        """Queue (or run) one validated layer copy of a live request."""
+        """Queue (or run) one validated layer copy of a live request (a range of layers where
+        the backend ``takes_layer_ranges``)."""
 
     @abc.abstractmethod
     def _commit(self, entry: PendingTransfer, peer: Peer) -> None:
@@ -201,10 +204,15 @@ class PeerEngine(TransferEngine):
 
     def write(self, req_id: str, peer_id: str, op: WriteOp) -> None:
         peer = self._peer(peer_id)
-        resolved = resolve_op(op, self._layout, peer.layout, peer_id)
+        resolved = self._resolve(op, peer)
         entry = self._requests.get(req_id, peer_id)
-        if not entry.handle.done():
+        if entry.handle.done():
+            return
+        if self.takes_layer_ranges:
             self._write(entry, peer, resolved)
+            return
+        for one in resolved.layers():
+            self._write(entry, peer, one)
 
     def commit(self, req_id: str, peer_id: str) -> TransferHandle:
         peer = self._peer(peer_id)
@@ -239,6 +247,24 @@ class PeerEngine(TransferEngine):
         self._shutdown(peers)
 
     # ----- internals
+    def _resolve(self, op: WriteOp, peer: Peer) -> ResolvedOp:
+        """``resolve_op``, whose block and head checks are reused while the blocks and heads repeat
+        (every layer of a request writes the same ones): only the layer is checked again."""
+        last = self._last_resolved
+        if (
+            last is not None
+            and last[0] is peer
+            and last[1] == (op.src_heads, op.dst_heads)
+            and last[2].src_blocks == op.src_blocks
+            and last[2].dst_blocks == op.dst_blocks
+        ):
+            r = last[2]
+            check_layers(op, self._layout.num_layers, peer.peer_id)
+            return ResolvedOp(op.layer, r.src_blocks, r.dst_blocks, r.src_heads, r.dst_heads, op.num_layers)
+        resolved = resolve_op(op, self._layout, peer.layout, peer.peer_id)
+        self._last_resolved = (peer, (op.src_heads, op.dst_heads), resolved)
+        return resolved
+
     def _drop(self, peer: Peer) -> None:
         """``close_peer``'s last step; a backend with queued work may defer the detach."""
         self._detach(peer.obj)

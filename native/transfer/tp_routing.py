@@ -125,7 +125,7 @@ class TPTransfer(TransferEngine):
     def write(self, req_id: str, peer_id: str, op: WriteOp) -> None:
         for w in self._plan(peer_id)[1]:
             self.local.write(
-                req_id, rank_peer(peer_id, w.rank), WriteOp(op.layer, op.src_blocks, op.dst_blocks, w.src_heads, w.dst_heads)
+                req_id, rank_peer(peer_id, w.rank), WriteOp(op.layer, op.src_blocks, op.dst_blocks, w.src_heads, w.dst_heads, op.num_layers)
             )
         self._blocks[req_id] = (op.src_blocks, op.dst_blocks)
 
