@@ -107,21 +107,6 @@ class Sampler:
         (the engine's asynchronous scheduling, :meth:`sample`)."""
         return p.logprobs is None and not _has_penalty(p)
 
-    def sample(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        prompt_ids: Sequence[Sequence[int]],
-        output_ids: Sequence[Sequence[int]],
-        eos_token_ids: set[int] | frozenset[int],
-    ) -> torch.Tensor:
-        """The drawn token ids ``[B]`` on the logits' device, without reading anything back: for
-        rows that :meth:`reads_on_device` (the values in ``output_ids`` are not read, only their
-        number). The same draw ``__call__`` makes."""
-        if any(p.logprobs is not None for p in params):
-            raise ValueError("Sampler.sample draws no logprobs: call the sampler for those rows")
-        return self._draw(logits, params, prompt_ids, output_ids, eos_token_ids)
-
     def __call__(
         self,
         logits: torch.Tensor,
@@ -136,13 +121,13 @@ class Sampler:
         if asked:
             rows = logits if len(asked) == len(params) else logits[asked]
             raw_logprobs = torch.log_softmax(rows.float(), dim=-1)
-        token_ids = self._draw(logits, params, prompt_ids, output_ids, eos_token_ids)
+        token_ids = self.sample(logits, params, prompt_ids, output_ids, eos_token_ids)
         if raw_logprobs is not None:
             self._fill_logprobs(out, raw_logprobs, token_ids, asked, params)
         out.token_ids = token_ids.tolist()
         return out
 
-    def _draw(
+    def sample(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
@@ -150,6 +135,9 @@ class Sampler:
         output_ids: Sequence[Sequence[int]],
         eos_token_ids: set[int] | frozenset[int],
     ) -> torch.Tensor:
+        """The drawn token ids ``[B]`` on the logits' device, nothing read back (no logprobs):
+        the draw ``__call__`` makes. For rows that :meth:`reads_on_device`, the values in
+        ``output_ids`` are not read, only their number."""
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} sampling params")
         if len(prompt_ids) != len(params) or len(output_ids) != len(params):

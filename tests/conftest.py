@@ -62,3 +62,24 @@ def cluster(tmp_path):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model needs no second intra-op thread: it only fights the other processes for the
+    CPU. (Used with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    """``tiny_model_dir`` loaded on the CPU in fp32 (eval mode)."""
+    from native.model.loader import load_model
+
+    m, _ = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    return m.eval()

@@ -18,21 +18,12 @@ from native.kv_cache import KVCache
 from native.runner import ModelRunner
 from pdbus.messages import SamplingParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from native.model.loader import load_model
-
-    m, _ = load_model(tiny_model_dir, dtype="float32", device="cpu")
-    return m.eval()
+def model(tiny_model):
+    return tiny_model
 
 
 def _prompts(model, n: int, seed: int = 3) -> list[list[int]]:

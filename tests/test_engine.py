@@ -28,21 +28,12 @@ MAX_NEW = 10
 WAIT_S = 30.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The model is tiny: a second intra-op thread only fights the other processes for the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from native.model.loader import load_model
-
-    m, _ = load_model(tiny_model_dir, dtype="float32", device="cpu")
-    return m.eval()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
