@@ -167,6 +167,28 @@ def time_steps(runner, batch: int, ctx: int, block: int, device: torch.device, i
     return statistics.median(ts)
 
 
+def count_kernels(model, cache, device: torch.device, batch: int, ctx: int, block: int) -> int | None:
+    """GPU kernels one eager decode step of ``batch`` rows launches (what its CUDA graph replays),
+    logits included; copies and memsets not counted. None without CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    from native.runner import ModelRunner
+
+    eager = ModelRunner(model, cache, device)
+    per_seq = -(-ctx // block)
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    rows = list(range(batch))
+    eager.execute([[5 + i] for i in rows], [ctx - 1] * batch, tables, rows)  # warm-up: compiled kernels
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eager.execute([[5 + i] for i in rows], [ctx - 1] * batch, tables, rows)
+        sync(device)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(1 for n in names if not n.startswith(("Memcpy", "Memset")))
+
+
 def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) -> dict:
     from native.kv_cache import KVCache
     from native.model.loader import load_model, resolve_dtype
@@ -194,11 +216,13 @@ def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) ->
             ms = time_steps(runner, batch, ctx, args.block_size, device)
             wbytes, kbytes = weight_bytes(model, batch), kv_bytes(model, batch, ctx, dtype)
             floor = (wbytes + kbytes) / (bandwidth * 1e6) if bandwidth else None
+            kernels = count_kernels(model, cache, device, batch, ctx, args.block_size)
             out[f"{batch}x{ctx}"] = {
                 "step_ms": ms, "weight_bytes": wbytes, "kv_bytes": kbytes, "floor_ms": floor,
-                "graphs": bool(graphs and graphs.enabled and batch <= graphs.max_bucket),
+                "graphs": bool(graphs and graphs.enabled and batch <= graphs.max_bucket), "kernels": kernels,
             }  # fmt: skip
-            log(f"step b{batch} ctx{ctx}: {ms:.3f} ms" + (f", byte floor {floor:.3f} ms" if floor else ""))
+            log(f"step b{batch} ctx{ctx}: {ms:.3f} ms" + (f", byte floor {floor:.3f} ms" if floor else "")
+                + (f", {kernels} kernels" if kernels is not None else ""))  # fmt: skip
     cache.close()
     del runner, graphs, cache, model
     gc.collect()

@@ -1,7 +1,7 @@
 """Uploads from the host that do not wait for the GPU.
 
-A copy from pageable host memory to the device first waits for every kernel queued before it on
-the stream (CUDA's documented behaviour for pageable transfers), so one ``torch.tensor(values,
+A copy from pageable host memory to the device is a blocking copy: the host waits until it has
+run, and it runs behind every kernel queued before it on the stream. So one ``torch.tensor(values,
 device="cuda")`` in the middle of a step stalls the host until the GPU has drained: with
 asynchronous scheduling that is the whole step in flight. These helpers stage through pinned
 memory and copy without waiting; on the CPU they are plain tensors.

@@ -191,10 +191,11 @@ class Sampler:
 
         token_ids = x.argmax(dim=-1)  # right for greedy rows; the others are overwritten below
         if random_rows:
+            index = upload(random_rows, device)
             sampled = self._sample_random(
-                x[random_rows], [params[i] for i in random_rows], [len(output_ids[i]) for i in random_rows]
+                x.index_select(0, index), [params[i] for i in random_rows], [len(output_ids[i]) for i in random_rows]
             )
-            token_ids[upload(random_rows, device)] = sampled
+            token_ids[index] = sampled
         return token_ids
 
     @staticmethod

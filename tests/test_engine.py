@@ -587,6 +587,9 @@ class HeldTransfer:
         if req_id in self.handles:
             self.handles[req_id].set_failed("aborted")
 
+    def forget(self, req_id) -> None:  # the engine finished or failed the request
+        pass
+
 
 def _held_prefill(model, prompt, timeout_s: float):
     held = HeldTransfer()

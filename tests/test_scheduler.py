@@ -294,6 +294,6 @@ def test_a_sequence_keeps_one_token_list_and_reads_its_last_token_in_place():
 def test_a_re_prefill_counts_its_generated_prompt_tail_as_outputs():
     seq = Sequence("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), num_prompt_outputs=2)
     prompt, outputs = seq.sampling_history()
-    assert list(prompt) == [1, 2, 3] and list(outputs) == [4, 5] and seq.num_sampled == 2
+    assert list(prompt) == [1, 2, 3] and list(outputs) == [4, 5] and seq.outputs_through(seq.num_tokens - 1) == 2
     seq.append_token(6)
-    assert list(seq.sampling_history()[1]) == [4, 5, 6] and seq.num_sampled == 3
+    assert list(seq.sampling_history()[1]) == [4, 5, 6] and seq.outputs_through(seq.num_tokens - 1) == 3

@@ -207,6 +207,22 @@ def test_abort_fails_the_handle_and_drops_later_writes(protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_forget_drops_a_failed_request_and_its_id_may_come_again(protocol):
+    """The engine failed a prefill after some of its layers were written: what is queued of it
+    goes, and a retry under the same id is a new transfer (its bytes only, not refused)."""
+    with local_pair(protocol, 16, seed=6) as (dst, src, rx, tx):
+        tx.open_peer("d", rx.endpoint())
+        tx.write("r", "d", WriteOp(0, [0, 1], [0, 1]))
+        tx.forget("r")
+        tx.write("r", "d", WriteOp(0, [4], [7], num_layers=src.layout().num_layers))  # the retry, ranged
+        retry = tx.commit("r", "d")
+        retry.wait(30)
+        per_layer = 2 * src.buffer[0, 0, 0].numel() * src.buffer.element_size()
+        assert retry.nbytes == per_layer * src.layout().num_layers
+        assert torch.equal(dst.buffer[:, :, 7], src.buffer[:, :, 4])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_incompatible_layout_is_refused(protocol):
     with local_pair(protocol, 16, seed=4, block_size=16) as (_, _, rx, tx):
         with pytest.raises(TransferError, match="block_size 8 here vs 16 there"):

@@ -40,7 +40,7 @@ import msgspec
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.kv_export import KVExport
-from actors.engine.overlap import InFlight
+from actors.engine.overlap import InFlight, settle_device
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence, Status
 from native.parallel.comm import GroupBroken
@@ -402,12 +402,18 @@ class Engine:
             seq.status = Status.FINISHED
         self.seqs.pop(seq.req_id, None)
 
+    def _free_after(self, inflight: InFlight) -> None:
+        for table in inflight.free_after:
+            self.blocks.free(table)
+        inflight.free_after = []
+
     def _fail_all(self, error: str) -> None:
+        # nothing queued on the device may still write a block once it is free (a step that failed
+        # after its launch, the step in flight): wait for the device, then free
+        settle_device(self.runner.kv_cache.device)
         inflight, self._inflight = self._inflight, None
-        if inflight is not None:  # nothing of it is read; its blocks go once it has run
-            inflight.settle()
-            for table in inflight.free_after:
-                self.blocks.free(table)
+        if inflight is not None:  # nothing of it is read
+            self._free_after(inflight)
         for seq in list(self.seqs.values()):
             self.scheduler.remove(seq)
             self._finish(seq)
@@ -438,7 +444,7 @@ class Engine:
         if self.async_scheduling and layer_done is None and self._may_run_ahead(batch):
             self._step_ahead(batch)
             return
-        if self._inflight is not None:  # its placeholders must be tokens before this step reads them
+        if self._inflight is not None:  # a safety net (_chainable said this batch runs ahead)
             self._land()
             batch = [s for s in batch if s.seq.status is Status.RUNNING]
             if not batch:
@@ -507,16 +513,19 @@ class Engine:
         """Whether the token at ``slot`` of ``seq`` (its last, or a placeholder just read back)
         ends it; sets the finish reason."""
         sp = seq.sampling
-        n_out = slot + 1 - seq.num_prompt_tokens + seq.num_prompt_outputs
         tok = seq.token_ids[slot] if slot >= seq.num_prompt_tokens else None
-        if tok is not None and n_out >= sp.min_tokens:
+        if tok is not None and seq.outputs_through(slot) >= sp.min_tokens:
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
                 seq.finish_reason = FinishReason.STOP
                 return True
-        if n_out >= sp.max_tokens or slot + 1 >= self.max_len:
+        if self._ends_by_length(seq, slot):
             seq.finish_reason = FinishReason.LENGTH
             return True
         return False
+
+    def _ends_by_length(self, seq: Sequence, slot: int) -> bool:
+        """Token ``slot`` is the last one ``max_tokens`` or the model length allow, whatever it is."""
+        return seq.outputs_through(slot) >= seq.sampling.max_tokens or slot + 1 >= self.max_len
 
     # ------------------------------------------------------------------ a step ahead (overlap.py)
     def _chainable(self) -> bool:
@@ -551,14 +560,15 @@ class Engine:
         )
         for seq in seqs:
             seq.num_computed_tokens += 1
+            if seq.num_computed_tokens <= seq.num_prompt_tokens:  # a one-token prompt (or last chunk)
+                self.prompt_tokens_computed += 1
         histories = [seq.sampling_history() for seq in seqs]
         tokens = self.sampler.sample(
             logits, [seq.sampling for seq in seqs], [h[0] for h in histories], [h[1] for h in histories], self.eos_token_ids
         )
         self._inflight = InFlight.launch(seqs, tokens)
         for seq, slot in zip(seqs, self._inflight.slots):
-            sp = seq.sampling  # the placeholder's read-back will end it whatever its value
-            seq.final_pending = slot + 1 - seq.num_prompt_tokens + seq.num_prompt_outputs >= sp.max_tokens or slot + 1 >= self.max_len
+            seq.final_pending = self._ends_by_length(seq, slot)  # its read-back ends it, whatever its value
         if prev is not None:
             self._land(prev)
 
@@ -567,7 +577,12 @@ class Engine:
         its sequences finish or go on, its tokens are posted."""
         if inflight is None:
             inflight, self._inflight = self._inflight, None
-        tokens = inflight.wait()
+        try:
+            tokens = inflight.wait()
+        except BaseException:
+            inflight.settle(self.runner.kv_cache.device)  # the step is over either way: its blocks go
+            self._free_after(inflight)
+            raise
         items: list[TokenOut] = []
         for seq, slot, tok in zip(inflight.seqs, inflight.slots, tokens):
             if seq.status is Status.FINISHED:
@@ -580,7 +595,6 @@ class Engine:
                 self.scheduler.remove(seq)
                 self._finish(seq)
             items.append(item)
-        for table in inflight.free_after:
-            self.blocks.free(table)
+        self._free_after(inflight)
         if items:
             self.events.on_tokens(items)

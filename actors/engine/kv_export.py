@@ -143,6 +143,11 @@ class KVExport:
             self.transfers[seq.dest.protocol].abort(seq.req_id)
 
     def discard(self, seq: Sequence) -> None:
-        """Forget ``seq`` (the engine is failing it): no more writes, no transfer in flight."""
+        """Forget ``seq`` (the engine is finishing or failing it): no more writes, no transfer in
+        flight, nothing of it left queued in its transfer engine (a step that failed after some of
+        its layers were written)."""
         self.write_errors.pop(seq.req_id, None)
         self.in_flight.pop(seq.req_id, None)
+        engine = self.transfers.get(seq.dest.protocol) if seq.dest is not None else None
+        if engine is not None:
+            engine.forget(seq.req_id)

@@ -80,10 +80,19 @@ class InFlight:
             self.event.synchronize()
         return self.host.tolist()
 
-    def settle(self) -> None:
-        """Wait for the step to have run, whatever became of it (the engine is failing it)."""
-        try:
-            if self.event is not None:
-                self.event.synchronize()
-        except RuntimeError:  # an asynchronous CUDA error surfaced here: the step is over either way
-            pass
+    def settle(self, device: torch.device) -> None:
+        """Wait for the step (and whatever the device queued after it) to have run, whatever
+        became of it (reading it back failed)."""
+        settle_device(device)
+
+
+def settle_device(device: torch.device) -> None:
+    """Wait until everything queued on ``device``'s current stream has run (so no kernel still
+    writes a block that is about to be freed); an asynchronous error surfacing here is ignored:
+    the work is over either way."""
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.current_stream(device).synchronize()
+    except RuntimeError:
+        pass

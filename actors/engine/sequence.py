@@ -129,10 +129,10 @@ class Sequence:
     def is_prefill_done(self) -> bool:
         return self.num_computed_tokens >= len(self.token_ids) - 1 and self.num_completion_tokens > 0
 
-    @property
-    def num_sampled(self) -> int:
-        """Outputs as the sampler counts them (a re-prefill's generated prompt tail included)."""
-        return len(self.token_ids) - self.num_prompt_tokens + self.num_prompt_outputs
+    def outputs_through(self, slot: int) -> int:
+        """Outputs up to and including token ``slot``, as the sampler counts them (a re-prefill's
+        generated prompt tail included)."""
+        return slot + 1 - self.num_prompt_tokens + self.num_prompt_outputs
 
     def sampling_history(self) -> tuple[TokenSpan, TokenSpan]:
         """(prompt ids, output ids) as the sampler sees them (re-prefill keeps outputs as outputs):

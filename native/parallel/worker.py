@@ -125,8 +125,9 @@ def main(argv: list[str]) -> int:
                 for w in route_heads(layout, cmd.endpoint, split.owns_kv):
                     peer = rank_peer(cmd.peer, w.rank)
                     engine.open_peer(peer, w.endpoint)
-                    for layer in range(cfg.num_hidden_layers):
-                        engine.write(cmd.req_id, peer, WriteOp(layer, cmd.src_blocks, cmd.dst_blocks, w.src_heads, w.dst_heads))
+                    # every layer at once: a backend that copies a layer at a time gets them one by one
+                    ranged = WriteOp(0, cmd.src_blocks, cmd.dst_blocks, w.src_heads, w.dst_heads, cfg.num_hidden_layers)
+                    engine.write(cmd.req_id, peer, ranged)
                     handles.append(engine.commit(cmd.req_id, peer))
             except TransferError as exc:
                 report(TransferReport(spec.rank, cmd.req_id, str(exc)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,9 +99,11 @@ class TransferHandle:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self.settle is not None and not self._event.is_set():
             self.settle(timeout)
-        if not self._event.wait(timeout):
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._event.wait(remaining):
             raise TransferError(f"transfer of {self.req_id} timed out after {timeout}s")
         if self.error is not None:
             raise TransferError(self.error)
@@ -135,7 +138,11 @@ class TransferEngine(abc.ABC):
         """All writes of ``req_id`` have been queued; the handle completes when they landed."""
 
     def abort(self, req_id: str) -> None:  # noqa: B027 - optional for synchronous backends
-        """Forget queued writes of ``req_id``; its handle fails."""
+        """Forget queued writes of ``req_id``; its handle fails, and later writes of it are refused."""
+
+    def forget(self, req_id: str) -> None:  # noqa: B027 - optional for synchronous backends
+        """The engine failed ``req_id`` (a step that raised after some of its writes): drop what is
+        queued of it, as ``abort`` does, but without refusing the id later (a retry may reuse it)."""
 
     def close_peer(self, peer_id: str) -> None:  # noqa: B027
         """Drop a peer (it died); its pending handles fail."""

@@ -97,14 +97,14 @@ class _Mapped:
 @dataclass(eq=False)
 class _Batch:
     """One request's writes into a peer on this GPU: the blocks and heads they copy (``op``, its
-    block ids on the device once uploaded), the layer runs not launched yet, and every id tensor
-    a launch read (kept until the commit's event has completed)."""
+    block ids on the device once uploaded, on the transfer stream: the caching allocator hands
+    their memory to nothing else before the launches queued there have read it) and the layer
+    runs not launched yet."""
 
     peer: Peer
     op: ResolvedOp | None = None
     ids: tuple[torch.Tensor, torch.Tensor] | None = None
     runs: list[list[int]] = field(default_factory=list)  # [first layer, count] not launched yet
-    keep: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
@@ -130,7 +130,7 @@ class CudaIpcTransfer(PeerEngine):
         self._block_index: tuple[torch.Tensor, torch.Tensor] | None = None
         # One thread for the engine, not one per request: it waits on each commit's event in
         # order (the events of one stream complete in order) and completes its handle.
-        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (event, entry, batch or None); None stops
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (event, entry); None stops
         self._waiter: threading.Thread | None = None
 
     # ----- receiver side
@@ -215,7 +215,7 @@ class CudaIpcTransfer(PeerEngine):
         # whoever sees the event first completes the handle: the waiter thread, or a caller of
         # ``wait`` (no thread hand-off on its way back)
         entry.handle.settle = lambda timeout: self._settle(event, entry, timeout)
-        self._done.put((event, entry, batch))  # the batch keeps its ids alive until the event
+        self._done.put((event, entry))
 
     def _aborted(self, entries: list[PendingTransfer]) -> None:
         """Writes not launched yet are dropped and launched ones waited for, so nothing of the
@@ -258,7 +258,6 @@ class CudaIpcTransfer(PeerEngine):
             if batch.ids is None:  # every layer of a request has the same blocks: uploaded once
                 ids = upload([op.src_blocks, op.dst_blocks], self.cache.device, torch.int64)
                 batch.ids = (ids[0], ids[1])
-                batch.keep.append(batch.ids)
             for layer, n in batch.runs:
                 entry.nbytes += copy_kv_blocks(
                     self.cache.buffer, batch.peer.obj.buffer, layer, n, *batch.ids, op.src_heads, op.dst_heads
@@ -280,13 +279,15 @@ class CudaIpcTransfer(PeerEngine):
             self._stream.wait_stream(torch.cuda.current_stream(mapped.buffer.device))
 
     def _settle(self, event: torch.cuda.Event, entry: PendingTransfer, timeout: float | None) -> None:
-        """Complete ``entry`` here if its copies finish within ``timeout``."""
+        """Complete ``entry`` here if its copies finish within ``timeout`` (polled: a copy is
+        microseconds to milliseconds, and the caller is a bench or a test; the engine uses the
+        handle's callbacks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not event.query():
                 if deadline is not None and time.monotonic() > deadline:
                     return
-                time.sleep(0)
+                time.sleep(0)  # let the other threads run between polls
         except RuntimeError as e:  # an asynchronous CUDA error surfaced here
             self._requests.finish(entry, f"ipc transfer of {entry.req_id} failed: {e}")
             return
@@ -294,7 +295,7 @@ class CudaIpcTransfer(PeerEngine):
 
     def _wait_loop(self) -> None:
         while (item := self._done.get()) is not None:
-            event, entry, _ = item
+            event, entry = item
             try:
                 event.synchronize()
             except RuntimeError as e:  # an asynchronous CUDA error surfaced here

@@ -104,6 +104,14 @@ class RequestTable:
             self.finish(entry, f"{self.protocol} transfer of {req_id} was aborted")
         return gone
 
+    def forget(self, req_id: str) -> list[PendingTransfer]:
+        """Fail and drop the entries of ``req_id`` (not remembered as aborted)."""
+        with self._lock:
+            gone = [e for key, e in self._entries.items() if key[0] == req_id]
+        for entry in gone:
+            self.finish(entry, f"{self.protocol} transfer of {req_id} was dropped: the request failed")
+        return gone
+
     def fail_peer(self, peer_id: str, error: str) -> list[PendingTransfer]:
         with self._lock:
             gone = [e for key, e in self._entries.items() if key[1] == peer_id]
@@ -223,6 +231,11 @@ class PeerEngine(TransferEngine):
 
     def abort(self, req_id: str) -> None:
         gone = self._requests.abort(req_id)
+        if gone:
+            self._aborted(gone)
+
+    def forget(self, req_id: str) -> None:
+        gone = self._requests.forget(req_id)
         if gone:
             self._aborted(gone)
 

@@ -145,6 +145,10 @@ class TPTransfer(TransferEngine):
         if self.ranks is not None:
             self.ranks.abort(req_id)
 
+    def forget(self, req_id: str) -> None:
+        self._blocks.pop(req_id, None)
+        self.local.forget(req_id)  # the other ranks get a request only at its commit
+
     def close_peer(self, peer_id: str) -> None:
         plan = self._plans.pop(peer_id, None)
         for w in plan[1] if plan else []:
