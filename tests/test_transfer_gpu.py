@@ -30,9 +30,7 @@ LAYERS, HEADS, BLOCK, HEAD_DIM = 4, 4, 16, 64
 
 
 def make_cache(num_blocks: int, device: str, seed: int | None = None, **kw) -> KVCache:
-    args = dict(
-        num_layers=LAYERS, num_kv_heads=HEADS, block_size=BLOCK, head_dim=HEAD_DIM, dtype=torch.bfloat16
-    )
+    args = dict(num_layers=LAYERS, num_kv_heads=HEADS, block_size=BLOCK, head_dim=HEAD_DIM, dtype=torch.bfloat16)
     args.update(kw)
     cache = KVCache(num_blocks=num_blocks, device=device, **args)
     if seed is not None:
@@ -59,9 +57,7 @@ class Receiver:
     def __init__(self, device: str, num_blocks: int = 32, num_layers: int = LAYERS):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_receiver_main, args=(device, num_blocks, num_layers, child), daemon=True
-        )
+        self.proc = ctx.Process(target=_receiver_main, args=(device, num_blocks, num_layers, child), daemon=True)
         self.proc.start()
         child.close()
         assert self.conn.poll(120), "receiver did not start"
@@ -71,9 +67,7 @@ class Receiver:
     def buffer(self) -> torch.Tensor:
         self.conn.send("dump")
         assert self.conn.poll(60)
-        return (
-            torch.frombuffer(bytearray(self.conn.recv_bytes()), dtype=torch.bfloat16).view(self.shape).clone()
-        )
+        return torch.frombuffer(bytearray(self.conn.recv_bytes()), dtype=torch.bfloat16).view(self.shape).clone()
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -101,11 +95,7 @@ def _transfer_and_check(rx: Receiver, src_device: str) -> None:
         tx.open_peer("decode0", rx.endpoint)
         assert rx.endpoint.offset > 0  # the cache sits inside a larger allocation
         sliced = (list(zip([1, 3, 5, 7, 8, 9, 0], [0, 2, 4, 6, 10, 11, 13], strict=True)), (2, 4), (0, 2))
-        whole = (
-            list(zip([2, 3, 4, 10, 11, 12], [20, 21, 22, 30, 17, 18], strict=True)),
-            (0, HEADS),
-            (0, HEADS),
-        )
+        whole = (list(zip([2, 3, 4, 10, 11, 12], [20, 21, 22, 30, 17, 18], strict=True)), (0, HEADS), (0, HEADS))
         run = (list(zip([14, 15], [24, 25], strict=True)), (0, HEADS), (0, HEADS))  # one contiguous run
         handles = []
         for n, (pairs, sh, dh) in enumerate([sliced, whole, run]):

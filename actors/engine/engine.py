@@ -538,12 +538,14 @@ class Engine:
         live = [s for s in sched.running if not s.final_pending]
         if not live or len(live) > sched.max_num_batched_tokens or self.blocks.num_free < len(live):
             return False
-        reads = self.sampler.reads_on_device
-        return all(s.num_uncomputed == 1 and s.dest is None and reads(s.sampling) for s in live)
+        return all(s.num_uncomputed == 1 and self._draws_ahead(s) for s in live)
 
     def _may_run_ahead(self, batch) -> bool:
-        reads = self.sampler.reads_on_device
-        return all(s.num_new_tokens == 1 and s.samples and s.seq.dest is None and reads(s.seq.sampling) for s in batch)
+        return all(s.num_new_tokens == 1 and s.samples and self._draws_ahead(s.seq) for s in batch)
+
+    def _draws_ahead(self, seq: Sequence) -> bool:
+        """A decode row whose draw needs no host value of its earlier tokens (no KV to export)."""
+        return seq.dest is None and self.sampler.reads_on_device(seq.sampling)
 
     def _step_ahead(self, batch) -> None:
         """Launch a decode step, then read the one in flight back while the device runs it."""
@@ -580,7 +582,7 @@ class Engine:
         try:
             tokens = inflight.wait()
         except BaseException:
-            inflight.settle(self.runner.kv_cache.device)  # the step is over either way: its blocks go
+            settle_device(self.runner.kv_cache.device)  # the step is over either way: its blocks go
             self._free_after(inflight)
             raise
         items: list[TokenOut] = []

@@ -80,11 +80,6 @@ class InFlight:
             self.event.synchronize()
         return self.host.tolist()
 
-    def settle(self, device: torch.device) -> None:
-        """Wait for the step (and whatever the device queued after it) to have run, whatever
-        became of it (reading it back failed)."""
-        settle_device(device)
-
 
 def settle_device(device: torch.device) -> None:
     """Wait until everything queued on ``device``'s current stream has run (so no kernel still

@@ -168,14 +168,7 @@ class CudaIpcTransfer(PeerEngine):
         except Exception as e:  # cupy raises its own CUDARuntimeError
             raise TransferError(f"peer {peer_id}: cudaIpcOpenMemHandle failed: {e}") from None
         layout = endpoint.layout
-        shape = (
-            layout.num_layers,
-            2,
-            layout.num_blocks,
-            layout.num_kv_heads,
-            layout.block_size,
-            layout.head_dim,
-        )
+        shape = (layout.num_layers, 2, layout.num_blocks, layout.num_kv_heads, layout.block_size, layout.head_dim)
         raw = torch.as_tensor(_DevicePointer(base + int(endpoint.offset), int(endpoint.nbytes)))
         buffer = raw.view(DTYPES[layout.dtype]).view(shape)
         return _Mapped(peer_id, base, buffer)

@@ -99,22 +99,18 @@ class RequestTable:
             self._aborted[req_id] = None
             while len(self._aborted) > self._remember:
                 self._aborted.popitem(last=False)
-            gone = [e for key, e in self._entries.items() if key[0] == req_id]
-        for entry in gone:
-            self.finish(entry, f"{self.protocol} transfer of {req_id} was aborted")
-        return gone
+        return self._fail(lambda key: key[0] == req_id, f"{self.protocol} transfer of {req_id} was aborted")
 
     def forget(self, req_id: str) -> list[PendingTransfer]:
         """Fail and drop the entries of ``req_id`` (not remembered as aborted)."""
-        with self._lock:
-            gone = [e for key, e in self._entries.items() if key[0] == req_id]
-        for entry in gone:
-            self.finish(entry, f"{self.protocol} transfer of {req_id} was dropped: the request failed")
-        return gone
+        return self._fail(lambda key: key[0] == req_id, f"{self.protocol} transfer of {req_id} was dropped: the request failed")
 
     def fail_peer(self, peer_id: str, error: str) -> list[PendingTransfer]:
+        return self._fail(lambda key: key[1] == peer_id, error)
+
+    def _fail(self, matches, error: str) -> list[PendingTransfer]:
         with self._lock:
-            gone = [e for key, e in self._entries.items() if key[1] == peer_id]
+            gone = [e for key, e in self._entries.items() if matches(key)]
         for entry in gone:
             self.finish(entry, error)
         return gone
