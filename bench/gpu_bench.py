@@ -195,7 +195,7 @@ TORCH_LIN: set = set()  # (m_bucket, N, K, swiglu) routed to cuBLAS (bf16 weight
 def lin(x, wt, bits, act=None):
     w, s = wt
     key = (KW.m_bucket(x.shape[0]), w.shape[0], x.shape[1], act == "swiglu")
-    if bits == 16 and key in TORCH_LIN:
+    if bits == 16 and (key in TORCH_LIN or x.shape[0] >= 1024):  # the model's bf16 linears are cuBLAS
         y = F.linear(x, w)
         if act == "swiglu":
             g, u = y.chunk(2, dim=-1)
@@ -566,6 +566,16 @@ def prefill_bench(model, kc, vc, T=2048, tune=True):
     return t, parts
 
 
+def prefill_flops(T: int) -> float:
+    """Matmul FLOPs of a T-token prefill: the active weights (attention, the first layer's dense
+    MLP, shared and top-k routed experts, lm_head of the last row) and causal attention."""
+    attn_w = HID * (NH + 2 * KVH) * HD + NH * HD * HID
+    per_moe = 3 * HID * SHARED_I + TOPK * 3 * HID * MI + HID * E
+    macs = T * (LAYERS * attn_w + 3 * HID * DENSE_I + (LAYERS - 1) * per_moe) + HID * VOCAB
+    macs += LAYERS * NH * HD * T * T  # QK^T and PV over the causal half (2 * T^2 / 2)
+    return 2 * macs
+
+
 # -------------------------------------------------------------------------------------- main
 
 
@@ -575,7 +585,7 @@ def main():
     ap.add_argument("--modes", default="wint4,wint8,bf16")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--prefill", default="2048,4096,8192", help="prefill lengths, every mode ('' for none)")
     ap.add_argument("--tune", action="store_true", help="sweep tile configs before timing")
     ap.add_argument("--tune-modes", default="wint4", help="modes whose decode kernels are swept")
     ap.add_argument("--no-breakdown", action="store_true")
@@ -657,14 +667,15 @@ def main():
                 RESULTS["errors"].append(f"decode {mode} b{B}: {traceback.format_exc()[-1500:]}")
                 log(f"decode {mode} b{B} FAILED: {traceback.format_exc()[-600:]}")
             save(args.out)
-        if mode == "bf16" and args.prefill:
+        for T in [int(t) for t in args.prefill.split(",") if t]:
             try:
-                t, parts = prefill_bench(model, kc, vc, args.prefill, tune=args.tune)
-                RESULTS["prefill"] = {"ms": t, "tokens": args.prefill, "parts_ms": parts}
-                log(f"prefill bf16 {args.prefill} tokens: {t:.2f} ms  | " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+                t, parts = prefill_bench(model, kc, vc, T, tune=args.tune and mode == "bf16")
+                RESULTS["prefill"][f"{mode}/{T}"] = {"ms": t, "tokens": T, "parts_ms": parts}
+                log(f"prefill {mode} {T} tokens: {t:.2f} ms  | " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
             except Exception:
-                RESULTS["errors"].append(f"prefill: {traceback.format_exc()[-1500:]}")
-                log(f"prefill FAILED: {traceback.format_exc()[-600:]}")
+                RESULTS["errors"].append(f"prefill {mode} {T}: {traceback.format_exc()[-1500:]}")
+                log(f"prefill {mode} {T} FAILED: {traceback.format_exc()[-600:]}")
+            save(args.out)
         del model
         torch.cuda.empty_cache()
         RESULTS["tuned"] = {str(k): v for k, v in KW.TUNED.items()}
@@ -685,9 +696,17 @@ def main():
         log(f"| {props.name} | {mode} | {B} | {r['ms']:.3f} | {r['tok_s']:.0f} | {fl if fl else '-'} | {ratio} | "
             f"{tg if tg else '-'} | {met} | {HF_BASELINE.get(B, '-')} |")
     if RESULTS["prefill"]:
-        p = RESULTS["prefill"]["ms"]
-        log(f"| {props.name} | bf16 prefill | {args.prefill} tok | {p:.2f} | {args.prefill / p * 1000:.0f} | 18 | "
-            f"{p / 18:.2f}x | 36 | {'yes' if p <= 36 else 'NO'} | 61.6 |")
+        log("")
+        log("| card | prefill | tokens | ms | tok/s | compute floor ms (bf16 TFLOP/s of this run) | ratio | / bf16 |")
+        log("|---|---|---|---|---|---|---|---|")
+        for key, r in RESULTS["prefill"].items():
+            mode, T = key.split("/")
+            T = int(T)
+            floor = prefill_flops(T) / (tf * 1e9) if tf else float("nan")
+            bf = RESULTS["prefill"].get(f"bf16/{T}")
+            vs_bf = f"{r['ms'] / bf['ms']:.2f}x" if bf else "-"
+            log(f"| {props.name} | {mode} | {T} | {r['ms']:.2f} | {T / r['ms'] * 1000:.0f} | {floor:.2f} | "
+                f"{r['ms'] / floor:.2f}x | {vs_bf} |")
     if RESULTS["errors"]:
         log(f"{len(RESULTS['errors'])} errors (see bench.json); first: {RESULTS['errors'][0][:300]}")
     save(args.out)

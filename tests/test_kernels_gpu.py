@@ -14,6 +14,7 @@ Triton's interpreter with small shapes (slow; for debugging kernels without a GP
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -331,7 +332,7 @@ def test_prefill_attention(case):
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
-@pytest.mark.parametrize("M", TOKENS)
+@pytest.mark.parametrize("M", TOKENS + (() if INTERPRET else (1100,)))  # 1,100: dequantized, then cuBLAS
 @pytest.mark.parametrize("shape", ["qkv", "o", "swiglu"])
 def test_wlinear(bits, M, shape):
     if shape == "qkv":
@@ -365,10 +366,14 @@ def test_quant_round_trip_exact(bits):
     ref = (q.float() * s.float()[:, None]).T.to(BF)
     for cvt in CVTS:  # every dequantization path (see native/kernels/wlinear.py _wq_step)
         for bm in (16, 64):
-            out = poison((Kd, N))
-            cfg = {"BM": bm, "BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "CVT": cvt}
-            K.wlinear(x, stored, s, bits, out=out, config=cfg)
-            assert torch.equal(out, ref), (cvt, bm)
+            for swap in (0, 1):  # the weight as the right operand, and transposed (_wq_tile_t)
+                out = poison((Kd, N))
+                cfg = {"BM": bm, "BN": 64 if swap else 32, "BK": 128, "num_warps": 4, "num_stages": 3,
+                       "CVT": cvt, "SWAP": swap}
+                K.wlinear(x, stored, s, bits, out=out, config=cfg)
+                assert torch.equal(out, ref), (cvt, bm, swap)
+    deq = importlib.import_module("native.kernels.dequant").dequantize
+    assert torch.equal(deq(stored, s), ref.T.contiguous())  # fp32 q * s rounded once, as the reference
     if bits == 4:
         assert stored.dtype == torch.uint8 and stored.shape == (N, Kd // 2)
         assert int(q.min()) >= -7 and int(q.max()) <= 7
@@ -482,11 +487,16 @@ def test_fused_moe(bits, T):
     bm = 64 if K.moe_block_m(T * TOPK, E) == 16 else 16
     out2 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, block_m=bm)
     assert rel_err(out2, ref - shared.float()) < 2e-2
-    if bits != 16:  # the other dequantization paths too
+    if T > 100:  # the prefill tile height
+        out4 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, block_m=128)
+        assert rel_err(out4, ref - shared.float()) < 2e-2
+    if bits != 16:  # the other dequantization paths too, with the weight on either side
         for cvt in CVTS:
-            cfg = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "CVT": cvt}
-            out3 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, configs=(cfg, cfg))
-            assert rel_err(out3, ref - shared.float()) < 2e-2, cvt
+            for swap in (0, 1):
+                cfg = {"BN": 64 if swap else 32, "BK": 128, "num_warps": 4, "num_stages": 3, "CVT": cvt,
+                       "SWAP": swap}
+                out3 = K.fused_moe(x, gate_w, w13, w2, TOPK, bias, s13, s2, configs=(cfg, cfg))
+                assert rel_err(out3, ref - shared.float()) < 2e-2, (cvt, swap)
 
 
 def test_fused_moe_rejects_bad_input():

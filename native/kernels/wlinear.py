@@ -210,12 +210,73 @@ def _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_rows, offs_n, nvalid, N_O
     return acc
 
 
+@triton.jit
+def _wq_tile_t(a_ptr, arow, m_valid, s_am, w_rows, u_rows, n_mask, s_rows, offs_n, nvalid, N_OUT, K,
+               BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               EVEN_K: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr):
+    """The same product transposed, ``[BN, BM] = dequant(W) @ A.T``: the dequantized weight tile
+    is the left operand, which Hopper's wgmma takes from registers, and the activations
+    (``a_ptr + arow * s_am``, ``arow`` ``[BM]`` row indices, ``m_valid`` their mask) the right,
+    from shared memory. With the weight on the right (``_wq_tile``) a converted tile must go
+    through shared memory first, or the product falls back to mma.sync."""
+    acc = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    a_cols = a_ptr + arow.to(tl.int64)[None, :] * s_am
+    am = m_valid[None, :]
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            a_m = am
+        else:
+            a_m = am & (offs_k[:, None] < K)
+        a_t = tl.load(a_cols + offs_k[:, None], mask=a_m, other=0.0)
+        if BITS == 4:
+            offs_h = k0 // 2 + tl.arange(0, BK // 2)
+            if EVEN_K:
+                wm = n_mask
+            else:
+                wm = n_mask & (offs_h[None, :] < K // 2)
+            p = tl.load(w_rows + offs_h[None, :], mask=wm, other=0x88)
+            lo, hi = _i4_unpack(p, CVT)
+            wb = tl.reshape(tl.join(lo, hi), (BN, BK))
+            acc = tl.dot(wb, a_t, acc)
+            if SWIGLU:
+                pu = tl.load(u_rows + offs_h[None, :], mask=wm, other=0x88)
+                lo_u, hi_u = _i4_unpack(pu, CVT)
+                acc_u = tl.dot(tl.reshape(tl.join(lo_u, hi_u), (BN, BK)), a_t, acc_u)
+        else:
+            if EVEN_K:
+                wm = n_mask
+            else:
+                wm = n_mask & (offs_k[None, :] < K)
+            w = tl.load(w_rows + offs_k[None, :], mask=wm, other=0)
+            if BITS == 8:
+                wb = _i8_to_bf16(w, CVT)
+            else:
+                wb = w
+            acc = tl.dot(wb, a_t, acc)
+            if SWIGLU:
+                u = tl.load(u_rows + offs_k[None, :], mask=wm, other=0)
+                if BITS == 8:
+                    ub = _i8_to_bf16(u, CVT)
+                else:
+                    ub = u
+                acc_u = tl.dot(ub, a_t, acc_u)
+    if BITS != 16:
+        acc = acc * tl.load(s_rows + offs_n, mask=nvalid, other=0.0).to(tl.float32)[:, None]
+    if SWIGLU:
+        if BITS != 16:
+            acc_u = acc_u * tl.load(s_rows + N_OUT + offs_n, mask=nvalid, other=0.0).to(tl.float32)[:, None]
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _wlinear_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr,
     M, N_OUT, K, s_am, s_wn, s_cm,
     BITS: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -230,10 +291,16 @@ def _wlinear_kernel(
     else:
         u_rows = w_rows
     nvalid = offs_n < N_OUT
-    acc = _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_ptr, offs_n, nvalid, N_OUT, K,
-                   BITS, BM, BN, BK, EVEN_K, SWIGLU, CVT)
-    c = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :]
-    tl.store(c, acc.to(tl.bfloat16), mask=m_mask & nvalid[None, :])
+    if SWAP:
+        acc_t = _wq_tile_t(a_ptr, offs_m, offs_m < M, s_am, w_rows, u_rows, n_mask, s_ptr, offs_n, nvalid,
+                           N_OUT, K, BITS, BM, BN, BK, EVEN_K, SWIGLU, CVT)
+        c = c_ptr + offs_m.to(tl.int64)[None, :] * s_cm + offs_n[:, None]
+        tl.store(c, acc_t.to(tl.bfloat16), mask=(offs_m < M)[None, :] & n_mask)
+    else:
+        acc = _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_ptr, offs_n, nvalid, N_OUT, K,
+                       BITS, BM, BN, BK, EVEN_K, SWIGLU, CVT)
+        c = c_ptr + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :]
+        tl.store(c, acc.to(tl.bfloat16), mask=m_mask & nvalid[None, :])
 
 
 def weight_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, int, int]:
@@ -242,6 +309,8 @@ def weight_view(w: torch.Tensor, bits: int, cfg: dict) -> tuple[torch.Tensor, in
     cvt = int(cfg.get("CVT", DEFAULT_CVT[bits])) if bits != 16 else 0
     if bits == 8 and cvt == 1:
         cvt = 0
+    if cvt == 1 and cfg.get("SWAP"):  # the transposed tile reads bytes
+        cvt = 0 if INTERPRET else 2
     if cvt == 1:
         if w.shape[-1] % 2 == 0 and w.stride(-2) % 2 == 0 and w.storage_offset() % 2 == 0 \
                 and (w.dim() == 2 or w.stride(0) % 2 == 0):
@@ -292,6 +361,23 @@ def check_weight(name: str, w: torch.Tensor, scales: torch.Tensor | None, bits: 
     return n
 
 
+# From this many rows (prefill) a quantized weight is dequantized once and multiplied by cuBLAS:
+# on the H200 (bench/kernel_variants.py, 2026-12-02) the int8 qkv product of 4,096 rows took 260 us
+# in the kernel and 174 us dequantized (cuBLAS alone on bf16 weights: 124 us).
+DEQUANT_MIN_M = 1024
+
+
+def _dequantized_product(x, qweight, scales, swiglu: bool, out: torch.Tensor) -> torch.Tensor:
+    from .dequant import dequantize  # noqa: PLC0415 - dequant imports this module
+
+    y = torch.nn.functional.linear(x, dequantize(qweight, scales))
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    out.copy_(y)
+    return out
+
+
 def wlinear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -323,6 +409,8 @@ def wlinear(
         require(out.stride(1) == 1, "out must have a contiguous last dim")
     if M == 0:
         return out
+    if bits != 16 and config is None and M >= DEQUANT_MIN_M:
+        return _dequantized_product(x, qweight, scales, swiglu, out)
     cfg = config or TUNED.get(("wlinear", m_bucket(M), N, K, bits, swiglu)) or default_config(M, n_out, K, bits, swiglu)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     w, s_wn, cvt = weight_view(qweight, bits, cfg)
@@ -331,6 +419,6 @@ def wlinear(
         x, w, scales if scales is not None else qweight, out,
         M, n_out, K, x.stride(0), s_wn, out.stride(0),
         BITS=bits, SWIGLU=swiglu, CVT=cvt, BM=BM, BN=BN, BK=BK, EVEN_K=(K % BK == 0),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SWAP=bool(cfg.get("SWAP", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

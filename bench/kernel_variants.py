@@ -1,0 +1,285 @@
+"""Variants of the weight-only GEMMs, side by side on one GPU (ERNIE-4.5-21B-A3B shapes, one layer).
+
+For each product of a step — the routed experts' up (gate+up, SwiGLU) and down projections, and
+the dense int8 linears (qkv, o, shared gate/up, shared down) — at decode rows (1, 16, 64) and
+prefill rows (2,048, 4,096) it times:
+
+* ``base``  the kernel as the model runs it today (weight the right operand, converted in the K loop)
+* ``swap``  the transposed tile (``SWAP``: the dequantized weight the left operand, wgmma from registers)
+* ``deq``   dequantize the weight once (``native.kernels.dequant``) and run the bf16 product
+* ``bf16``  the same product on bf16 weights (the line to beat for prefill)
+
+Each variant is checked against an fp32 torch reference of the same weights first (relative
+error < 1e-2) and timed with CUDA events (medians). It also reports, from the Triton cache, which
+MMA each compiled kernel uses (v3 = Hopper wgmma, v2 = mma.sync). Output: a table on stdout,
+``$OUT/variants.json``.
+
+    python3 bench/kernel_variants.py [--rows 1,16,64,2048,4096] [--quick]
+"""
+
+# ruff: noqa: B023 - every closure here is called (checked and timed) before its loop moves on
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from native import kernels as KN
+from native.kernels.dequant import dequantize
+
+HID, NH, KVH, HD = 2560, 20, 4, 128
+E, TOPK, MI, SHARED_I = 64, 6, 1536, 3072
+
+RESULTS: dict = {"rows": [], "errors": [], "mma": []}
+
+
+def med_ms(fn, iters=20, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    return statistics.median(ts)
+
+
+def graph_ms(fn, reps=10, iters=20):
+    """Median ms of one call, from a CUDA graph of ``reps`` calls (launch overhead as in a step)."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    t = med_ms(g.replay, iters=iters)
+    del g
+    return t / reps
+
+
+def qweights(shape, bits):
+    if bits == 8:
+        w = torch.randint(-127, 128, shape, device="cuda", dtype=torch.int8)
+        s = (torch.rand(shape[:-1], device="cuda") * 0.5 + 0.75) * (0.02 / 73)
+    else:
+        w = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), device="cuda", dtype=torch.uint8)
+        s = (torch.rand(shape[:-1], device="cuda") * 0.5 + 0.75) * (0.02 / 4.6)
+    return w, s.to(torch.bfloat16)
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def record(kind, name, rows, variant, ms, err, nbytes, flops, cfg=None):
+    r = {"kind": kind, "name": name, "rows": rows, "variant": variant, "ms": ms, "err": err,
+         "GBps": nbytes / ms / 1e6 if ms else None, "TFLOPs": flops / ms / 1e9 if ms else None, "cfg": cfg}
+    RESULTS["rows"].append(r)
+    print(f"{kind:5s} {name:14s} M={rows:<5d} {variant:26s} {ms * 1000:9.1f} us  err {err:.1e}  "
+          f"{r['GBps']:7.0f} GB/s  {r['TFLOPs']:6.1f} TF/s", flush=True)
+
+
+def try_variant(kind, name, rows, variant, fn, ref, nbytes, flops, cfg=None, graph=True):
+    try:
+        y = fn()
+        err = rel_err(y, ref)
+        if not err < 1e-2:
+            raise RuntimeError(f"wrong result: rel err {err:.3g}")
+        ms = graph_ms(fn) if graph else med_ms(fn)
+        record(kind, name, rows, variant, ms, err, nbytes, flops, cfg)
+        return ms
+    except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a row of the report
+        RESULTS["errors"].append(f"{kind} {name} M{rows} {variant}: {e!r}"[:600])
+        print(f"{kind:5s} {name:14s} M={rows:<5d} {variant:26s} FAILED {e!r}"[:300], flush=True)
+        return None
+
+
+SWAP_DECODE = [
+    {"SWAP": 1, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"SWAP": 1, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
+    {"SWAP": 1, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3},
+]
+SWAP_PREFILL = [
+    {"SWAP": 1, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+    {"SWAP": 1, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+    {"SWAP": 1, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"SWAP": 1, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
+]
+
+
+def dense_cases(rows_list):
+    cases = [("qkv", (NH + 2 * KVH) * HD, HID, None), ("o_proj", HID, NH * HD, None),
+             ("shared_gu", 2 * SHARED_I, HID, "swiglu"), ("shared_down", HID, SHARED_I, None)]
+    for name, N, Kd, act in cases:
+        wq, s = qweights((N, Kd), 8)
+        wd = dequantize(wq, s)
+        for M in rows_list:
+            x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+            y = x.float() @ wd.float().T
+            if act:
+                g, u = y.chunk(2, dim=-1)
+                y = F.silu(g) * u
+            ref = y
+            nb = wq.numel() + M * Kd * 2
+            fl = 2 * M * N * Kd
+            big = M >= 1024
+
+            def torch_lin(w=wd, x=x, act=act):
+                z = F.linear(x, w)
+                if act:
+                    g, u = z.chunk(2, dim=-1)
+                    z = F.silu(g) * u
+                return z
+
+            try_variant("dense", name, M, "base", lambda: KN.wlinear(x, wq, s, 8, act=act), ref, nb, fl, graph=not big)
+            for cfg in (SWAP_PREFILL if big else SWAP_DECODE):
+                c = dict(cfg, BM=min(128, max(16, M)) if big else 16)
+                if big:
+                    c["BM"] = 128
+                try_variant("dense", name, M, f"swap BN{c['BN']} BK{c['BK']} w{c['num_warps']}s{c['num_stages']}",
+                            lambda c=c: KN.wlinear(x, wq, s, 8, act=act, config=c), ref, nb, fl, c, graph=not big)
+            if big:
+                try_variant("dense", name, M, "deq+cublas", lambda: torch_lin(dequantize(wq, s)), ref, nb, fl,
+                            graph=False)
+            try_variant("dense", name, M, "bf16 cublas", torch_lin, ref, wd.numel() * 2 + M * Kd * 2, fl, graph=not big)
+
+
+def moe_cases(rows_list, bits_list):
+    gate = torch.randn(E, HID, device="cuda", dtype=torch.float32) * 0.05
+    bias = torch.rand(E, device="cuda", dtype=torch.float32) * 0.01
+    for bits in bits_list:
+        w13, s13 = qweights((E, 2 * MI, HID), bits)
+        w2, s2 = qweights((E, HID, MI), bits)
+        w13d, w2d = dequantize(w13, s13), dequantize(w2, s2)
+        for T in rows_list:
+            x = torch.randn(T, HID, device="cuda", dtype=torch.bfloat16)
+            tw, ids = KN.moe_route(x, gate, TOPK, bias)
+            bm = KN.moe_block_m(T * TOPK, E)
+            srt, eids, npad = KN.moe_align(ids, E, bm)
+            h1 = torch.randn(T * TOPK, MI, device="cuda", dtype=torch.bfloat16)
+            # fp32 reference per pair
+            pairs_e = ids.view(-1).long()
+            tok = torch.arange(T * TOPK, device="cuda") // TOPK
+            touched = E * (1 - (1 - TOPK / E) ** T)
+            big = T >= 1024
+            for which in ("up", "down"):
+                if which == "up":
+                    ref = torch.empty(T * TOPK, MI, device="cuda")
+                    for e in pairs_e.unique().tolist():
+                        sel = (pairs_e == e).nonzero().view(-1)
+                        z = x[tok[sel]].float() @ w13d[e].float().T
+                        g, u = z.chunk(2, dim=-1)
+                        ref[sel] = F.silu(g) * u
+                    wq, sc, wd = w13, s13, w13d
+
+                    def run(w, s, cfg, wq=None):
+                        return KN.moe_gemm(x, w, s, srt, eids, npad, TOPK, bm, swiglu=True, config=cfg)
+                    N, Kd, a_rows = 2 * MI, HID, T
+                else:
+                    ref = torch.empty(T * TOPK, HID, device="cuda")
+                    for e in pairs_e.unique().tolist():
+                        sel = (pairs_e == e).nonzero().view(-1)
+                        ref[sel] = (h1[sel].float() @ w2d[e].float().T) * tw.view(-1)[sel].float()[:, None]
+                    wq, sc, wd = w2, s2, w2d
+
+                    def run(w, s, cfg, wq=None):
+                        return KN.moe_gemm(h1, w, s, srt, eids, npad, TOPK, bm, swiglu=False,
+                                           topk_weights=tw.view(-1), a_by_pair=True, config=cfg)
+                    N, Kd, a_rows = HID, MI, T * TOPK
+                nb = wq.numel() * wq.element_size() * touched / E + a_rows * Kd * 2
+                fl = 2 * T * TOPK * N * Kd
+                tag = f"moe{bits}"
+                try_variant(tag, which, T, "base", lambda: run(wq, sc, None), ref, nb, fl, graph=not big)
+                for cfg in (SWAP_PREFILL if big else SWAP_DECODE):
+                    try_variant(tag, which, T, f"swap BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']}s{cfg['num_stages']}",
+                                lambda c=cfg: run(wq, sc, c), ref, nb, fl, cfg, graph=not big)
+                if big:
+                    try_variant(tag, which, T, "deq+bf16 kernel", lambda: run(dequantize(wq, sc), None, None),
+                                ref, nb, fl, graph=False)
+                    try_variant(tag, which, T, "dequantize alone", lambda: dequantize(wq, sc), wd, nb, 0,
+                                graph=False)
+                try_variant(tag, which, T, "bf16 kernel", lambda: run(wd, None, None), ref,
+                            wd.numel() * 2 * touched / E + a_rows * Kd * 2, fl, graph=not big)
+        del w13, w2, w13d, w2d
+        torch.cuda.empty_cache()
+
+
+def mma_report(cache_dir):
+    """Kernel name, constants and MMA version of every compiled kernel in the Triton cache."""
+    for tt in sorted(glob.glob(os.path.join(cache_dir, "*", "*.ttgir"))):
+        text = open(tt).read()
+        ver = "v3" if "warp_group_dot" in text else ("v2" if "nvidia_mma" in text else "-")
+        if ver == "-":
+            continue
+        name = os.path.basename(tt)[: -len(".ttgir")]
+        consts = ""
+        for js in glob.glob(os.path.join(os.path.dirname(tt), "*.json")):
+            try:
+                meta = json.load(open(js))
+            except Exception:  # noqa: BLE001
+                continue
+            if isinstance(meta, dict) and "num_warps" in meta:
+                c = meta.get("constants") or {}
+                consts = f"warps {meta.get('num_warps')} stages {meta.get('num_stages')} " + " ".join(
+                    f"{k}={v}" for k, v in (c.items() if isinstance(c, dict) else []) if k in
+                    ("BITS", "SWAP", "BM", "BN", "BK", "SWIGLU", "CVT"))
+        RESULTS["mma"].append((name, ver, consts))
+        print(f"mma {ver} {name} {consts}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,16,64,2048,4096")
+    ap.add_argument("--bits", default="4,8")
+    ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = [int(r) for r in args.rows.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, torch {torch.__version__}", flush=True)
+    n = 1 << 30
+    buf = torch.empty(n // 2, device="cuda", dtype=torch.bfloat16).normal_()
+    t = med_ms(buf.sum, iters=10)
+    RESULTS["hbm_read_GBps"] = buf.numel() * 2 / t / 1e6
+    print(f"HBM read {RESULTS['hbm_read_GBps']:.0f} GB/s", flush=True)
+    del buf
+    try:
+        moe_cases(rows, [int(b) for b in args.bits.split(",")])
+    except Exception:
+        RESULTS["errors"].append(traceback.format_exc()[-1500:])
+        traceback.print_exc()
+    if not args.skip_dense:
+        try:
+            dense_cases(rows)
+        except Exception:
+            RESULTS["errors"].append(traceback.format_exc()[-1500:])
+            traceback.print_exc()
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if cache:
+        mma_report(cache)
+    with open(os.path.join(args.out, "variants.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    print(f"{len(RESULTS['errors'])} errors", flush=True)
+    for e in RESULTS["errors"][:8]:
+        print("  ", e[:400])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
