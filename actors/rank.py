@@ -199,6 +199,7 @@ class RankServer:
             "tokens_generated": e.tokens_generated,
             "prompt_tokens": e.prompt_tokens_computed,
             "preemptions": e.scheduler.num_preemptions,
+            **e.prefix_cache.stats(),
             **self.counters,
         }
 
@@ -288,6 +289,7 @@ class RankServer:
                 transfer_timeout_s=envs.PDBUS_TRANSFER_TIMEOUT_S,
                 # on the CPU the host is the device: nothing to overlap
                 async_scheduling=rank.device.type == "cuda" and not self.cfg.no_async_scheduling,
+                enable_prefix_caching=self.cfg.enable_prefix_caching,
             ),
             rank.eos_ids,
             role=self.cfg.splitwise_role,
@@ -295,6 +297,7 @@ class RankServer:
             name=f"engine.{self.cfg.splitwise_role}",
             lockstep=rank.lockstep,
             on_fatal=die,
+            cache_key=rank.prefix_cache_key(),
         )
         self.engine.start()
         if rank.tp_group is not None:

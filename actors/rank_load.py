@@ -64,6 +64,16 @@ class LoadedRank:
         """Other ranks run each step's collectives with this one (TP or EP)."""
         return self.tp_group is not None or self.ep is not None
 
+    def prefix_cache_key(self) -> str:
+        """What makes this rank's KV besides the tokens, the root of its prefix-cache hashes
+        (actors.engine.block_manager): the model and its config, weight quantization, KV dtype,
+        the head slice this rank holds and the block size."""
+        kv = self.kv_cache.layout()
+        return (
+            f"{self.model_name}|{self.model_cfg.config_hash()}|{self.cfg.quantization}|{kv.dtype}"
+            f"|heads {kv.head_start}+{kv.num_kv_heads}/{kv.total_kv_heads}|block {kv.block_size}"
+        )
+
     # ----------------------------------------------------------------- startup
     def load(self) -> None:
         from native.kv_cache import KVCache

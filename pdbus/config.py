@@ -105,6 +105,9 @@ class ServeConfig:
     # decode steps launched before the last one's tokens are read back (on a GPU, with a runner
     # that takes its tokens on the device: actors.engine.overlap); this turns it off
     no_async_scheduling: bool = False
+    # automatic prefix caching (vLLM's flag): full KV blocks kept by their contents and reused by
+    # later requests that share the prefix; --no-enable-prefix-caching turns it off
+    enable_prefix_caching: bool = True
     skip_tokenizer_init: bool = False
     heartbeat_interval: float = 1.0
     api_key: str | None = None
@@ -208,11 +211,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "quantization": "bf16 | wint8 | wint4 (experts int4, other linears int8)",
         "kv_cache_memory_gb": "KV cache size on the CPU (GiB) when --num-gpu-blocks-override is unset",
         "no_async_scheduling": "read each decode step's tokens back before launching the next (on by default on a GPU)",
+        "enable_prefix_caching": "reuse the KV of full blocks a request shares with earlier ones (on by default)",
     }
     for f in fields(ServeConfig):
         flag = _flag(f.name)
         if f.type in ("bool",) or f.type is bool:
-            p.add_argument(flag, action="store_true", default=None, help=helps.get(f.name))
+            # on by default: --X and --no-X (vLLM's spelling); off by default: --X alone
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            p.add_argument(flag, action=action, default=None, help=helps.get(f.name))
             continue
         p.add_argument(flag, default=None, help=helps.get(f.name))
     # FastDeploy's launch scripts pass these; pdbus has no such channel (each says why, once)

@@ -147,6 +147,7 @@ def make_engine(
     transfer_timeout_s: float = 30.0,
     async_scheduling: bool = False,
     runner=None,
+    enable_prefix_caching: bool = True,
 ) -> tuple[Engine, Collector]:
     cfg = model.cfg
     if cache is None:
@@ -164,6 +165,7 @@ def make_engine(
             max_model_len=max_model_len,
             transfer_timeout_s=transfer_timeout_s,
             async_scheduling=async_scheduling,
+            enable_prefix_caching=enable_prefix_caching,
         ),
         eos if eos is not None else {cfg.eos_token_id},
         role=role,

@@ -41,6 +41,7 @@ import msgspec
 from actors.engine.block_manager import BlockManager
 from actors.engine.kv_export import KVExport
 from actors.engine.overlap import InFlight, settle_device
+from actors.engine.prefix_cache import PrefixCache
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence, Status
 from native.parallel.comm import GroupBroken
@@ -70,6 +71,8 @@ class EngineLimits:
     # launch a decode step before reading the last one's tokens (actors.engine.overlap); used only
     # where the runner takes tokens on the device and the role decodes
     async_scheduling: bool = False
+    # automatic prefix caching (actors.engine.prefix_cache): full blocks kept by their contents
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Engine:
         *,
         lockstep: bool = False,
         on_fatal: Callable[[str], None] | None = None,
+        cache_key: str | bytes = b"",  # what makes this cache's KV besides the tokens (model, dtype, ...)
     ):
         self.runner = runner
         self.sampler = sampler
@@ -104,12 +108,15 @@ class Engine:
         self.role = role
         self.log = get_logger(name)
         cache = runner.kv_cache
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache_key, limits.enable_prefix_caching)
+        self.prefix_cache = PrefixCache(self.blocks)
         # a sequence longer than the whole cache could never get its blocks: it would wait forever
         self.max_len = min(limits.max_model_len, cache.num_blocks * cache.block_size)
         model_cfg = getattr(getattr(runner, "model", None), "cfg", None)
         self.vocab_size: int | None = getattr(model_cfg, "vocab_size", None)
-        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens, prefix_cache=self.prefix_cache
+        )
         self.seqs: dict[str, Sequence] = {}
         self.on_fatal = on_fatal  # the engine cannot go on (called once)
         # TP or EP: other ranks run each step's collectives with this one, so a step that fails
@@ -322,6 +329,7 @@ class Engine:
             block_table=lease.block_ids,
         )
         seq.num_computed_tokens = seq.num_tokens - 1
+        self.prefix_cache.register(seq)  # its KV has landed: later turns can find it
         self.seqs[req_id] = seq
         if self._check_finished(seq):
             self.events.on_tokens([TokenOut(req_id, [], finish_reason=seq.finish_reason)])
@@ -469,6 +477,7 @@ class Engine:
             s.seq.num_computed_tokens += s.num_new_tokens
             if s.seq.num_computed_tokens <= s.seq.num_prompt_tokens:
                 self.prompt_tokens_computed += s.num_new_tokens
+            self.prefix_cache.register(s.seq)
         if not sampled:
             return
         histories = [s.seq.sampling_history() for s in sampled]
@@ -590,6 +599,7 @@ class Engine:
             if seq.status is Status.FINISHED:
                 continue  # aborted or failed while in flight
             seq.token_ids[slot] = tok
+            self.prefix_cache.register(seq, upto=slot)  # the KV of positions before it is computed
             self.tokens_generated += 1
             item = TokenOut(seq.req_id, [tok])
             if self._finished_at(seq, slot):

@@ -5,7 +5,9 @@ waiting ones, all under ``max_num_batched_tokens`` and ``max_num_seqs``. A prefi
 whose destination blocks are not known yet is not given its last chunk (that step writes its KV
 out): it waits, and the sequences behind it go ahead. When the cache runs out
 of blocks the most recently admitted running sequence is preempted: its blocks are freed and it
-goes back to the front of the queue to be recomputed later. Pure Python, no torch.
+goes back to the front of the queue to be recomputed later. With a prefix cache, a sequence
+admitted with no blocks starts after the longest cached prefix of its full blocks
+(actors.engine.prefix_cache); only the rest counts against the token budget. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from actors.engine.block_manager import BlockManager
+from actors.engine.prefix_cache import PrefixCache
 from actors.engine.sequence import Sequence, Status
 
 
@@ -35,11 +38,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -76,6 +81,7 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0  # its hashes stay: they name its tokens, not its blocks
         self.num_preemptions += 1
         self.add(seq, front=True)
 
@@ -102,16 +108,24 @@ class Scheduler:
         held: list[Sequence] = []  # waiting for their destination: they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            cache = self.prefix_cache if not seq.block_table and seq.num_computed_tokens == 0 else None
+            hit = cache.match(seq) if cache is not None else 0  # a waiting sequence holds no blocks
             n = seq.num_uncomputed
+            admit = True
             if n > budget:
-                if not self.enable_chunked_prefill and out:
-                    break
+                admit = self.enable_chunked_prefill or not out
                 n = budget
-            if not seq.may_compute(n):
+            if admit and not seq.may_compute(n):
+                if cache is not None:
+                    cache.unmatch(seq)
                 held.append(self.waiting.popleft())
                 continue
-            if not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
+            if not admit or not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
+                if cache is not None:
+                    cache.unmatch(seq)
                 break
+            if cache is not None:
+                cache.admitted(seq, hit)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -71,6 +71,10 @@ class Sequence:
         self.sampling = sampling
         self.block_table: list[int] = block_table if block_table is not None else []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # prefix caching (actors.engine.prefix_cache): the hash chain of its full blocks whose
+        # tokens are known, and how many of its block table's blocks registration has seen
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
         self.status = Status.WAITING
         self.arrival = time.monotonic()
         self.dest = dest  # prefill role: where the KV goes

@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -42,12 +43,36 @@ def _set_stats(gauge: Gauge, stats: dict, instance: str = "") -> None:
             gauge.labels(key=key, instance=instance).set(value)
 
 
+# engine running totals that /metrics also exposes as counters of their own (vLLM's names,
+# ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``, with the ``pdbus:`` prefix)
+ENGINE_COUNTERS = {
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache",
+}
+
+
+class _EngineCounters:
+    """A collector of the engine's own running totals (read from its /stats at each scrape)."""
+
+    def __init__(self):
+        self.stats: dict = {}
+
+    def collect(self):
+        for key, doc in ENGINE_COUNTERS.items():
+            if key in self.stats:
+                yield CounterMetricFamily(f"pdbus:{key}", doc, value=self.stats[key])
+
+
 def instance_metrics_handler(stats_fn, role: str):
     registry = CollectorRegistry()
     gauge = Gauge("pdbus:instance", "Instance state (see label)", ["key", "instance"], registry=registry)
+    counters = _EngineCounters()
+    registry.register(counters)
 
     async def handler(request: web.Request) -> web.Response:
-        _set_stats(gauge, {k: v for k, v in stats_fn().items() if k != "role"}, instance=role)
+        stats = stats_fn()
+        counters.stats = stats
+        _set_stats(gauge, {k: v for k, v in stats.items() if k != "role"}, instance=role)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return handler
