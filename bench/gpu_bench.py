@@ -35,8 +35,8 @@ THETA, EPS, BS = 500000.0, 1e-5, 64
 FLOORS = {  # shared/GPU.md: bytes over ~3.0 TB/s
     ("bf16", 1): 2.25, ("bf16", 64): 15.8, ("wint4", 1): 0.91, ("wint4", 64): 5.2,
 }
-TARGETS = {("wint4", 1): 1.37, ("wint4", 64): 6.8, "prefill": 36.0}
-HF_BASELINE = {1: 85.0, 16: 123.6, 64: 250.0, "prefill": 61.6}  # transformers, GPU.md
+TARGETS = {("wint4", 1): 1.37, ("wint4", 64): 6.8}
+HF_BASELINE = {1: 85.0, 16: 123.6, 64: 250.0}  # transformers, GPU.md
 
 RESULTS: dict = {"decode": {}, "kernels": {}, "sweeps": {}, "prefill": {}, "errors": []}
 LOG = []

@@ -24,63 +24,32 @@ import argparse
 import glob
 import json
 import os
-import statistics
 import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
 
+# gpu_bench: bench/ is sys.path[0] when this runs as a script
+from gpu_bench import E, make_experts, make_lin, time_eager, time_graph
+
 from native import kernels as KN
 from native.kernels.dequant import dequantize
 
 HID, NH, KVH, HD = 2560, 20, 4, 128
-E, TOPK, MI, SHARED_I = 64, 6, 1536, 3072
+TOPK, MI, SHARED_I = 6, 1536, 3072
 
 RESULTS: dict = {"rows": [], "errors": [], "mma": []}
 
 
-def med_ms(fn, iters=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    return statistics.median(ts)
-
-
 def graph_ms(fn, reps=10, iters=20):
     """Median ms of one call, from a CUDA graph of ``reps`` calls (launch overhead as in a step)."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    t = med_ms(g.replay, iters=iters)
-    del g
-    return t / reps
+    return time_graph(lambda: [fn() for _ in range(reps)], iters=iters, divide=reps)
 
 
 def qweights(shape, bits):
-    if bits == 8:
-        w = torch.randint(-127, 128, shape, device="cuda", dtype=torch.int8)
-        s = (torch.rand(shape[:-1], device="cuda") * 0.5 + 0.75) * (0.02 / 73)
-    else:
-        w = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), device="cuda", dtype=torch.uint8)
-        s = (torch.rand(shape[:-1], device="cuda") * 0.5 + 0.75) * (0.02 / 4.6)
-    return w, s.to(torch.bfloat16)
+    """gpu_bench's random weights: ``[N, K]`` (make_lin) or ``[E, N, K]`` (make_experts)."""
+    return make_lin(*shape, bits) if len(shape) == 2 else make_experts(*shape[1:], bits)
 
 
 def rel_err(y, ref):
@@ -101,7 +70,7 @@ def try_variant(kind, name, rows, variant, fn, ref, nbytes, flops, cfg=None, gra
         err = rel_err(y, ref)
         if not err < 1e-2:
             raise RuntimeError(f"wrong result: rel err {err:.3g}")
-        ms = graph_ms(fn) if graph else med_ms(fn)
+        ms = graph_ms(fn) if graph else time_eager(fn)
         record(kind, name, rows, variant, ms, err, nbytes, flops, cfg)
         return ms
     except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a row of the report
@@ -149,9 +118,7 @@ def dense_cases(rows_list):
 
             try_variant("dense", name, M, "base", lambda: KN.wlinear(x, wq, s, 8, act=act), ref, nb, fl, graph=not big)
             for cfg in (SWAP_PREFILL if big else SWAP_DECODE):
-                c = dict(cfg, BM=min(128, max(16, M)) if big else 16)
-                if big:
-                    c["BM"] = 128
+                c = dict(cfg, BM=128 if big else 16)
                 try_variant("dense", name, M, f"swap BN{c['BN']} BK{c['BK']} w{c['num_warps']}s{c['num_stages']}",
                             lambda c=c: KN.wlinear(x, wq, s, 8, act=act, config=c), ref, nb, fl, c, graph=not big)
             if big:
@@ -188,7 +155,7 @@ def moe_cases(rows_list, bits_list):
                         ref[sel] = F.silu(g) * u
                     wq, sc, wd = w13, s13, w13d
 
-                    def run(w, s, cfg, wq=None):
+                    def run(w, s, cfg):
                         return KN.moe_gemm(x, w, s, srt, eids, npad, TOPK, bm, swiglu=True, config=cfg)
                     N, Kd, a_rows = 2 * MI, HID, T
                 else:
@@ -198,7 +165,7 @@ def moe_cases(rows_list, bits_list):
                         ref[sel] = (h1[sel].float() @ w2d[e].float().T) * tw.view(-1)[sel].float()[:, None]
                     wq, sc, wd = w2, s2, w2d
 
-                    def run(w, s, cfg, wq=None):
+                    def run(w, s, cfg):
                         return KN.moe_gemm(h1, w, s, srt, eids, npad, TOPK, bm, swiglu=False,
                                            topk_weights=tw.view(-1), a_by_pair=True, config=cfg)
                     N, Kd, a_rows = HID, MI, T * TOPK
@@ -256,7 +223,7 @@ def main():
     print(f"# {props.name}, torch {torch.__version__}", flush=True)
     n = 1 << 30
     buf = torch.empty(n // 2, device="cuda", dtype=torch.bfloat16).normal_()
-    t = med_ms(buf.sum, iters=10)
+    t = time_eager(buf.sum, iters=10)
     RESULTS["hbm_read_GBps"] = buf.numel() * 2 / t / 1e6
     print(f"HBM read {RESULTS['hbm_read_GBps']:.0f} GB/s", flush=True)
     del buf

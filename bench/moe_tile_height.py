@@ -12,9 +12,9 @@ import torch
 from native import kernels as KN
 
 sys.path.insert(0, "bench")
-from kernel_variants import graph_ms, qweights  # noqa: E402
+from kernel_variants import E, graph_ms, qweights  # noqa: E402
 
-H, MI, E, K = 2560, 1536, 64, 6
+H, MI, K = 2560, 1536, 6
 torch.manual_seed(0)
 gate = torch.randn(E, H, device="cuda") * 0.05
 bias = torch.rand(E, device="cuda") * 0.01

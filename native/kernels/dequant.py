@@ -41,7 +41,7 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, R, KW, BITS: tl.constexpr,
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], out, mask=om)
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``[..., N, K]`` bf16 from an int8 ``[..., N, K]`` or packed-int4 uint8 ``[..., N, K/2]``
     weight and its ``[..., N]`` scales (contiguous)."""
     bits = _BITS.get(qweight.dtype)
@@ -53,10 +53,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | 
     kw = qweight.shape[-1]
     k = 2 * kw if bits == 4 else kw
     shape = (*qweight.shape[:-1], k)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.bfloat16, device=qweight.device)
-    require(tuple(out.shape) == shape and out.dtype == torch.bfloat16 and out.is_contiguous(),
-            f"out must be contiguous bf16 {list(shape)}")
+    out = torch.empty(shape, dtype=torch.bfloat16, device=qweight.device)
     R = scales.numel()
     if R == 0 or kw == 0:
         return out

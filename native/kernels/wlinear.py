@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .checks import INTERPRET, on_kernel_device, require
+from .dequant import dequantize
 
 _BF16 = torch.bfloat16
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (debugging without a GPU)
@@ -368,8 +369,6 @@ DEQUANT_MIN_M = 1024
 
 
 def _dequantized_product(x, qweight, scales, swiglu: bool, out: torch.Tensor) -> torch.Tensor:
-    from .dequant import dequantize  # noqa: PLC0415 - dequant imports this module
-
     y = torch.nn.functional.linear(x, dequantize(qweight, scales))
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
