@@ -47,6 +47,14 @@ class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=False, omit_defa
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # a seed (request or --seed) is any int64 or uint64
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A grammar the output must follow (guided decoding), filled by the frontend from
+    ``response_format``, ``tool_choice`` or vLLM's ``guided_*`` fields; the engine enforces it."""
+
+    kind: str  # "json_object" | "json_schema" | "regex" | "ebnf" | "choice"
+    spec: str = ""  # json_schema: the schema as JSON; regex: the pattern; ebnf: the grammar; choice: a JSON list
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True):
     """Per-request sampling settings (OpenAI + vLLM extras). Validated by the frontend."""
 
@@ -63,6 +71,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob plus top-k
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
