@@ -56,6 +56,12 @@ ensure_env() {
   # setuptools warns that folders named like the packages sit in the working directory: that is
   # the layout (module path = file path), so the warning says nothing here
   PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e ".[$extras]"
+  # structured output (xgrammar): on a CPU host without the Triton it declares (about 1 GB; only
+  # its GPU mask kernel uses it)
+  if ! "$PY" -c "import xgrammar" 2>/dev/null; then
+    log "installing xgrammar (structured output)"
+    "$PY" -m pip install -q --no-deps "xgrammar==0.2.8" && "$PY" -m pip install -q "apache-tvm-ffi>=0.1.11" pydantic
+  fi
   if have_cuda && ! "$PY" -c "import cupy" 2>/dev/null; then
     local cuda_major
     cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -1)"

@@ -273,6 +273,7 @@ class RankServer:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.rank = rank = load_rank(self.cfg)
+        from actors.engine.grammar import Grammars
         from native.sampler import Sampler
 
         def die(why: str) -> None:  # from the engine thread or a TP group's watcher
@@ -298,6 +299,7 @@ class RankServer:
             lockstep=rank.lockstep,
             on_fatal=die,
             cache_key=rank.prefix_cache_key(),
+            grammars=Grammars(rank.tokenizer, rank.model_cfg.vocab_size, rank.eos_ids) if rank.tokenizer else None,
         )
         self.engine.start()
         if rank.tp_group is not None:

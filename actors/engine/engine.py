@@ -15,6 +15,9 @@ A request's walk through it, by role:
 * decode: ``reserve`` leases blocks for a coming request and keeps its prompt and sampling with
   the lease; ``add_decode(req, token one)`` claims them (the KV is already there) and the
   sequence joins the running batch with its first token.
+* structured output (``SamplingParams.structured``, any role): the grammar compiles off this
+  thread (actors.engine.grammar) while the sequence waits in the queue (only its sampling step is
+  held); its matcher masks each draw and advances with each token.
 
 Every other thread talks to the engine through ``submit`` (a queue drained between steps); the
 engine answers through the ``EngineEvents`` callbacks, which must be thread-safe. With nothing
@@ -99,6 +102,7 @@ class Engine:
         lockstep: bool = False,
         on_fatal: Callable[[str], None] | None = None,
         cache_key: str | bytes = b"",  # what makes this cache's KV besides the tokens (model, dtype, ...)
+        grammars=None,  # actors.engine.grammar.Grammars (None: no tokenizer, structured output refused)
     ):
         self.runner = runner
         self.sampler = sampler
@@ -106,6 +110,7 @@ class Engine:
         self.limits = limits
         self.eos_token_ids = set(eos_token_ids)
         self.role = role
+        self.grammars = grammars
         self.log = get_logger(name)
         cache = runner.kv_cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache_key, limits.enable_prefix_caching)
@@ -149,6 +154,8 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.grammars is not None:
+            self.grammars.close()
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine thread between steps."""
@@ -294,6 +301,8 @@ class Engine:
             if error is not None:
                 self.events.on_failed(seq.req_id, error, True)
                 return
+        if seq.sampling.structured is not None and not self._start_grammar(seq):
+            return
         self.seqs[seq.req_id] = seq
         if seq.dest_pending:
             self._dest_waits[seq.req_id] = time.monotonic() + self.limits.dest_timeout_s
@@ -335,10 +344,37 @@ class Engine:
             self.events.on_tokens([TokenOut(req_id, [], finish_reason=seq.finish_reason)])
             self._finish(seq)
             return
+        if seq.sampling.structured is not None and not self._start_grammar(seq):
+            self._finish(seq)
+            return
         self.scheduler.add_running(seq)
+
+    def _start_grammar(self, seq: Sequence) -> bool:
+        """Compile ``seq``'s grammar off this thread; its matcher is made here once it is done."""
+        if self.grammars is None:
+            error = "structured output needs the tokenizer (this instance runs with --skip-tokenizer-init)"
+            self.events.on_failed(seq.req_id, error, False)
+            return False
+        seq.grammar = self.grammars.start(seq.sampling.structured, lambda: self.submit(lambda: self._grammar_ready(seq)))
+        return True
+
+    def _grammar_ready(self, seq: Sequence) -> None:
+        if self.seqs.get(seq.req_id) is not seq or seq.grammar.ready:
+            return  # gone meanwhile
+        error = seq.grammar.bind(seq.sampling_history()[1])  # the outputs it has (a decode: token one)
+        if error is not None:
+            self._grammar_failed(seq, error)
+
+    def _grammar_failed(self, seq: Sequence, error: str) -> None:
+        self.log.warning("req %s: structured output failed: %s", seq.req_id, error)
+        self.scheduler.remove(seq)
+        self._finish(seq)
+        self.events.on_failed(seq.req_id, error, False)
 
     def _reserve(self, req_id: str, num_tokens: int, lease_s: float, request: Reservation | None = None) -> None:
         ids = self.blocks.reserve(req_id, num_tokens, lease_s, request=request)
+        if ids is not None and request is not None and request.sampling.structured is not None and self.grammars:
+            self.grammars.compile(request.sampling.structured)  # compiles while the prompt prefills
         if ids is None:
             need = self.blocks.blocks_for(num_tokens)
             self.events.on_reserved(req_id, None, f"need {need} blocks, {self.blocks.num_free} free")
@@ -459,6 +495,8 @@ class Engine:
                 return
         self.steps += 1
         sampled = [s for s in batch if s.samples]
+        # grammar rows: their bitmasks fill on a worker thread while the forward runs
+        masks = self.grammars.fill([s.seq for s in sampled]) if self.grammars is not None else None
         try:
             logits = self.runner.execute(
                 [s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
@@ -481,9 +519,13 @@ class Engine:
         if not sampled:
             return
         histories = [s.seq.sampling_history() for s in sampled]
+        params = [s.seq.sampling for s in sampled]
+        if masks is not None:  # before the draw: a seeded draw under a grammar stays deterministic
+            masks.apply(logits)
+            params = masks.sampling(params)
         out = self.sampler(
             logits,
-            [s.seq.sampling for s in sampled],
+            params,
             [h[0] for h in histories],
             [h[1] for h in histories],
             self.eos_token_ids,
@@ -494,6 +536,9 @@ class Engine:
             tok = out.token_ids[j]
             seq.append_token(tok)
             self.tokens_generated += 1
+            if seq.grammar is not None and not seq.grammar.accept(tok):
+                self._grammar_failed(seq, f"token {tok} does not fit the grammar")
+                continue
             item = TokenOut(seq.req_id, [tok])
             if out.logprobs is not None and seq.sampling.logprobs is not None:
                 item.logprobs = [out.logprobs[j]]
@@ -522,6 +567,9 @@ class Engine:
         """Whether the token at ``slot`` of ``seq`` (its last, or a placeholder just read back)
         ends it; sets the finish reason."""
         sp = seq.sampling
+        if seq.grammar is not None and seq.grammar.terminated:  # it accepted its stop token
+            seq.finish_reason = FinishReason.STOP
+            return True
         tok = seq.token_ids[slot] if slot >= seq.num_prompt_tokens else None
         if tok is not None and seq.outputs_through(slot) >= sp.min_tokens:
             if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
@@ -553,8 +601,9 @@ class Engine:
         return all(s.num_new_tokens == 1 and s.samples and self._draws_ahead(s.seq) for s in batch)
 
     def _draws_ahead(self, seq: Sequence) -> bool:
-        """A decode row whose draw needs no host value of its earlier tokens (no KV to export)."""
-        return seq.dest is None and self.sampler.reads_on_device(seq.sampling)
+        """A decode row whose draw needs no host value of its earlier tokens (no KV to export, no
+        grammar to advance)."""
+        return seq.dest is None and seq.grammar is None and self.sampler.reads_on_device(seq.sampling)
 
     def _step_ahead(self, batch) -> None:
         """Launch a decode step, then read the one in flight back while the device runs it."""

@@ -86,6 +86,8 @@ class Sequence:
         # asynchronous scheduling: the token in flight ends it (max_tokens, model length), so it
         # is not scheduled again (actors.engine.overlap)
         self.final_pending = False
+        # structured output (actors.engine.grammar.SeqGrammar): it samples only once its matcher is there
+        self.grammar = None
 
     def __repr__(self) -> str:
         return f"Sequence({self.req_id!r}, {self.num_prompt_tokens}+{self.num_completion_tokens} tokens, {self.status.value})"
@@ -120,10 +122,13 @@ class Sequence:
 
     def may_compute(self, num_new_tokens: int) -> bool:
         """Whether a step may compute the next ``num_new_tokens``: not the last chunk of a prompt
-        whose destination blocks are still unknown (that step writes the KV out)."""
+        whose destination blocks are still unknown (that step writes the KV out), nor a step that
+        samples before the sequence's grammar has compiled."""
         if self.final_pending:
             return False
-        return not (self.dest_pending and self.num_computed_tokens + num_new_tokens >= len(self.token_ids))
+        if self.num_computed_tokens + num_new_tokens < len(self.token_ids):
+            return True  # a chunk that does not sample
+        return not self.dest_pending and (self.grammar is None or self.grammar.ready)
 
     @property
     def num_uncomputed(self) -> int:
