@@ -280,3 +280,27 @@ def _fill_lease_kv(engine: Engine, prompt: list[int]) -> None:
 
     engine.submit(compute)
     assert done.wait(60)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_masks_on_the_gpu_equal_the_cpu_masks(grammars, tok):
+    """The bitmask copied to the device and applied there (xgrammar's Triton kernel, or its
+    torch path) bans exactly what the CPU path bans, for a batch with rows left unmasked."""
+    grammar = grammars.start(JSON_SCHEMA, lambda: None)
+    grammar.future.result(timeout=60)
+    assert grammar.bind([]) is None
+
+    class Row:
+        def __init__(self, g):
+            self.grammar = g
+
+    rows = [Row(grammar), Row(None), Row(grammar)]
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.randn(3, grammars.vocab_size, generator=gen)
+    cuda = cpu.to("cuda")
+    grammars.fill(rows).apply(cpu)
+    grammars.fill(rows).apply(cuda)
+    torch.cuda.synchronize()
+    assert torch.equal(cuda.cpu(), cpu)
+    assert torch.isinf(cpu[0]).any() and not torch.isinf(cpu[1]).any()
