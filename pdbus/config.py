@@ -23,6 +23,10 @@ KNOWN_PROTOCOLS = tuple(p.value for p in TransferProtocol)
 ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # --splitwise-role
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is native/kv_cache.DTYPES
+# --tool-call-parser / --reasoning-parser (actors/frontend/tool_parsers.py, reasoning.py); FastDeploy
+# spells them ernie-x1, vLLM-style flags ernie_x1: both are taken
+TOOL_CALL_PARSERS = ("ernie_x1",)
+REASONING_PARSERS = ("ernie_x1",)
 
 
 class ConfigError(ValueError):
@@ -55,6 +59,32 @@ def _check_port(flag: str, host: str, port: int, free: bool = True) -> None:
 def _check_seed(seed: int | None) -> None:
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ConfigError(f"--seed {seed} is out of range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+
+
+def _check_parsers(cfg) -> None:
+    """The OpenAI frontend's output parsers, names normalized (``ernie-x1`` is ``ernie_x1``)."""
+    for flag, name, known in (
+        ("--tool-call-parser", "tool_call_parser", TOOL_CALL_PARSERS),
+        ("--reasoning-parser", "reasoning_parser", REASONING_PARSERS),
+    ):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        value = value.strip().lower().replace("-", "_")
+        if value not in known:
+            raise ConfigError(f"{flag} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
+        setattr(cfg, name, value)
+    if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (e.g. ernie_x1)")
+
+
+def frontend_flags(cfg) -> list[str]:
+    """The flags of the OpenAI frontend's parsers, for the router a mixed ``pdbus serve`` starts."""
+    out = []
+    for flag, value in (("--tool-call-parser", cfg.tool_call_parser), ("--reasoning-parser", cfg.reasoning_parser)):
+        if value is not None:
+            out += [flag, value]
+    return out + (["--enable-auto-tool-choice"] if cfg.enable_auto_tool_choice else [])
 
 
 def parse_ports(value: str | None, what: str) -> list[int]:
@@ -116,6 +146,11 @@ class ServeConfig:
     # default seed of requests that give none (mixed role without --router: passed to the router it
     # starts; otherwise the router prepares requests: pdbus router --seed)
     seed: int | None = None
+    # the OpenAI frontend's output parsers (as --seed: the router's, passed to the one a mixed
+    # instance without --router starts); tool calls parsed with tool_choice auto, the reasoning split
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False  # vLLM's spelling: auto is on with --tool-call-parser anyway
+    reasoning_parser: str | None = None
 
     def validate(self, check_port: bool = True) -> ServeConfig:
         if not self.model:
@@ -162,6 +197,13 @@ class ServeConfig:
                 f"--seed is the default seed of requests, applied where they are prepared: for {what} "
                 "that is the router (pdbus router --seed N)"
             )
+        _check_parsers(self)
+        if frontend_flags(self) and (self.splitwise_role != Role.MIXED or self.router):
+            what = f"a {self.splitwise_role} instance" + (" with --router" if self.router else "")
+            raise ConfigError(
+                "--tool-call-parser, --enable-auto-tool-choice and --reasoning-parser belong to the OpenAI "
+                f"frontend, which for {what} is the router (pdbus router --tool-call-parser ernie_x1 ...)"
+            )
         _check_port("--port", self.host, self.port, free=check_port)
         return self
 
@@ -181,9 +223,13 @@ class RouterConfig:
     max_retries: int = 2
     # default seed of requests that give none (prefill and decode then draw the same)
     seed: int | None = None
+    tool_call_parser: str | None = None  # ernie_x1: <tool_call> blocks into message.tool_calls (tool_choice auto)
+    enable_auto_tool_choice: bool = False  # vLLM's flag, taken; needs --tool-call-parser
+    reasoning_parser: str | None = None  # ernie_x1: <think>...</think> into message.reasoning_content
 
     def validate(self, check_port: bool = True) -> RouterConfig:
         _check_seed(self.seed)
+        _check_parsers(self)
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
         if not self.heartbeat_interval > 0:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from pdbus import envs
-from pdbus.config import ConfigError, load_toml
+from pdbus.config import ConfigError, frontend_flags, load_toml
 from pdbus.procs import http_json, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ def router_flags(cfg) -> list[str]:
     for flag, value in (("--api-key", cfg.api_key), ("--bus-key-file", cfg.bus_key_file), ("--seed", cfg.seed)):
         if value is not None:
             out += [flag, str(value)]
-    return out
+    return out + frontend_flags(cfg)
 
 
 def serve_with_router(cfg, serve) -> int:

@@ -75,6 +75,10 @@ SERVE_CASES = [
     (["--splitwise-role", "decode", "--router", "127.0.0.1:1", "--seed", "3"], ["--seed", "pdbus router --seed"]),
     (["--seed", str(1 << 64)], ["--seed", "out of range"]),
     (["--seed", "x"], ["--seed: 'x'"]),
+    (["--tool-call-parser", "hermes"], ["--tool-call-parser must be one of ernie_x1", "hermes"]),
+    (["--reasoning-parser", "deepseek_r1"], ["--reasoning-parser must be one of ernie_x1"]),
+    (["--enable-auto-tool-choice"], ["--enable-auto-tool-choice needs --tool-call-parser"]),
+    (["--splitwise-role", "prefill", "--router", "127.0.0.1:1", "--tool-call-parser", "ernie-x1"], ["belong to the OpenAI frontend", "pdbus router"]),
     (["--splitwise-role", "decode", "--router", "localhost"], ["--router must be HOST:PORT", "localhost"]),
     (["--router", "127.0.0.1:99999"], ["--router must be HOST:PORT"]),
     (["--router", "127.0.0.1:http"], ["--router must be HOST:PORT"]),
@@ -126,8 +130,11 @@ def test_router_ports_in_use(busy_port):
         (["--heartbeat-interval", "-1"], "--heartbeat-interval must be positive"),
         (["--max-retries", "two"], "--max-retries"),
         (["--seed", "-99999999999999999999"], "--seed -99999999999999999999 is out of range"),
+        (["--tool-call-parser", "qwen"], "--tool-call-parser must be one of ernie_x1, got 'qwen'"),
+        (["--reasoning-parser", "x"], "--reasoning-parser must be one of ernie_x1"),
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
     ],
-    ids=["same-ports", "port-range", "heartbeat", "not-int", "seed-range"],
+    ids=["same-ports", "port-range", "heartbeat", "not-int", "seed-range", "tool-parser", "reasoning-parser", "auto-tools"],
 )
 def test_router_rejects(args, needle):
     port = str(free_port())

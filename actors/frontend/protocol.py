@@ -23,14 +23,14 @@ wrap these in their aiohttp handlers. A handler does, per request:
 
 Unknown request fields are ignored (as vLLM and FastDeploy do) and listed in
 ``req.ignored_fields`` for the handler to log; fields we know but cannot honour (``echo``,
-``suffix``, ``logit_bias``, tools, structured output) are rejected with a clear 400.
+``suffix``, ``logit_bias``) are rejected with a clear 400. Structured output (``response_format``,
+vLLM's ``guided_*`` / ``structured_outputs``) is checked and mapped by ``structured.py`` into
+``sampling.structured``; ``tools`` / ``tool_choice`` and tool messages by ``tools.py``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +39,15 @@ import msgspec
 
 from pdbus.messages import SEED_RANGE, Generate, SamplingParams
 
+from . import structured as S
+from . import tools as T
+from .errors import OpenAIError, error_body
+from .errors import check_free_form as _check_free_form
+from .errors import check_text as _text
+from .errors import invalid as _invalid
+from .errors import short as _short
+from .errors import type_name as _type_name
+from .errors import unsupported as _unsupported
 from .responses import (
     SSE_DONE,
     chat_choice,
@@ -97,63 +106,9 @@ MAX_STOP = 16
 MAX_KWARGS_DEPTH = 16  # chat_template_kwargs: arrays and objects inside one another
 MAX_TOKEN_ID = (1 << 31) - 1  # the bound of a token id while the vocabulary is not known
 _MISSING = object()
-_BAD_CHAR = re.compile("[\ud800-\udfff]")  # UTF-16 surrogates (lone: no pair in a str); NUL is text like any
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class OpenAIError(Exception):
-    """An error answered to the client in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def to_dict(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
-    """OpenAI's error body, the one shape of every error answer (any status, 5xx included) and of
-    an SSE stream's error event."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _invalid(param: str, message: str) -> OpenAIError:
-    return OpenAIError(message, param=param)
-
-
-def _unsupported(param: str, what: str) -> OpenAIError:
-    return OpenAIError(f"{what} is not supported by this server.", param=param, code="unsupported_parameter")
 
 
 # --------------------------------------------------------------------------- field readers
-
-
-_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for error messages: a client's value may be 8 MiB long or 900 levels deep."""
-    return _REPR.repr(value)
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _is_int(value: Any) -> bool:
@@ -219,30 +174,6 @@ class _Fields:
 
     def unknown(self) -> list[str]:
         return sorted(k for k in self.body if k not in self.known)
-
-
-def _text(name: str, value: str) -> str:
-    """``value`` if it is text a tokenizer can take: no lone UTF-16 surrogate (NUL and other
-    control characters are text: the tokenizer's byte fallback encodes them, as vLLM serves them)."""
-    bad = _BAD_CHAR.search(value)
-    if bad is not None:
-        char = bad.group()
-        raise _invalid(name, f"'{name}' holds a lone UTF-16 surrogate (U+{ord(char):04X}) at position {bad.start()}.")
-    return value
-
-
-def _check_free_form(name: str, value: Any, limit: int) -> None:
-    """Free-form JSON passed on as it is: nested at most ``limit`` deep (checked without recursion,
-    so any depth is safe), its strings text (``_text``)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                raise _invalid(name, f"'{name}' is nested more than {limit} levels deep.")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-        elif isinstance(item, str):
-            _text(name, item)
 
 
 def _check_range(name: str, value: int, lo: int | None, hi: int | None) -> None:
@@ -319,7 +250,9 @@ class CompletionRequest(_Request):
 
 @dataclass(kw_only=True)
 class ChatRequest(_Request):
-    messages: list[dict] = field(default_factory=list)  # [{"role", "content": str, "name"?}]
+    messages: list[dict] = field(default_factory=list)  # [{"role", "content": str, "name"?, "tool_calls"?, "tool_call_id"?}]
+    tools: T.ToolSpec | None = None  # tools, tool_choice, parallel_tool_calls
+    prompt_text: str = ""  # the rendered template (set by the server: the reasoning split reads its end)
     logprobs: bool = False
     top_logprobs: int = 0
     add_generation_prompt: bool = True
@@ -414,6 +347,7 @@ def _parse_common(
             "min_tokens", f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})."
         )
 
+    guided = {name: value for name in S.GUIDED_FIELDS if (value := f.raw(name)) is not _MISSING}
     logit_bias = f.raw("logit_bias")
     if logit_bias is not _MISSING and logit_bias != {}:
         raise _unsupported("logit_bias", "'logit_bias'")
@@ -431,6 +365,7 @@ def _parse_common(
         repetition_penalty=f.float("repetition_penalty", 1.0, 0.0, math.inf, lo_open=True),
         stop_token_ids=list(dict.fromkeys(stop_token_ids)),
         ignore_eos=f.bool("ignore_eos", False),
+        structured=S.parse_guided(guided),
     )
     return dict(
         model=model,
@@ -496,7 +431,7 @@ def parse_completion_request(
     )
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def _parse_message(i: int, message: Any) -> dict:
@@ -504,14 +439,15 @@ def _parse_message(i: int, message: Any) -> dict:
     if not isinstance(message, dict):
         raise _invalid(where, f"'{where}' must be an object, got {_type_name(message)}.")
     role = message.get("role")
-    if role in ("tool", "function"):
-        raise _unsupported(f"{where}.role", f"Role '{role}' (tool calling)")
+    if role == "function":
+        raise _unsupported(f"{where}.role", "Role 'function' (the legacy function calling; send 'tool' messages)")
     if not isinstance(role, str) or role not in _ROLES:
         raise _invalid(
-            f"{where}.role", f"'{where}.role' must be one of system, user, assistant; got {_short(role)}."
+            f"{where}.role", f"'{where}.role' must be one of system, user, assistant, tool; got {_short(role)}."
         )
-    if message.get("tool_calls"):
-        raise _unsupported(f"{where}.tool_calls", "Tool calling")
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise _invalid(f"{where}.tool_calls", f"'{where}.tool_calls' is only for assistant messages.")
     content = message.get("content")
     if content is None and role == "assistant":
         content = ""
@@ -535,6 +471,13 @@ def _parse_message(i: int, message: Any) -> dict:
     else:
         _text(f"{where}.content", content)
     out = {"role": _ROLES[role], "content": content}
+    if calls is not None and (parsed_calls := T.parse_tool_calls_field(f"{where}.tool_calls", calls)):
+        out["tool_calls"] = parsed_calls
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise _invalid(f"{where}.tool_call_id", f"'{where}.tool_call_id' is required in a tool message (a string).")
+        out["tool_call_id"] = _text(f"{where}.tool_call_id", call_id)
     name = message.get("name")
     if name is not None:
         if not isinstance(name, str):
@@ -544,9 +487,10 @@ def _parse_message(i: int, message: Any) -> dict:
 
 
 def parse_chat_request(
-    body: Any, *, model_names: Sequence[str], max_model_len: int, vocab_size: int | None = None
+    body: Any, *, model_names: Sequence[str], max_model_len: int, vocab_size: int | None = None, auto_tools: bool = False
 ) -> ChatRequest:
-    """Validate a ``POST /v1/chat/completions`` body. ``vocab_size`` (optional) bounds stop token ids."""
+    """Validate a ``POST /v1/chat/completions`` body. ``vocab_size`` (optional) bounds stop token ids;
+    ``auto_tools``: the server parses tool calls out of text (``tool_choice`` auto is possible)."""
     f = _Fields(body)
     common = _parse_common(
         f,
@@ -569,19 +513,22 @@ def parse_chat_request(
     top_logprobs = top_logprobs or 0
     common["sampling"].logprobs = top_logprobs if logprobs else None
 
-    for name in ("tools", "functions"):
-        if f.raw(name) not in (_MISSING, []):
-            raise _unsupported(name, "Tool calling")
-    tool_choice = f.raw("tool_choice")
-    if tool_choice not in (_MISSING, "none", "auto"):
-        raise _unsupported("tool_choice", "Tool calling")
-    f.raw("parallel_tool_calls")
+    if f.raw("functions") not in (_MISSING, []):
+        raise _unsupported("functions", "The legacy 'functions' field (send 'tools')")
+    tools = T.parse_tools(
+        *(None if (v := f.raw(n)) is _MISSING else v for n in ("tools", "tool_choice", "parallel_tool_calls")),
+        auto_tools=auto_tools,
+    )
     response_format = f.raw("response_format")
-    if response_format is not _MISSING:
-        if not isinstance(response_format, dict) or "type" not in response_format:
-            raise _invalid("response_format", "'response_format' must be an object with a 'type'.")
-        if response_format["type"] != "text":
-            raise _unsupported("response_format", f"response_format type {_short(response_format['type'])}")
+    constraints = [
+        ("guided decoding fields", common["sampling"].structured),
+        ("response_format", None if response_format is _MISSING else S.parse_response_format(response_format)),
+        ("tool_choice", T.tool_structured(tools)),
+    ]
+    given = [(name, so) for name, so in constraints if so is not None]
+    if len(given) > 1:
+        raise _invalid(given[1][0], f"Only one of {' and '.join(n for n, _ in given)} may constrain the output.")
+    common["sampling"].structured = given[0][1] if given else None
 
     kwargs = f.raw("chat_template_kwargs")
     if kwargs is _MISSING:
@@ -599,6 +546,7 @@ def parse_chat_request(
     return ChatRequest(
         **common,
         messages=parsed,
+        tools=tools,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         add_generation_prompt=f.bool("add_generation_prompt", True),
@@ -656,6 +604,9 @@ def generate_body(msg: Generate) -> tuple[dict, bool]:
     """A bus client's ``Generate`` as the body of the HTTP request it stands for, and whether
     that is a chat request: bus clients take the same checks as HTTP clients, field by field."""
     body: dict[str, Any] = msgspec.structs.asdict(msg.sampling)
+    structured = body.pop("structured")
+    if structured is not None:  # back to the field a client would have sent: checked alike
+        body["structured_outputs"] = S.as_request_field(structured)
     chat = msg.messages is not None
     if chat:
         body["messages"] = msg.messages

@@ -163,11 +163,12 @@ def completion_usage_chunk(*, id: str, model: str, created: int, usage: dict) ->
 
 def chat_choice(
     index: int,
-    content: str,
+    content: str | None,
     finish_reason: str | None,
     *,
     logprobs: dict | None = None,
     reasoning_content: str | None = None,
+    tool_calls: list[dict] | None = None,
     prompt_token_ids: list[int] | None = None,
     completion_token_ids: list[int] | None = None,
 ) -> dict:
@@ -175,6 +176,8 @@ def chat_choice(
     message: dict = {"role": "assistant", "content": content}
     if reasoning_content is not None:
         message["reasoning_content"] = reasoning_content
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     _token_id_fields(message, prompt_token_ids, completion_token_ids)
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -194,11 +197,13 @@ def chat_chunk(
     finish_reason: str | None = None,
     logprobs: dict | None = None,
     reasoning_content: str | None = None,
+    tool_calls: list[dict] | None = None,
     prompt_token_ids: list[int] | None = None,
     completion_token_ids: list[int] | None = None,
     usage: dict | None = None,
 ) -> dict:
-    """One streamed piece of choice ``index``. The ``first`` chunk of a choice carries the role."""
+    """One streamed piece of choice ``index``. The ``first`` chunk of a choice carries the role;
+    ``tool_calls`` are OpenAI's call deltas (``tool_parsers.py``)."""
     delta: dict = {}
     if first:
         delta["role"] = "assistant"
@@ -208,6 +213,8 @@ def chat_chunk(
         delta["content"] = content
     if reasoning_content is not None:
         delta["reasoning_content"] = reasoning_content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     _token_id_fields(delta, prompt_token_ids, completion_token_ids)
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _body("chat.completion.chunk", id, model, created, [choice], usage)

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 import msgspec
 from aiohttp import web
 
+from actors.frontend import chat_output as CO
 from actors.frontend import protocol as P
+from actors.frontend import tools as T
 from actors.frontend.metrics import FrontendMetrics
 from actors.frontend.tokenizer import IncrementalDetokenizer, TokenizerError
 from pdbus.log import get_logger
@@ -112,9 +114,13 @@ class TextStream:
     """One sequence's text: the incremental detokenizer (never half a UTF-8 character) and the
     stop strings. HTTP choices and bus clients both turn tokens into text through it."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop=(), include_stop: bool = False, skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer, prompt_ids: list[int], stop=(), include_stop: bool = False, skip_special_tokens: bool = True, keep=frozenset()
+    ):
         self.detok = (
-            IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens) if tokenizer is not None else None
+            IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens, keep=keep)
+            if tokenizer is not None
+            else None
         )
         self.stop = P.StopChecker(stop, include_stop=include_stop)
 
@@ -147,6 +153,7 @@ class ChoiceState:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list] = field(default_factory=list)
     error: str | None = None
+    output: CO.ChatOutput | None = None  # chat: the reasoning split and tool calls, when the request has any
 
 
 class OpenAIServer:
@@ -160,8 +167,13 @@ class OpenAIServer:
         eos_token_ids: set[int] | None = None,
         vocab_size: int | None = None,
         default_seed: int | None = None,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ):
         self.backend = backend
+        # --tool-call-parser / --reasoning-parser (pdbus.config.TOOL_CALL_PARSERS, REASONING_PARSERS)
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         # model_name None: nothing to serve yet (the router before its first instance registers)
         self.default_seed = default_seed  # --seed: the seed of requests that give none
         self.tokenizer = tokenizer
@@ -218,10 +230,20 @@ class OpenAIServer:
             return sampling
         return msgspec.structs.replace(sampling, seed=self.default_seed)
 
-    def text_stream(self, req, prompt_ids: list[int]) -> TextStream:
+    def text_stream(self, req, prompt_ids: list[int], output: CO.ChatOutput | None = None) -> TextStream:
+        # markup a parser reads stays in the text where the tokenizer has it as special tokens
+        keep = self.tokenizer.special_ids_of(CO.MARKUP) if output is not None and self.tokenizer is not None else frozenset()
         return TextStream(
-            self.tokenizer, prompt_ids, req.stop, include_stop=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens
+            self.tokenizer,
+            prompt_ids,
+            req.stop,
+            include_stop=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+            keep=keep,
         )
+
+    def chat_output(self, req) -> CO.ChatOutput | None:
+        return CO.chat_output(req, self.reasoning_parser) if isinstance(req, P.ChatRequest) else None
 
     # ----------------------------------------------------------------- preparation
     async def _json(self, request: web.Request):
@@ -234,8 +256,11 @@ class OpenAIServer:
     def prepare(self, body, chat: bool):
         """The one way in for HTTP requests and bus clients (``protocol.generate_body``), before
         anything is reserved: the checked request and its prompt's token ids, or ``OpenAIError``."""
-        parse = P.parse_chat_request if chat else P.parse_completion_request
-        req = parse(body, model_names=[self.model_name], max_model_len=self.max_model_len, vocab_size=self.vocab_size)
+        limits = dict(model_names=[self.model_name], max_model_len=self.max_model_len, vocab_size=self.vocab_size)
+        if chat:
+            req = P.parse_chat_request(body, **limits, auto_tools=self.tool_call_parser is not None)
+        else:
+            req = P.parse_completion_request(body, **limits)
         req.sampling = self.seeded(req.sampling)
         prompt_ids = self._prompt_ids(req)
         param = "messages" if chat else "prompt"
@@ -249,9 +274,11 @@ class OpenAIServer:
         if isinstance(req, P.ChatRequest):
             if self.tokenizer is None:
                 raise P.OpenAIError("Chat needs a tokenizer, and this server has none (--skip-tokenizer-init).")
-            kwargs = {"add_generation_prompt": req.add_generation_prompt, **req.chat_template_kwargs}
+            messages, extra = T.template_inputs(req.messages, req.tools, self.tokenizer.supports_tools)
+            kwargs = {"add_generation_prompt": req.add_generation_prompt, **extra, **req.chat_template_kwargs}
             try:  # the template may refuse these messages or keyword arguments
-                return self.tokenizer.encode(self.tokenizer.apply_chat_template(req.messages, **kwargs))
+                req.prompt_text = self.tokenizer.apply_chat_template(messages, **kwargs)
+                return self.tokenizer.encode(req.prompt_text)
             except TokenizerError as exc:
                 raise P.OpenAIError(str(exc), param="messages") from None
         if req.prompt_token_ids is not None:
@@ -305,7 +332,10 @@ class _Run:
         self.chat = chat
         self.t0 = t0
         self.created = int(time.time())
-        self.choices = [ChoiceState(i, server.text_stream(req, prompt_ids)) for i in range(req.n)]
+        self.choices = []
+        for i in range(req.n):
+            output = server.chat_output(req) if chat else None
+            self.choices.append(ChoiceState(i, server.text_stream(req, prompt_ids, output), output=output))
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
@@ -388,6 +418,9 @@ class _Run:
             m.tpot.observe((self.last_token_at - self.first_token_at) / max(1, n_out / len(self.choices) - 1))
         for c in self.choices:
             m.finished.labels(finish_reason=c.finish_reason or "error").inc()
+            if c.output is not None and c.output.tool_calls:
+                names = ",".join(t["function"]["name"] for t in c.output.tool_calls)
+                log.info("req %s choice %d: %d tool call(s): %s", self.req_id, c.index, len(c.output.tool_calls), names)
 
     # ------------------------------------------------------------- non-streaming
     async def _drive_all(self, sink) -> None:
@@ -421,17 +454,25 @@ class _Run:
             return _error(503, f"Generation failed: {errors[0]}", "service_unavailable_error", headers={"Retry-After": "1"})
         ids_opt = self.req.return_token_ids
         make_choice, make_response = (P.chat_choice, P.chat_response) if self.chat else (P.completion_choice, P.completion_response)
-        choices = [
-            make_choice(
-                c.index,
-                c.text,
-                c.finish_reason,
-                logprobs=self._logprobs_obj(c, 0),
-                prompt_token_ids=self.prompt_ids if ids_opt else None,
-                completion_token_ids=c.token_ids if ids_opt else None,
+        choices = []
+        for c in self.choices:
+            ids = dict(prompt_token_ids=self.prompt_ids if ids_opt else None, completion_token_ids=c.token_ids if ids_opt else None)
+            if c.output is None:
+                choices.append(make_choice(c.index, c.text, c.finish_reason, logprobs=self._logprobs_obj(c, 0), **ids))
+                continue
+            c.output.feed(c.text, final=True)  # the whole text through the stream's parsers
+            message = c.output.message()
+            choices.append(
+                P.chat_choice(
+                    c.index,
+                    message["content"],
+                    c.output.finish_reason(c.finish_reason),
+                    logprobs=self._logprobs_obj(c, 0),
+                    reasoning_content=message.get("reasoning_content"),
+                    tool_calls=message.get("tool_calls"),
+                    **ids,
+                )
             )
-            for c in self.choices
-        ]
         body = make_response(id=self.req_id, model=self.s.model_name, created=self.created, choices=choices, usage=self._usage())
         return web.Response(body=P.dumps(body).encode(), content_type="application/json")
 
@@ -454,7 +495,11 @@ class _Run:
             fr = c.finish_reason
             if fr == "error":
                 fr = None
-            if not text and not ids and fr is None and not c.error and first_sent[c.index]:
+            parts = None
+            if c.output is not None:  # reasoning / tool calls: the parsers say what this text is
+                parts = c.output.feed(text, final=c.finish_reason is not None)
+                fr = c.output.finish_reason(fr)
+            if not (parts if parts is not None else text) and not ids and fr is None and not c.error and first_sent[c.index]:
                 return
             start = len(c.token_ids) - len(ids)
             common = dict(
@@ -470,7 +515,15 @@ class _Run:
                 # far (vLLM's shape); include_usage alone adds only the final totals chunk
                 usage=P.usage(len(self.prompt_ids), len(c.token_ids)) if continuous else None,
             )
-            if self.chat:
+            if parts is not None:
+                chunk = P.chat_chunk(
+                    content=parts.content or None,
+                    reasoning_content=parts.reasoning or None,
+                    tool_calls=parts.tool_calls or None,
+                    first=not first_sent[c.index],
+                    **common,
+                )
+            elif self.chat:
                 chunk = P.chat_chunk(content=text, first=not first_sent[c.index], **common)
             else:
                 chunk = P.completion_chunk(text=text, **common)

@@ -266,7 +266,9 @@ class Tokenizer:
                 ids.extend(self._sp.encode(part, out_type=int))
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> str:
+        """Text of ``ids``; ``keep``: special tokens written out even when skipping the others
+        (markup a parser reads, such as ``<think>`` or ``<tool_call>``, where those are tokens)."""
         out: list[str] = []
         run: list[int] = []
         for raw in ids:
@@ -275,7 +277,7 @@ class Tokenizer:
                 if run:
                     out.append(self._sp.decode(run))
                     run = []
-                if not (skip_special_tokens and idx in self._special_ids):
+                if not (skip_special_tokens and idx in self._special_ids and idx not in keep):
                     out.append(self._id_to_added.get(idx, ""))
             elif 0 <= idx < self._sp_size:
                 run.append(idx)
@@ -320,6 +322,15 @@ class Tokenizer:
             raise
         except Exception as exc:  # jinja2 raises many types; all mean "bad template or input"
             raise TokenizerError(f"chat template failed: {exc}") from exc
+
+    @property
+    def supports_tools(self) -> bool:
+        """The template renders ``tools`` itself (HF's convention: a variable of that name)."""
+        return "tools" in self.chat_template
+
+    def special_ids_of(self, tokens: Iterable[str]) -> frozenset[int]:
+        """The ids of those of ``tokens`` that are special tokens of this tokenizer."""
+        return frozenset(i for i in map(self.token_to_id, tokens) if i is not None and i in self._special_ids)
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
@@ -372,10 +383,15 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] | None = None,
+        skip_special_tokens: bool = True,
+        keep: frozenset[int] = frozenset(),
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.keep = keep
         self.ids: list[int] = [int(i) for i in prompt_ids or ()]
         # A few prompt ids of context so the first delta joins the prompt as decode() would.
         self.read_offset = len(self.ids)
@@ -383,7 +399,7 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens, keep=self.keep)
 
     def add(self, token_ids: Iterable[int] | int) -> str:
         """Append ids; return the newly completed text (possibly empty)."""

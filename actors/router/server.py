@@ -134,7 +134,13 @@ class RouterServer:
         self.pd = PDBackend(self.bus, cfg.reserve_timeout_s, cfg.request_timeout_s, cfg.max_retries)
         # this server is the frontend's backend (ready, stats, generate); the model, its limits
         # and the tokenizer come with the first instance that registers
-        self.frontend = OpenAIServer(self, api_key=cfg.api_key, default_seed=cfg.seed)
+        self.frontend = OpenAIServer(
+            self,
+            api_key=cfg.api_key,
+            default_seed=cfg.seed,
+            tool_call_parser=cfg.tool_call_parser,
+            reasoning_parser=cfg.reasoning_parser,
+        )
         self._http = None  # aiohttp.ClientSession for a sole mixed instance's /stats
         self.client_tasks: dict[tuple[bytes, str], asyncio.Task] = {}
         self._stop = asyncio.Event()

@@ -1,0 +1,134 @@
+"""Structured output, tools and the reasoning split on real processes with the built-in model, in
+both paths: mixed (``pdbus serve`` starting its router, the parser flags passed on to it) and PD
+(router, prefill and decode). Requests go through the official ``openai`` client.
+
+Until the engine enforces ``SamplingParams.structured`` the outputs are not constrained: the tests
+that check an output against its schema are marked xfail (engine side pending); the rest — fields
+accepted and mapped, tool messages rendered, bad input refused, stream equal to whole — hold now.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from test_pd import start_pd
+
+from pdbus.procs import Cluster, http_json
+
+FLAGS = ("--tool-call-parser", "ernie_x1", "--enable-auto-tool-choice", "--reasoning-parser", "ernie-x1")
+TIMEOUT_S = 120
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "查询城市天气", "parameters": SCHEMA},
+}
+USER = [{"role": "user", "content": "北京天气怎么样？"}]
+ENGINE_PENDING = pytest.mark.xfail(reason="engine side pending: SamplingParams.structured is not enforced yet", strict=False)
+
+
+@pytest.fixture(scope="module", params=["mixed", pytest.param("pd", marks=pytest.mark.slow)])
+def system(request, default_model_dir, tmp_path_factory):
+    """The API URL of a running system of the given kind, with the parsers on."""
+    with Cluster(tmp_path_factory.mktemp(f"tools-{request.param}")) as c:
+        if request.param == "mixed":
+            proc = c.serve(default_model_dir, "mixed", None, "--max-model-len", "1024", "--device", "cpu", *FLAGS)
+            c.wait_health(proc.url, timeout=180)
+        else:
+            proc = start_pd(c, default_model_dir, "tcp", *FLAGS, serve_extra=("--max-model-len", "1024"))
+        yield proc.url
+
+
+@pytest.fixture(scope="module")
+def client(system) -> openai.OpenAI:
+    return openai.OpenAI(base_url=system + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+def create(client, **kw):
+    return client.chat.completions.create(model=client.models.list().data[0].id, **dict({"messages": USER, "temperature": 0, "max_tokens": 48}, **kw))
+
+
+def test_response_format_and_guided_fields_are_accepted(client):
+    for fmt in [{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}]:
+        resp = create(client, response_format=fmt)
+        assert resp.choices[0].finish_reason in ("stop", "length") and isinstance(resp.choices[0].message.content, str)
+    model = client.models.list().data[0].id
+    done = client.completions.create(model=model, prompt="北京", max_tokens=8, extra_body={"guided_regex": "[0-9]{3}"})
+    assert done.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_input_is_a_400_and_the_system_keeps_serving(client):
+    cases = [
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "bogus"}}}), "response_format.json_schema.schema"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": {"$ref": "#/$defs/none"}}}), "response_format.json_schema.schema"),
+        (dict(response_format={"type": "yaml"}), "response_format"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice"),
+        (dict(extra_body={"tools": "get_weather"}), "tools"),
+        (dict(extra_body={"guided_regex": "a("}), "guided_regex"),
+    ]  # fmt: skip
+    for kw, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, **kw)
+        assert info.value.status_code == 400 and info.value.body["param"] == param, (kw, info.value.body)
+    assert create(client).choices[0].message.content
+
+
+def test_a_tool_round_trip_is_rendered_and_answered(client):
+    plain = create(client, max_tokens=1).usage.prompt_tokens
+    offered = create(client, tools=[WEATHER], max_tokens=1).usage.prompt_tokens
+    assert offered > plain  # the tools reached the prompt (the built-in template's fallback rendering)
+    assert create(client, tools=[WEATHER], tool_choice="none", max_tokens=1).usage.prompt_tokens == plain
+    call = {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京", "days": 1}'}}
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_abc", "content": "晴，25度"}]
+    answer = create(client, messages=history, tools=[WEATHER])
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > offered
+
+
+def test_stream_equals_whole_with_the_parsers_on(client):
+    whole = create(client, tools=[WEATHER], max_tokens=32)
+    chunks = list(client.chat.completions.create(
+        model=whole.model, messages=USER, tools=[WEATHER], temperature=0, max_tokens=32, stream=True
+    ))  # fmt: skip
+    content = "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+    message = whole.choices[0].message
+    assert content == (message.content or "")
+    streamed_calls = [t for ch in chunks for c in ch.choices for t in c.delta.tool_calls or []]
+    assert bool(streamed_calls) == bool(message.tool_calls)
+    assert getattr(message, "reasoning_content", None) is None  # the built-in model does not think: all content
+
+
+def test_enable_thinking_reaches_the_template(system):
+    body = {"messages": USER, "max_tokens": 1, "temperature": 0}
+    status, on = http_json(system + "/v1/chat/completions", dict(body, chat_template_kwargs={"enable_thinking": True}), timeout=TIMEOUT_S)
+    assert status == 200, on
+    status, off = http_json(system + "/v1/chat/completions", dict(body, enable_thinking=False), timeout=TIMEOUT_S)
+    assert status == 200 and "reasoning_content" not in off["choices"][0]["message"], off
+
+
+@ENGINE_PENDING
+def test_json_schema_output_validates(client):
+    text = create(client, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}}, max_tokens=64)
+    value = json.loads(text.choices[0].message.content)
+    assert set(value) == {"city", "days"} and isinstance(value["city"], str) and isinstance(value["days"], int)
+
+
+@ENGINE_PENDING
+def test_json_object_output_is_an_object(client):
+    assert isinstance(json.loads(create(client, response_format={"type": "json_object"}, max_tokens=64).choices[0].message.content), dict)
+
+
+@ENGINE_PENDING
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"])
+def test_forced_tool_calls_have_valid_arguments(client, choice):
+    resp = create(client, tools=[WEATHER], tool_choice=choice, max_tokens=64)
+    (call,) = resp.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "days"} and isinstance(arguments["days"], int)
