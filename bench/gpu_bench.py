@@ -2,9 +2,12 @@
 
 One run builds each weight format in turn (wint4, wint8, bf16), optionally sweeps tile configs of
 the decode-critical kernels, times a full decode step (embedding -> 28 layers -> final norm ->
-lm_head) captured in a CUDA graph at batch 1 / 16 / 64 with a 1K context, breaks the step down
-per kernel, times a 2,048-token bf16 prefill (eager), and prints a table against the HBM floors
-of shared/GPU.md. Full numbers go to ``$OUT/bench.json`` (or ``--out``).
+lm_head) captured in a CUDA graph at batch 1 / 16 / 64 with a 1K context, counts the kernels one
+captured step launches (bench/step_launches.py), breaks the step down per kernel, times a
+2,048-token bf16 prefill (eager), and prints a table against the HBM floors of shared/GPU.md.
+Full numbers go to ``$OUT/bench.json`` (or ``--out``). ``--gemv-compare`` times every step a
+second time with the decode-shaped split-K products (native/kernels/gemv.py) turned off, and
+``--gemv-configs`` loads their configs from bench/kernel_variants.py's ``gemv_configs.json``.
 
     python3 bench/gpu_bench.py [--tune] [--modes wint4,wint8,bf16] [--batches 1,16,64]
 """
@@ -23,10 +26,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from step_launches import step_launches  # bench/ is sys.path[0] when this runs as a script
 
 from native import kernels as KN
 
 KW = importlib.import_module("native.kernels.wlinear")
+GV = importlib.import_module("native.kernels.gemv")
 
 # ERNIE-4.5-21B-A3B
 LAYERS, HID, NH, KVH, HD = 28, 2560, 20, 4, 128
@@ -576,6 +581,23 @@ def prefill_flops(T: int) -> float:
     return 2 * macs
 
 
+def decode_extras(dec, rec, args):
+    """Launch counts of the step and, with --gemv-compare, the step without the split-K products."""
+    if not args.no_launches:
+        rec["launches"] = step_launches(dec.step)
+        log(f"   launches per step: {rec['launches']['graph_nodes']} (graph nodes), "
+            f"{rec['launches']['profiled_kernels']:.0f} kernels profiled")
+    if args.gemv_compare and dec.m.dense_bits != 16:
+        KW.GEMV_MAX_M = 0
+        try:
+            rec["ms_no_gemv"] = time_graph(dec.step, iters=30)
+            if not args.no_launches and dec.B == 1:  # one kernel per product on either path
+                rec["launches_no_gemv"] = step_launches(dec.step)
+        finally:
+            KW.GEMV_MAX_M = GV.MAX_ROWS
+        log(f"   without the split-K products: {rec['ms_no_gemv']:.3f} ms/step")
+
+
 # -------------------------------------------------------------------------------------- main
 
 
@@ -589,6 +611,10 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep tile configs before timing")
     ap.add_argument("--tune-modes", default="wint4", help="modes whose decode kernels are swept")
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--no-launches", action="store_true", help="skip counting the kernels of a step")
+    ap.add_argument("--gemv-compare", action="store_true",
+                    help="time each step also with the split-K decode products off (the old tile)")
+    ap.add_argument("--gemv-configs", default="", help="gemv_configs.json of bench/kernel_variants.py")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel table of wint4 b1/b64 steps")
     ap.add_argument("--ncu", action="store_true",
                     help="one eager wint4 b1 step between cudaProfilerStart/Stop (run under ncu "
@@ -609,6 +635,11 @@ def main():
         return
     props = torch.cuda.get_device_properties(0)
     import triton
+
+    if args.gemv_configs:
+        for row in json.load(open(args.gemv_configs)):
+            GV.TUNED[tuple(row["key"])] = row["cfg"]
+        log(f"gemv configs: {len(GV.TUNED)} from {args.gemv_configs}")
 
     RESULTS["env"] = {
         "device": props.name, "sms": props.multi_processor_count, "date": datetime.datetime.now().isoformat(),
@@ -649,6 +680,7 @@ def main():
                                                      "tok_s": B / t * 1000}
                 log(f"decode {mode:5s} b{B:<3d} {t:8.3f} ms/step  ({B / t * 1000:8.0f} tok/s)  "
                     f"own byte floor {floor_ms:.2f} ms")
+                decode_extras(dec, RESULTS["decode"][f"{mode}/b{B}"], args)
                 if mode == "wint4" and B in (1, 64):
                     dec.fuse_combine = False
                     t_nf = time_graph(dec.step, iters=20)
@@ -684,8 +716,9 @@ def main():
 
     # summary table
     log("")
-    log("| card | mode | batch | ms/step | tok/s | floor (GPU.md) | ratio | target | met | transformers ms |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("| card | mode | batch | ms/step | tok/s | floor (GPU.md) | ratio | target | met | transformers ms |"
+        " old dense tile ms | own byte floor ms | kernels/step |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in RESULTS["decode"].items():
         mode, b = key.split("/")
         B = int(b[1:])
@@ -693,8 +726,13 @@ def main():
         tg = TARGETS.get((mode, B))
         ratio = f"{r['ms'] / fl:.2f}x" if fl else f"({r['ms'] / r['floor_ms_own_bytes']:.2f}x own)"
         met = "" if tg is None else ("yes" if r["ms"] <= tg else "NO")
+        nodes = (r.get("launches") or {}).get("graph_nodes") or {}
+        old_n = ((r.get("launches_no_gemv") or {}).get("graph_nodes") or {}).get("kernel")
+        kern = f"{nodes.get('kernel', '-')}" + (f" (old {old_n})" if old_n else "")
+        old_ms = f"{r['ms_no_gemv']:.3f}" if "ms_no_gemv" in r else "-"
         log(f"| {props.name} | {mode} | {B} | {r['ms']:.3f} | {r['tok_s']:.0f} | {fl if fl else '-'} | {ratio} | "
-            f"{tg if tg else '-'} | {met} | {HF_BASELINE.get(B, '-')} |")
+            f"{tg if tg else '-'} | {met} | {HF_BASELINE.get(B, '-')} | {old_ms} | {r['floor_ms_own_bytes']:.2f} | "
+            f"{kern} |")
     if RESULTS["prefill"]:
         log("")
         log("| card | prefill | tokens | ms | tok/s | compute floor ms (bf16 TFLOP/s of this run) | ratio | / bf16 |")

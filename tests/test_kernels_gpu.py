@@ -403,6 +403,85 @@ def test_wlinear_rejects_bad_input():
         K.wlinear(x.float(), w, s, 8)
 
 
+# ------------------------------------------------------------- decode GEMV (split-K, gemv.py)
+
+GEMV_SHAPES = {  # N, K, act: the real qkv, and odd N with a K that is no multiple of the K step
+    "qkv": ((NH + 2 * KVH) * HD, H, None),
+    "odd": (H // 2 + 17, H // 2 + 40, None),
+    "swiglu_odd": (2 * (INTER // 2 + 9), H // 2 + 40, "swiglu"),
+}
+GEMV_CONFIGS = [  # every way to multiply a tile, one program per tile and split over K
+    {"MODE": m, "BN": 16 if m == 0 else (64 if m == 2 else 32), "BK": 128, "SPLIT": sp, "num_warps": 4,
+     "num_stages": 2}
+    for m in (0, 1, 2) for sp in (1, 3)
+]
+
+
+def gemv_case(bits, N, Kd, M, act):
+    """A fresh random weight quantized by the model's quantizer and the fp32 product on the CPU
+    of its dequantized values (native/model/quant.py), for x of M rows."""
+    quant = importlib.import_module("native.model.quant")
+    w = torch.randn(N, Kd) * 0.02
+    stored, s = quant.quantize_weight(w.to(BF), bits)
+    wref = quant.dequantize_int8(quant.int_weight(stored, bits), s, torch.float32)
+    x = torch.randn(M, Kd).to(BF)
+    y = x.float() @ wref.T
+    if act:
+        y = torch.nn.functional.silu(y[:, : N // 2]) * y[:, N // 2 :]
+    return x.to(DEV), stored.to(DEV), s.to(DEV), y
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 3, 16, 64])
+@pytest.mark.parametrize("shape", list(GEMV_SHAPES))
+def test_gemv_matches_cpu_reference(bits, M, shape):
+    N, Kd, act = GEMV_SHAPES[shape]
+    torch.manual_seed(100 * M + bits)
+    x, w, s, ref = gemv_case(bits, N, Kd, M, act)
+    n_out = N // 2 if act else N
+    cfgs = [None] + ([c for c in GEMV_CONFIGS if c["MODE"] or M == 1] if shape != "qkv" else [])
+    for cfg in cfgs:  # None: wlinear's own choice (decode rows take the split-K kernel)
+        out = poison((M, n_out))
+        K.wlinear(x, w, s, bits, act=act, out=out, config=cfg)
+        assert torch.isfinite(out).all(), cfg
+        assert rel_err(out.cpu(), ref) < 1e-2, cfg
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("act", [None, "swiglu"])
+def test_gemv_deterministic_graph_equals_eager(bits, act):
+    """Split-K sums its partials in split order: equal bits run to run, in a graph replay as
+    eagerly, rows independent of the other rows of the batch, and the tile counters back at 0."""
+    gemv = importlib.import_module("native.kernels.gemv")
+    N, Kd = (2 * 2 * INTER, H) if act else ((NH + 2 * KVH) * HD, H)
+    w, s, _ = make_weight(N, Kd, bits)
+    n_out = N // 2 if act else N
+    for cfg in (None, {"MODE": 0, "BN": 16, "BK": 256, "SPLIT": 4}, {"MODE": 1, "BN": 32, "BK": 256, "SPLIT": 5}):
+        for M in (1, 16) if cfg is None else ((1,) if cfg["MODE"] == 0 else (3, 16)):
+            x = randn(M, Kd)
+            first = K.wlinear(x, w, s, bits, act=act, config=cfg)
+            for _ in range(3):
+                assert torch.equal(K.wlinear(x, w, s, bits, act=act, config=cfg), first), (cfg, M)
+            if M == 16:  # the first 3 rows alone (same bucket, same config) give the same bits
+                assert torch.equal(K.wlinear(x[:3].clone(), w, s, bits, act=act, config=cfg), first[:3]), cfg
+            static_x, static_out = x.clone(), poison((M, n_out))
+            K.wlinear(static_x, w, s, bits, act=act, out=static_out, config=cfg)  # warm-up outside capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                K.wlinear(static_x, w, s, bits, act=act, out=static_out, config=cfg)
+            for _ in range(2):
+                x2 = randn(M, Kd)
+                static_x.copy_(x2)
+                static_out.fill_(float("nan"))
+                g.replay()
+                assert torch.equal(static_out, K.wlinear(x2, w, s, bits, act=act, config=cfg)), (cfg, M)
+            del g
+    torch.cuda.synchronize()
+    for _, counters in gemv._WORKSPACES.values():
+        assert int(counters.abs().sum()) == 0
+
+
 # -------------------------------------------------------------------------------------- MoE
 
 

@@ -212,6 +212,53 @@ def _wq_tile(a_rows, m_mask, w_rows, u_rows, n_mask, s_rows, offs_n, nvalid, N_O
 
 
 @triton.jit
+def _wq_step_t(acc, acc_u, a_cols, am, w_rows, u_rows, n_mask, k0, K,
+               BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+               CVT: tl.constexpr):
+    """One K step of the transposed tile (``_wq_tile_t``): ``acc [BN, BM] += dequant(W)[:, k0:k0+BK]
+    @ A[:, k0:k0+BK].T`` (``a_cols [1, BM]`` column pointers, ``am`` their mask), unscaled."""
+    offs_k = k0 + tl.arange(0, BK)
+    if EVEN_K:
+        a_m = am
+    else:
+        a_m = am & (offs_k[:, None] < K)
+    a_t = tl.load(a_cols + offs_k[:, None], mask=a_m, other=0.0)
+    if BITS == 4:
+        offs_h = k0 // 2 + tl.arange(0, BK // 2)
+        if EVEN_K:
+            wm = n_mask
+        else:
+            wm = n_mask & (offs_h[None, :] < K // 2)
+        p = tl.load(w_rows + offs_h[None, :], mask=wm, other=0x88)
+        lo, hi = _i4_unpack(p, CVT)
+        wb = tl.reshape(tl.join(lo, hi), (BN, BK))
+        acc = tl.dot(wb, a_t, acc)
+        if SWIGLU:
+            pu = tl.load(u_rows + offs_h[None, :], mask=wm, other=0x88)
+            lo_u, hi_u = _i4_unpack(pu, CVT)
+            acc_u = tl.dot(tl.reshape(tl.join(lo_u, hi_u), (BN, BK)), a_t, acc_u)
+    else:
+        if EVEN_K:
+            wm = n_mask
+        else:
+            wm = n_mask & (offs_k[None, :] < K)
+        w = tl.load(w_rows + offs_k[None, :], mask=wm, other=0)
+        if BITS == 8:
+            wb = _i8_to_bf16(w, CVT)
+        else:
+            wb = w
+        acc = tl.dot(wb, a_t, acc)
+        if SWIGLU:
+            u = tl.load(u_rows + offs_k[None, :], mask=wm, other=0)
+            if BITS == 8:
+                ub = _i8_to_bf16(u, CVT)
+            else:
+                ub = u
+            acc_u = tl.dot(ub, a_t, acc_u)
+    return acc, acc_u
+
+
+@triton.jit
 def _wq_tile_t(a_ptr, arow, m_valid, s_am, w_rows, u_rows, n_mask, s_rows, offs_n, nvalid, N_OUT, K,
                BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                EVEN_K: tl.constexpr, SWIGLU: tl.constexpr, CVT: tl.constexpr):
@@ -225,44 +272,8 @@ def _wq_tile_t(a_ptr, arow, m_valid, s_am, w_rows, u_rows, n_mask, s_rows, offs_
     a_cols = a_ptr + arow.to(tl.int64)[None, :] * s_am
     am = m_valid[None, :]
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        if EVEN_K:
-            a_m = am
-        else:
-            a_m = am & (offs_k[:, None] < K)
-        a_t = tl.load(a_cols + offs_k[:, None], mask=a_m, other=0.0)
-        if BITS == 4:
-            offs_h = k0 // 2 + tl.arange(0, BK // 2)
-            if EVEN_K:
-                wm = n_mask
-            else:
-                wm = n_mask & (offs_h[None, :] < K // 2)
-            p = tl.load(w_rows + offs_h[None, :], mask=wm, other=0x88)
-            lo, hi = _i4_unpack(p, CVT)
-            wb = tl.reshape(tl.join(lo, hi), (BN, BK))
-            acc = tl.dot(wb, a_t, acc)
-            if SWIGLU:
-                pu = tl.load(u_rows + offs_h[None, :], mask=wm, other=0x88)
-                lo_u, hi_u = _i4_unpack(pu, CVT)
-                acc_u = tl.dot(tl.reshape(tl.join(lo_u, hi_u), (BN, BK)), a_t, acc_u)
-        else:
-            if EVEN_K:
-                wm = n_mask
-            else:
-                wm = n_mask & (offs_k[None, :] < K)
-            w = tl.load(w_rows + offs_k[None, :], mask=wm, other=0)
-            if BITS == 8:
-                wb = _i8_to_bf16(w, CVT)
-            else:
-                wb = w
-            acc = tl.dot(wb, a_t, acc)
-            if SWIGLU:
-                u = tl.load(u_rows + offs_k[None, :], mask=wm, other=0)
-                if BITS == 8:
-                    ub = _i8_to_bf16(u, CVT)
-                else:
-                    ub = u
-                acc_u = tl.dot(ub, a_t, acc_u)
+        acc, acc_u = _wq_step_t(acc, acc_u, a_cols, am, w_rows, u_rows, n_mask, k0, K,
+                                BITS, BN, BK, EVEN_K, SWIGLU, CVT)
     if BITS != 16:
         acc = acc * tl.load(s_rows + offs_n, mask=nvalid, other=0.0).to(tl.float32)[:, None]
     if SWIGLU:
@@ -387,7 +398,11 @@ def wlinear(
     config: dict | None = None,
 ) -> torch.Tensor:
     """``x [M, K]`` bf16 times a weight-only quantized ``[N, K]`` matrix (see the module doc);
-    returns ``[M, N]`` bf16, or ``[M, N/2]`` with ``act="swiglu"``."""
+    returns ``[M, N]`` bf16, or ``[M, N/2]`` with ``act="swiglu"``.
+
+    Quantized products of up to ``GEMV_MAX_M`` rows run the split-K kernel of gemv.py (with a
+    ``config`` only if it has a ``SPLIT``: gemv's configs); from ``DEQUANT_MIN_M`` rows the weight
+    is dequantized once for cuBLAS; everything else runs ``_wlinear_kernel``."""
     require(on_kernel_device(x), "x must be a CUDA tensor")
     require(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     require(x.dtype == _BF16, f"x must be bfloat16, got {x.dtype}")
@@ -410,6 +425,8 @@ def wlinear(
         return out
     if bits != 16 and config is None and M >= DEQUANT_MIN_M:
         return _dequantized_product(x, qweight, scales, swiglu, out)
+    if bits != 16 and M <= GEMV_MAX_M and (config is None or "SPLIT" in config):
+        return _gemv(x, qweight, scales, bits, swiglu, out, config)
     cfg = config or TUNED.get(("wlinear", m_bucket(M), N, K, bits, swiglu)) or default_config(M, n_out, K, bits, swiglu)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     w, s_wn, cvt = weight_view(qweight, bits, cfg)
@@ -421,3 +438,8 @@ def wlinear(
         SWAP=bool(cfg.get("SWAP", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+# The decode-shaped products (gemv.py reuses this module's tile steps, so it is imported last).
+from .gemv import MAX_ROWS as GEMV_MAX_M  # noqa: E402
+from .gemv import gemv as _gemv  # noqa: E402
