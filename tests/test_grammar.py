@@ -287,15 +287,16 @@ def _fill_lease_kv(engine: Engine, prompt: list[int]) -> None:
 def test_masks_on_the_gpu_equal_the_cpu_masks(grammars, tok):
     """The bitmask copied to the device and applied there (xgrammar's Triton kernel, or its
     torch path) bans exactly what the CPU path bans, for a batch with rows left unmasked."""
-    grammar = grammars.start(JSON_SCHEMA, lambda: None)
-    grammar.future.result(timeout=60)
-    assert grammar.bind([]) is None
+    matchers = [grammars.start(JSON_SCHEMA, lambda: None) for _ in range(2)]  # one per sequence
+    for grammar in matchers:
+        grammar.future.result(timeout=60)
+        assert grammar.bind([]) is None
 
     class Row:
         def __init__(self, g):
             self.grammar = g
 
-    rows = [Row(grammar), Row(None), Row(grammar)]
+    rows = [Row(matchers[0]), Row(None), Row(matchers[1])]
     gen = torch.Generator().manual_seed(0)
     cpu = torch.randn(3, grammars.vocab_size, generator=gen)
     cuda = cpu.to("cuda")
