@@ -23,6 +23,7 @@ KNOWN_PROTOCOLS = tuple(p.value for p in TransferProtocol)
 ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # --splitwise-role
 QUANTIZATIONS = ("bf16", "wint8", "wint4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is native/kv_cache.DTYPES
+ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin")  # actors/router/cache_index.RouterPolicy
 
 
 class ConfigError(ValueError):
@@ -181,9 +182,22 @@ class RouterConfig:
     max_retries: int = 2
     # default seed of requests that give none (prefill and decode then draw the same)
     seed: int | None = None
+    # how an instance is picked (actors/router/cache_index.py): cache_aware, power_of_two,
+    # round_robin; cache_aware leaves the longest prefix match for the least loaded instance when
+    # its load (requests) exceeds that one's by more than both thresholds (SGLang's names)
+    router_policy: str = "cache_aware"
+    balance_abs_threshold: float = 16.0
+    balance_rel_threshold: float = 1.5
 
     def validate(self, check_port: bool = True) -> RouterConfig:
         _check_seed(self.seed)
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ConfigError(f"--router-policy must be one of {', '.join(ROUTER_POLICIES)}, got {self.router_policy!r}")
+        if not self.balance_abs_threshold >= 0 or not self.balance_rel_threshold >= 1:
+            raise ConfigError(
+                f"--balance-abs-threshold must be >= 0 and --balance-rel-threshold >= 1, got "
+                f"{self.balance_abs_threshold:g} and {self.balance_rel_threshold:g}"
+            )
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
         if not self.heartbeat_interval > 0:
