@@ -7,9 +7,10 @@ moves this server to a free port, pdbus/launch.py ``serve_with_router``). Every 
 bus endpoint from the router (``GET /bus``), registers with a ``Hello`` describing its role, KV
 layout and transfer endpoints, and then follows the router:
 
-  Reserve   -> engine leases blocks, keeps prompt + sampling with them -> Reserved | Busy
+  Reserve   -> engine leases blocks, keeps prompt + sampling with them -> Reserved | Busy; the
+               prompt's blocks already in its prefix cache lead the lease (Reserved.cached_blocks)
   Prefill   -> engine prefills (the router sent it with the Reserve, so no block ids yet)
-  DestReady -> the decode's block ids: the last chunk may run and write KV out
+  DestReady -> the decode's block ids: the last chunk may run and write KV out (not the cached blocks)
                -> Prefilled(first token) | Failed
   Prefill without dest (mixed) -> prefills and decodes here -> Tokens (from the first token on)
   Decode(token one) -> engine claims the lease, decodes -> Tokens (one message per step, all sequences)
@@ -102,8 +103,8 @@ class _LoopEvents(EngineEvents):
     def on_failed(self, req_id, error, retryable):
         self._post(self.target.on_engine_failed, req_id, error, retryable)
 
-    def on_reserved(self, req_id, block_ids, reason):
-        self._post(self.target.on_engine_reserved, req_id, block_ids, reason)
+    def on_reserved(self, req_id, block_ids, reason, cached_blocks=0):
+        self._post(self.target.on_engine_reserved, req_id, block_ids, reason, cached_blocks)
 
 
 class RankBus(BusMember):
@@ -126,7 +127,7 @@ class RankBus(BusMember):
         self.server.engine.add_prefill(msg.req_id, msg.prompt_token_ids, msg.sampling, msg.dest, msg.num_output_tokens)
 
     def on_dest_ready(self, peer, msg: DestReady, frames):
-        self.server.engine.dest_ready(msg.req_id, msg.block_ids, msg.dest)
+        self.server.engine.dest_ready(msg.req_id, msg.block_ids, msg.dest, msg.cached_blocks)
 
     def on_decode(self, peer, msg: Decode, frames):
         self.server.engine.add_decode(msg.req_id, msg.first_token_id)
@@ -227,11 +228,11 @@ class RankServer:
         log.warning("req %s failed: %s", req_id, error)
         self._bus_send(Failed(req_id=req_id, error=error, retryable=retryable))
 
-    def on_engine_reserved(self, req_id: str, block_ids, reason: str) -> None:
+    def on_engine_reserved(self, req_id: str, block_ids, reason: str, cached_blocks: int = 0) -> None:
         if block_ids is None:
             self._bus_send(Busy(req_id=req_id, reason=reason))
         else:
-            self._bus_send(Reserved(req_id=req_id, block_ids=block_ids))
+            self._bus_send(Reserved(req_id=req_id, block_ids=block_ids, cached_blocks=cached_blocks))
 
     def _bus_send(self, msg) -> None:
         if self.bus is None:

@@ -27,6 +27,7 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # --dtype; the torch table is n
 # spells them ernie-x1, vLLM-style flags ernie_x1: both are taken
 TOOL_CALL_PARSERS = ("ernie_x1",)
 REASONING_PARSERS = ("ernie_x1",)
+ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin")  # actors/router/cache_index.RouterPolicy
 
 
 class ConfigError(ValueError):
@@ -226,10 +227,23 @@ class RouterConfig:
     tool_call_parser: str | None = None  # ernie_x1: <tool_call> blocks into message.tool_calls (tool_choice auto)
     enable_auto_tool_choice: bool = False  # vLLM's flag, taken; needs --tool-call-parser
     reasoning_parser: str | None = None  # ernie_x1: <think>...</think> into message.reasoning_content
+    # how an instance is picked (actors/router/cache_index.py): cache_aware, power_of_two,
+    # round_robin; cache_aware leaves the longest prefix match for the least loaded instance when
+    # its load (requests) exceeds that one's by more than both thresholds (SGLang's names)
+    router_policy: str = "cache_aware"
+    balance_abs_threshold: float = 16.0
+    balance_rel_threshold: float = 1.5
 
     def validate(self, check_port: bool = True) -> RouterConfig:
         _check_seed(self.seed)
         _check_parsers(self)
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ConfigError(f"--router-policy must be one of {', '.join(ROUTER_POLICIES)}, got {self.router_policy!r}")
+        if not self.balance_abs_threshold >= 0 or not self.balance_rel_threshold >= 1:
+            raise ConfigError(
+                f"--balance-abs-threshold must be >= 0 and --balance-rel-threshold >= 1, got "
+                f"{self.balance_abs_threshold:g} and {self.balance_rel_threshold:g}"
+            )
         if self.bus_port and self.bus_port == self.port:
             raise ConfigError("--bus-port must differ from --port")
         if not self.heartbeat_interval > 0:

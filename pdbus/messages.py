@@ -188,6 +188,9 @@ class Load(msgspec.Struct, omit_defaults=True):
     waiting: int = 0
     pending_prefill_tokens: int = 0
     reserved_blocks: int = 0
+    # the prefix cache's running totals (tokens looked up / found), for the router's /metrics
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -271,8 +274,13 @@ class Reserve(_Msg, tag="reserve"):
 
 
 class Reserved(_Msg, tag="reserved"):
+    """Decode -> router: the lease's blocks. The first ``cached_blocks`` of them are blocks of
+    the decode's prefix cache that already hold the prompt's KV (shared, read-only): the prefill
+    writes only the rest."""
+
     req_id: str
     block_ids: list[int]
+    cached_blocks: int = 0
 
 
 class Busy(_Msg, tag="busy"):
@@ -289,6 +297,7 @@ class Destination(msgspec.Struct, omit_defaults=True):
     endpoint: Endpoint
     block_ids: list[int] | None = None
     kv: KVLayout | None = None
+    cached_blocks: int = 0  # leading blocks of ``block_ids`` the decode holds already: not written
 
 
 class Prefill(_Msg, tag="prefill"):
@@ -307,17 +316,19 @@ class Prefill(_Msg, tag="prefill"):
 class DestReady(_Msg, tag="dest_ready"):
     """Router -> prefill: the decode leased ``block_ids`` for the request (its ``Reserved``
     forwarded). ``dest``, when set, replaces the ``Prefill``'s destination (the decode it named
-    was busy or lost and another one took the request)."""
+    was busy or lost and another one took the request). The first ``cached_blocks`` blocks
+    already hold the prompt's KV on the decode (its ``Reserved``): the prefill skips them."""
 
     req_id: str
     block_ids: list[int]
     dest: Destination | None = None
+    cached_blocks: int = 0
 
 
 class Prefilled(_Msg, tag="prefilled"):
     req_id: str
     first: TokenOut
-    transfer_bytes: int = 0
+    transfer_bytes: int = 0  # what the prefill sent (blocks the decode had cached are not sent)
     transfer_s: float = 0.0
 
 

@@ -93,6 +93,7 @@ class Collector(EngineEvents):
         self.failed: dict[str, str] = {}
         self.prefilled: dict[str, tuple[TokenOut, int, float]] = {}
         self.reserved: dict[str, list[int] | None] = {}
+        self.cached: dict[str, int] = {}  # req -> leading lease blocks from the decode's prefix cache
         self.hook = on_tokens_hook
 
     def on_tokens(self, items):
@@ -117,9 +118,10 @@ class Collector(EngineEvents):
             self.failed[req_id] = error
             self.cond.notify_all()
 
-    def on_reserved(self, req_id, block_ids, reason):
+    def on_reserved(self, req_id, block_ids, reason, cached_blocks=0):
         with self.cond:
             self.reserved[req_id] = block_ids
+            self.cached[req_id] = cached_blocks
             self.cond.notify_all()
 
     def wait(self, predicate, what: str, timeout: float = WAIT_S) -> None:

@@ -278,10 +278,11 @@ def test_asynchronous_scheduling_with_the_cache(model, family):
     assert engine.blocks.num_cached > 7
 
 
-def test_pd_prefill_with_a_cached_prefix_sends_the_whole_kv(model, family):
-    """The prefill's second prompt starts with blocks cached from its first: the decode gets the
-    KV of every block (the cached ones too) and decodes what a mixed run does; the decode
-    registers the blocks that landed."""
+def test_pd_prefill_with_a_cached_prefix_on_both_sides(model, family):
+    """The prefill's second prompt starts with blocks cached from its first: it computes only the
+    rest, yet the decode holds the KV of every block — the shared prefix from its own cache (it
+    registered the first prompt's blocks that landed, and leases them again), the rest written by
+    the prefill — and decodes what a mixed run does."""
     from native.transfer.shm import ShmTransfer
 
     cfg = model.cfg
@@ -322,10 +323,16 @@ def test_pd_prefill_with_a_cached_prefix_sends_the_whole_kv(model, family):
             decode.reserve(req, len(prompt) + 10, 60.0, prompt, None, greedy())
             d_events.wait(lambda req=req: req in d_events.reserved, "the reservation")
             dest_blocks = d_events.reserved[req]
-            dest = Destination(instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks)
+            cached = d_events.cached[req]
+            assert cached == (0 if i == 0 else SHARED // BLOCK_SIZE), "the shared prefix is cached on the decode"
+            dest = Destination(
+                instance_id="decode-0", protocol="ipc", endpoint=receiver.endpoint(), block_ids=dest_blocks, cached_blocks=cached
+            )
             prefill.add_prefill(req, prompt, greedy(), dest)
             p_events.wait(lambda req=req: req in p_events.prefilled or req in p_events.failed, "on_prefilled")
             assert req not in p_events.failed, p_events.failed
+            written = prefill.blocks.blocks_for(len(prompt)) - cached
+            assert p_events.prefilled[req][1] == 2 * cfg.num_hidden_layers * written * decode_cache.block_bytes
             got_kv = _layer_kv(decode_cache, dest_blocks, len(prompt))
             landed.append(got_kv)
             # the prefix of the second came from the first's cached blocks: the same bytes

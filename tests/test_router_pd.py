@@ -165,7 +165,7 @@ async def finish(bus, backend, c, p, d):
 
 def prefer_decodes(backend, *decodes):
     """The router picks the first live decode of ``decodes`` not excluded (a fixed order, not random)."""
-    backend.pick_decode = lambda exclude: next((d for d in decodes if d.identity not in exclude and d.alive), None)
+    backend.pick_decode = lambda exclude, tokens=None: next((d for d in decodes if d.identity not in exclude and d.alive), None)
 
 
 def test_finished_request_sends_no_release_and_leaves_nothing():
@@ -293,7 +293,7 @@ def test_prefill_refusal_is_a_400_and_releases_the_lease_at_once():
 def test_prefill_lost_redispatches_with_the_same_lease():
     async def main():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
-        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
+        backend.pick_prefill = lambda exclude, tokens=None: next(p for p in (p0, p1) if p.identity not in exclude)
         c = Client(backend)
         await reserved(bus, backend, p0, d, blocks=(7,))
         p0.alive = False
@@ -328,7 +328,7 @@ def test_only_prefill_lost_is_a_503_and_releases_the_lease():
 def test_transfer_failure_retries_the_prefill_then_moves_on():
     async def main():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
-        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
+        backend.pick_prefill = lambda exclude, tokens=None: next(p for p in (p0, p1) if p.identity not in exclude)
         c = Client(backend)
         await reserved(bus, backend, p0, d, blocks=(7,))
         for n in (1, 2):  # a live prefill gets a second try, then another prefill takes it
@@ -624,7 +624,7 @@ def test_silent_decode_is_given_up_and_its_late_lease_released():
 def test_prefill_lost_before_the_destination_redispatches_without_block_ids():
     async def main():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
-        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude)
+        backend.pick_prefill = lambda exclude, tokens=None: next(p for p in (p0, p1) if p.identity not in exclude)
         c = Client(backend)
         reserve = await bus.next(Reserve, d)
         p0.alive = False
@@ -647,7 +647,7 @@ def test_prefill_lost_before_the_destination_redispatches_without_block_ids():
 def test_prefill_unreachable_when_the_destination_comes_redispatches_with_the_block_ids():
     async def main():
         bus, backend, (p0, p1), (d,) = cluster(prefills=2)
-        backend.pick_prefill = lambda exclude: next(p for p in (p0, p1) if p.identity not in exclude and p.alive)
+        backend.pick_prefill = lambda exclude, tokens=None: next(p for p in (p0, p1) if p.identity not in exclude and p.alive)
         c = Client(backend)
         reserve = await bus.next(Reserve, d)
         p0.alive = False  # gone, not yet noticed: the DestReady cannot be sent

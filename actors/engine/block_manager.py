@@ -48,6 +48,7 @@ class Lease:
     block_ids: list[int]
     expires_at: float
     request: object = None  # opaque here: what the claimer needs (actors.engine.engine.Reservation)
+    num_cached: int = 0  # leading blocks taken from the prefix cache (their KV is there already)
 
 
 class BlockManager:
@@ -175,15 +176,29 @@ class BlockManager:
 
     # ------------------------------------------------------------------ leases
     def reserve(
-        self, req_id: str, num_tokens: int, lease_s: float, now: float | None = None, request: object = None
+        self,
+        req_id: str,
+        num_tokens: int,
+        lease_s: float,
+        now: float | None = None,
+        request: object = None,
+        cached: list[int] = (),
     ) -> list[int] | None:
+        """Lease blocks for ``num_tokens`` tokens: ``cached`` (blocks the caller took from the
+        prefix cache with :meth:`touch`, whose references the lease now owns) first, fresh ones
+        for the rest. None when they do not fit (the references in ``cached`` are given back);
+        an existing lease of ``req_id`` is returned as it is (``cached`` given back too)."""
+        cached = list(cached)
         if req_id in self.leases:
+            self.free(cached)
             return self.leases[req_id].block_ids
-        n = self.blocks_for(num_tokens)
-        if n > self.num_free:
+        n = self.blocks_for(num_tokens) - len(cached)
+        if n < 0 or n > self.num_free:
+            self.free(cached)
             return None
-        ids = self.allocate(n)
-        self.leases[req_id] = Lease(req_id, ids, (time.monotonic() if now is None else now) + lease_s, request)
+        ids = cached + self.allocate(n)
+        expires = (time.monotonic() if now is None else now) + lease_s
+        self.leases[req_id] = Lease(req_id, ids, expires, request, len(cached))
         return ids
 
     def claim(self, req_id: str) -> Lease | None:

@@ -13,7 +13,9 @@ A request's walk through it, by role:
   TRANSFERRING until the transfer handle's callback posts its completion to the inbox, then
   ``on_prefilled`` fires and the local blocks are freed.
 * decode: ``reserve`` leases blocks for a coming request and keeps its prompt and sampling with
-  the lease; ``add_decode(req, token one)`` claims them (the KV is already there) and the
+  the lease; the prompt's longest cached prefix (actors.engine.prefix_cache ``match_lease``)
+  comes first in the lease, and ``on_reserved`` says how many blocks those are (the prefill
+  skips them). ``add_decode(req, token one)`` claims the blocks (the KV is all there now) and the
   sequence joins the running batch with its first token.
 * structured output (``SamplingParams.structured``, any role): the grammar compiles off this
   thread (actors.engine.grammar) while the sequence waits in the queue (only its sampling step is
@@ -61,7 +63,7 @@ class EngineEvents:
 
     def on_failed(self, req_id: str, error: str, retryable: bool) -> None: ...
 
-    def on_reserved(self, req_id: str, block_ids: list[int] | None, reason: str) -> None: ...
+    def on_reserved(self, req_id: str, block_ids: list[int] | None, reason: str, cached_blocks: int = 0) -> None: ...
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Reservation:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)  # a re-prefill's tokens so far
+    block_hashes: list[bytes] = field(default_factory=list)  # the prefix cache's chain of its full blocks
 
 
 class Engine:
@@ -170,9 +173,10 @@ class Engine:
         seq = Sequence(req_id, prompt_token_ids, sampling, dest=dest, num_prompt_outputs=num_outputs)
         self.submit(lambda: self._add(seq))
 
-    def dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None = None) -> None:
-        """Prefill role: the decode's block ids for ``req_id`` (and a new destination, if set)."""
-        self.submit(lambda: self._dest_ready(req_id, block_ids, dest))
+    def dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None = None, cached_blocks: int = 0) -> None:
+        """Prefill role: the decode's block ids for ``req_id`` (and a new destination, if set);
+        the first ``cached_blocks`` of them hold the KV already (not written)."""
+        self.submit(lambda: self._dest_ready(req_id, block_ids, dest, cached_blocks))
 
     def add_decode(self, req_id: str, first_token_id: int) -> None:
         self.submit(lambda: self._add_decode(req_id, first_token_id))
@@ -207,6 +211,8 @@ class Engine:
             waiting=len(self.scheduler.waiting),
             pending_prefill_tokens=self.scheduler.pending_prefill_tokens,
             reserved_blocks=self.blocks.num_reserved,
+            prefix_cache_queries=self.prefix_cache.queries,
+            prefix_cache_hits=self.prefix_cache.hits,
         )
 
     # ------------------------------------------------------------------ loop
@@ -308,12 +314,12 @@ class Engine:
             self._dest_waits[seq.req_id] = time.monotonic() + self.limits.dest_timeout_s
         self.scheduler.add(seq)
 
-    def _dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None) -> None:
+    def _dest_ready(self, req_id: str, block_ids: list[int], dest: Destination | None, cached_blocks: int) -> None:
         seq = self.seqs.get(req_id)
         if seq is None or not seq.dest_pending:
             return  # gone already (failed, aborted: the router hears that) or told twice
         self._dest_waits.pop(req_id, None)
-        seq.dest = msgspec.structs.replace(dest or seq.dest, block_ids=list(block_ids))
+        seq.dest = msgspec.structs.replace(dest or seq.dest, block_ids=list(block_ids), cached_blocks=cached_blocks)
         error = self.export.check(seq)  # the blocks suffice; a new destination is reachable
         if error is not None:
             self.scheduler.remove(seq)
@@ -338,7 +344,10 @@ class Engine:
             block_table=lease.block_ids,
         )
         seq.num_computed_tokens = seq.num_tokens - 1
-        self.prefix_cache.register(seq)  # its KV has landed: later turns can find it
+        # the first blocks are shared cached ones (read-only; the first position this sequence
+        # writes, num_tokens - 1, is past them); the KV of the rest has landed: later turns find it
+        seq.block_hashes, seq.num_registered_blocks = req.block_hashes, lease.num_cached
+        self.prefix_cache.register(seq)
         self.seqs[req_id] = seq
         if self._check_finished(seq):
             self.events.on_tokens([TokenOut(req_id, [], finish_reason=seq.finish_reason)])
@@ -372,14 +381,25 @@ class Engine:
         self.events.on_failed(seq.req_id, error, False)
 
     def _reserve(self, req_id: str, num_tokens: int, lease_s: float, request: Reservation | None = None) -> None:
-        ids = self.blocks.reserve(req_id, num_tokens, lease_s, request=request)
+        lease = self.blocks.leases.get(req_id)
+        if lease is not None:  # asked twice: the same lease
+            self.events.on_reserved(req_id, lease.block_ids, "", lease.num_cached)
+            return
+        cached: list[int] = []
+        if request is not None:  # the KV the prefill is about to send for its prompt, cached here
+            tokens = [*request.prompt_token_ids, *request.output_token_ids]
+            if len(tokens) < num_tokens:  # the lease holds every token the prefill writes
+                cached = self.prefix_cache.match_lease(tokens, request.block_hashes)
+        ids = self.blocks.reserve(req_id, num_tokens, lease_s, request=request, cached=cached)
         if ids is not None and request is not None and request.sampling.structured is not None and self.grammars:
             self.grammars.compile(request.sampling.structured)  # compiles while the prompt prefills
         if ids is None:
             need = self.blocks.blocks_for(num_tokens)
             self.events.on_reserved(req_id, None, f"need {need} blocks, {self.blocks.num_free} free")
-        else:
-            self.events.on_reserved(req_id, ids, "")
+            return
+        if request is not None:
+            self.prefix_cache.leased(len(tokens), len(cached))
+        self.events.on_reserved(req_id, ids, "", len(cached))
 
     def _release(self, req_id: str) -> None:
         self.blocks.release(req_id)

@@ -1,7 +1,9 @@
 """The prefill role's KV export: a finishing prefill's KV written into its decode instance's blocks.
 
 The engine hands :class:`KVExport` the sequences whose prompt's last chunk the coming step
-computes. :meth:`KVExport.writer` checks each destination (:meth:`KVExport.check`, the same
+computes. Of each layer it writes the blocks after the destination's ``cached_blocks`` (those
+the decode's own prefix cache already holds, read-only there). :meth:`KVExport.writer` checks
+each destination (:meth:`KVExport.check`, the same
 checks the engine runs when the request arrives) and returns the ``layer_done`` hook that writes
 each layer's blocks as soon as the forward has them; a write that fails mid-step is recorded,
 never raised inside the forward (other ranks may be running it in lockstep), and fails the
@@ -65,6 +67,9 @@ class KVExport:
         need = self.blocks.blocks_for(seq.num_tokens)
         if dest.block_ids is not None and need > len(dest.block_ids):
             return f"decode reserved {len(dest.block_ids)} blocks, the prompt needs {need}"
+        most = (seq.num_tokens - 1) // self.blocks.block_size  # the last token's block is always written
+        if not 0 <= dest.cached_blocks <= most:
+            return f"decode says {dest.cached_blocks} of its blocks hold the prompt's KV, at most {most} can"
         try:
             engine.open_peer(dest.instance_id, dest.endpoint)
         except (TransferError, OSError) as exc:
@@ -81,8 +86,9 @@ class KVExport:
                 dropped.append((seq, error))
                 continue
             dest = seq.dest
-            n = self.blocks.blocks_for(seq.num_tokens)
-            plans.append((self.transfers[dest.protocol], seq.req_id, dest.instance_id, seq.block_table[:n], dest.block_ids[:n]))
+            # blocks the decode has cached already hold this KV (and are shared there): not sent
+            k, n = dest.cached_blocks, self.blocks.blocks_for(seq.num_tokens)
+            plans.append((self.transfers[dest.protocol], seq.req_id, dest.instance_id, seq.block_table[k:n], dest.block_ids[k:n]))
         if not plans:
             return None, dropped
         errors = self.write_errors

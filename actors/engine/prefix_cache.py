@@ -7,6 +7,11 @@ block manager's hash-keyed blocks (actors.engine.block_manager).
   ``(num_tokens - 1) // block_size`` blocks are taken, so at least the last token is computed
   (the step that computes it samples) and the first position it writes is the first of a block
   of its own: blocks from the cache are shared read-only, never written.
+* **A decode's lease** (:meth:`PrefixCache.match_lease`): a decode reserving blocks for a
+  prefill's KV matches the coming prompt (prompt + outputs so far) the same way, under the same
+  bound, and leases the cached blocks as the lease's first blocks: the prefill writes only the
+  blocks after them, and the decode's first written position (the prompt's length) is in a
+  block of its own.
 * **Registration** (:meth:`PrefixCache.register`): after a step, every block of a sequence that
   is now full of computed KV is registered under its hash, prompt and generated tokens alike.
   A block holding a placeholder (``actors.engine.overlap.PENDING``, negative: a token drawn on
@@ -39,9 +44,10 @@ class PrefixCache:
     def _hashes(self, seq: Sequence, num_blocks: int) -> int:
         """Extend ``seq.block_hashes`` to ``num_blocks`` full blocks, stopping at a block that is
         not full or holds a placeholder; returns how many hashes there are (at most ``num_blocks``)."""
-        hashes = seq.block_hashes
+        return self._chain(seq.block_hashes, seq.token_ids, num_blocks)
+
+    def _chain(self, hashes: list[bytes], ids: list[int], num_blocks: int) -> int:
         bs = self.blocks.block_size
-        ids = seq.token_ids
         parent = hashes[-1] if hashes else self.blocks.root
         while len(hashes) < num_blocks:
             start = len(hashes) * bs
@@ -70,6 +76,31 @@ class PrefixCache:
         seq.num_computed_tokens = len(table) * self.blocks.block_size
         seq.num_registered_blocks = len(table)
         return seq.num_computed_tokens
+
+    def match_lease(self, token_ids: list[int], hashes: list[bytes]) -> list[int]:
+        """The cached blocks of ``token_ids``' longest cached prefix (the KV a prefill is about to
+        compute for them), referenced for a lease, leaving at least the last token's block to
+        write: at most ``(len(token_ids) - 1) // block_size`` blocks. ``hashes`` (empty, or the
+        chain of a former call) is extended in place; counted as a query like an admission."""
+        if not self.enabled or not token_ids:
+            return []
+        n = self._chain(hashes, token_ids, (len(token_ids) - 1) // self.blocks.block_size)
+        table = []
+        for h in hashes[:n]:
+            b = self.blocks.cached(h)
+            if b is None:
+                break
+            table.append(b)
+        for b in table:
+            self.blocks.touch(b)
+        return table
+
+    def leased(self, num_tokens: int, num_blocks: int) -> None:
+        """A lease of ``num_tokens`` tokens was granted with ``num_blocks`` cached blocks."""
+        if self.enabled:
+            self.queries += num_tokens
+            self.hits += num_blocks * self.blocks.block_size
+            self.blocks_reused += num_blocks
 
     def unmatch(self, seq: Sequence) -> None:
         """Undo :meth:`match` for a sequence that was not admitted after all (it waits on)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,10 +31,38 @@ class FrontendMetrics:
         self.tpot = Histogram("pdbus:time_per_output_token_seconds", "TPOT", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("pdbus:e2e_request_latency_seconds", "End to end", buckets=_LATENCY_BUCKETS, registry=r)
         self.backend = Gauge("pdbus:backend", "Backend state (see label)", ["key", "instance"], registry=r)
+        self.totals = _Totals()  # the backend's own running totals, as counters
+        r.register(self.totals)
 
-    def render(self, stats: dict) -> tuple[bytes, str]:
+    def render(self, stats: dict, totals: list[Total] = ()) -> tuple[bytes, str]:
         _set_stats(self.backend, stats)
+        self.totals.totals = list(totals)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Total(NamedTuple):
+    """One sample of a counter the backend keeps itself (``pdbus:<name>_total``)."""
+
+    name: str
+    doc: str
+    labels: dict[str, str]
+    value: float
+
+
+class _Totals:
+    """A collector of the backend's totals (set at each scrape): one counter family per name."""
+
+    def __init__(self):
+        self.totals: list[Total] = []
+
+    def collect(self):
+        families: dict[str, CounterMetricFamily] = {}
+        for t in self.totals:
+            fam = families.get(t.name)
+            if fam is None:
+                fam = families[t.name] = CounterMetricFamily(f"pdbus:{t.name}", t.doc, labels=sorted(t.labels))
+            fam.add_metric([t.labels[k] for k in sorted(t.labels)], t.value)
+        yield from families.values()
 
 
 def _set_stats(gauge: Gauge, stats: dict, instance: str = "") -> None:

@@ -220,7 +220,8 @@ class OpenAIServer:
         )
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        body, ctype = self.metrics.render(self.backend.stats())
+        totals = getattr(self.backend, "totals", None)  # counters the backend keeps (the router's)
+        body, ctype = self.metrics.render(self.backend.stats(), totals() if totals is not None else ())
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     def seeded(self, sampling: SamplingParams) -> SamplingParams:

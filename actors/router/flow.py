@@ -48,6 +48,7 @@ class ReserveAnswer:
     identity: bytes
     block_ids: list[int] | None
     reason: str
+    cached_blocks: int = 0  # leading blocks of the lease whose KV the decode has cached
 
 
 @dataclass
@@ -55,11 +56,12 @@ class InstanceLoad:
     """What the router dispatched to an instance since it last reported."""
 
     pending_prefill_tokens: int = 0
+    prefills: int = 0  # requests those tokens belong to
     active: int = 0
     reserved_blocks: int = 0
 
     def idle(self) -> bool:
-        return not (self.pending_prefill_tokens or self.active or self.reserved_blocks)
+        return not (self.pending_prefill_tokens or self.prefills or self.active or self.reserved_blocks)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Flow:
     reserving: bytes | None = None  # asked for a lease (Reserve sent), its answer not taken yet
     decode: bytes | None = None  # holds a lease for the request (runs it once ``decoding``)
     block_ids: list[int] | None = None  # the lease's blocks on ``decode``
+    cached_blocks: int = 0  # of them, leading ones the decode's prefix cache holds (not written)
     lease_blocks: int = 0  # blocks charged to the decode's estimate until Decode or release
     decoding: bool = False  # Decode sent: the decode runs the sequence (abort, not release)
     prefill: bytes | None = None  # computing the prompt; may write into the lease once ``dest_sent``

@@ -4,8 +4,9 @@
 :class:`Flow` whose phase moves RESERVE -> PREFILL -> DECODE -> DONE (a decode lost mid-stream
 sends it back to RESERVE with prompt + tokens so far):
 
-1. RESERVE: pick a decode (most free KV blocks, fewest running; power of two choices), a prefill
-   (fewest pending prefill tokens) and the transfer protocol for the pair (the prefill's first
+1. RESERVE: pick a decode and a prefill (``Routing``, actors/router/cache_index.py: by default
+   the ones whose prefix caches most likely hold the prompt's longest prefix, unless much busier
+   than the least loaded) and the transfer protocol for the pair (the prefill's first
    choice that the decode offers; ``ipc`` only on one host), and send both at once: ``Reserve``
    (tokens needed, the prompt and sampling, kept with the lease) to the decode, ``Prefill``
    (prompt, destination without block ids) to the prefill, which starts computing.
@@ -13,7 +14,8 @@ sends it back to RESERVE with prompt + tokens so far):
    reach, retrying while one that could take the request is alive, until ``reserve_timeout_s``
    (503 + Retry-After, the prefill aborted); no decode alive: 503 at once.
 2. PREFILL: the decode's block ids go to the prefill (``DestReady``, with the whole destination
-   when another decode took the request); the prefill needs them only for its last chunk, writes
+   when another decode took the request, and how many leading blocks the decode's own prefix
+   cache holds already: not written); the prefill needs them only for its last chunk, writes
    the KV into the leased blocks and answers ``Prefilled(first token)``. A prefill that dies or
    fails retryably is replaced by another, same lease (or same pending reservation).
 3. DECODE: the first token is yielded at once (TTFT), then ``Decode(token one)`` starts the
@@ -42,9 +44,9 @@ is freed while bytes may still land in it) and puts the router's load estimates 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
+from actors.router.cache_index import Routing, block_bytes
 from actors.router.flow import (
     Ended,
     Exit,
@@ -87,6 +89,7 @@ class PDBackend:
         request_timeout_s: float = 600.0,
         max_retries: int = 2,
         lease_s: float = 30.0,
+        routing: Routing | None = None,
     ):
         self.bus = bus  # RouterBus (or a fake with .peers, .send, .peer_name)
         self.reserve_timeout_s = reserve_timeout_s
@@ -96,7 +99,10 @@ class PDBackend:
         self.reqs: dict[str, Flow] = {}
         self.orphans: dict[str, Orphan] = {}
         self.inflight: dict[bytes, InstanceLoad] = {}
+        self.routing = routing or Routing()  # which instance gets a request (actors/router/cache_index.py)
+        self.routing.load_of = self._load
         self.counters = {"reschedules": 0, "failures": 0, "busy": 0, "transfer_bytes": 0, "transfer_seconds": 0.0}
+        self.counters["transfer_bytes_saved"] = 0  # not sent: the decode's prefix cache had those blocks
         self.exits = {e: 0 for e in Exit}
 
     # ----------------------------------------------------------------- choice
@@ -116,38 +122,25 @@ class PDBackend:
             for name, n in amounts.items():
                 setattr(load, name, getattr(load, name) - n)
 
-    def pick_decode(self, exclude: set[bytes]) -> Peer | None:
-        cands = [p for p in self._alive("decode") if p.identity not in exclude]
-        if len(cands) > 2:
-            cands = random.sample(cands, 2)
+    def pick_decode(self, exclude: set[bytes], tokens: list[int] | None = None) -> Peer | None:
+        return self.routing.pick("decode", [p for p in self._alive("decode") if p.identity not in exclude], tokens)
 
-        def score(p: Peer):
-            mine = self._load(p.identity)
-            return (p.load.free_blocks - mine.reserved_blocks, -(p.load.running + mine.active))
-
-        return max(cands, key=score, default=None)
-
-    def pick_mixed(self) -> Peer | None:
-        """The mixed instance for the next request (power of two choices on running + waiting,
-        its own heartbeat's and what the router dispatched since), or None for the PD path: no
-        mixed instance, or a prefill + decode pair whose best decode is less loaded."""
-        cands = self._alive("mixed")
-        if len(cands) > 2:
-            cands = random.sample(cands, 2)
-
-        def busy(p: Peer) -> int:
-            return p.load.running + p.load.waiting + self._load(p.identity).active
-
-        best = min(cands, key=busy, default=None)
-        if best is None or not (self._alive("prefill") and self._alive("decode")):
-            return best
-        decode = self.pick_decode(set())
-        return best if decode is None or busy(best) <= busy(decode) else None
+    def pick_mixed(self, tokens: list[int] | None = None) -> Peer | None:
+        """The mixed instance for the next request (``Routing``), or None for the PD path: no
+        mixed instance, or a prefill + decode pair whose chosen decode is less loaded."""
+        best, why = self.routing.choose("mixed", self._alive("mixed"), tokens)
+        if best is not None and self._alive("prefill") and self._alive("decode"):
+            decode, _ = self.routing.choose("decode", self._alive("decode"), tokens)
+            if decode is not None and self.routing.load(best) > self.routing.load(decode):
+                return None
+        if best is not None:
+            self.routing.counted("mixed", why)
+        return best
 
     async def submit(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams):
         """The request's stream: on a mixed instance or through a prefill + decode pair, chosen
         when the stream starts (after the requests before it were charged to their instances)."""
-        mixed = self.pick_mixed()
+        mixed = self.pick_mixed(prompt_ids)
         if mixed is not None:
             gen = self.generate_mixed(req_id, prompt_ids, sampling, mixed)
         else:
@@ -158,11 +151,8 @@ class PDBackend:
         finally:
             await gen.aclose()
 
-    def pick_prefill(self, exclude: set[bytes]) -> Peer | None:
-        cands = [p for p in self._alive("prefill") if p.identity not in exclude]
-        if len(cands) > 2:
-            cands = random.sample(cands, 2)
-        return min(cands, key=lambda p: self._load(p.identity).pending_prefill_tokens, default=None)
+    def pick_prefill(self, exclude: set[bytes], tokens: list[int] | None = None) -> Peer | None:
+        return self.routing.pick("prefill", [p for p in self._alive("prefill") if p.identity not in exclude], tokens)
 
     @staticmethod
     def choose_protocol(prefill: Peer, decode: Peer) -> tuple[TransferProtocol, Endpoint] | None:
@@ -189,11 +179,12 @@ class PDBackend:
     def _start_prefill(self, flow: Flow, prefill: bytes, tokens: int) -> None:
         flow.prefill, flow.prefill_tokens, flow.prefill_over = prefill, tokens, False
         self._load(prefill).pending_prefill_tokens += tokens
+        self._load(prefill).prefills += 1
 
     def _prefill_ended(self, flow: Flow) -> None:
         """The prefill answered (or died): it writes no more into the lease."""
         if flow.prefill is not None:
-            self._uncharge(flow.prefill, pending_prefill_tokens=flow.prefill_tokens)
+            self._uncharge(flow.prefill, pending_prefill_tokens=flow.prefill_tokens, prefills=1)
         flow.prefill, flow.prefill_tokens = None, 0
 
     def _start_decode(self, flow: Flow) -> None:
@@ -244,10 +235,10 @@ class PDBackend:
             del self.orphans[req_id]
 
     # ----------------------------------------------------------------- bus events
-    def on_reserve_answer(self, ident: bytes, req_id: str, block_ids: list[int] | None, reason: str) -> None:
+    def on_reserve_answer(self, ident: bytes, req_id: str, block_ids: list[int] | None, reason: str, cached_blocks: int = 0) -> None:
         flow = self.reqs.get(req_id)
         if flow is not None and flow.reserving == ident:
-            flow.queue.put_nowait(ReserveAnswer(ident, block_ids, reason))
+            flow.queue.put_nowait(ReserveAnswer(ident, block_ids, reason, cached_blocks))
         elif block_ids is not None:
             # nobody waits for this lease (the flow gave up on this decode, or ended): give it back
             self._send(ident, Release(req_id=req_id))
@@ -299,6 +290,7 @@ class PDBackend:
             elif orphan.decode == peer.identity:  # the blocks are gone with their owner
                 del self.orphans[req_id]
         self.inflight.pop(peer.identity, None)
+        self.routing.forget(peer.identity)
 
     def _send(self, ident: bytes | None, msg) -> bool:
         if ident is None:
@@ -352,6 +344,7 @@ class PDBackend:
                     outputs.extend(ev.token_ids)
                     if ev.finish_reason is not None:
                         self._decode_ended(flow)  # the decode freed the sequence itself
+                        self.routing.record(decode, prompt_ids + outputs)  # its cache has the conversation
                         self._close(flow, Exit.FINISHED)
                         yield ev
                         return
@@ -383,20 +376,22 @@ class PDBackend:
 
     async def _walk_mixed(self, flow: Flow, prompt_ids: list[int], sampling: SamplingParams, inst: Peer):
         req_id = flow.req_id
-        outputs = 0
+        outputs: list[int] = []
         flow.phase = Phase.PREFILL
         flow.decode = inst.identity  # it runs the sequence from the first token on
         self._start_decode(flow)
         if not self._send(inst.identity, Prefill(req_id=req_id, prompt_token_ids=prompt_ids, sampling=sampling)):
             self._decode_ended(flow)  # nothing reached it
             raise Ended(Exit.INSTANCE_LOST, f"{inst.name} unreachable", retry_after=1)
+        self.routing.record(inst, prompt_ids)
         while True:
             ev = await self._next(flow, f"mixed instance {inst.name}")
             if isinstance(ev, TokenOut):
-                outputs += len(ev.token_ids)
+                outputs.extend(ev.token_ids)
                 flow.phase = Phase.DECODE
                 if ev.finish_reason is not None:
                     self._decode_ended(flow)  # the instance freed the sequence itself
+                    self.routing.record(inst, prompt_ids + outputs)
                     self._close(flow, Exit.FINISHED)
                     yield ev
                     return
@@ -447,8 +442,9 @@ class PDBackend:
             what = "no other decode instance is alive" if rescheduled else "no decode instance is alive"
             raise Ended(Exit.NO_CAPACITY, what, retry_after=5)
         unusable = {p.identity for p in alive} - {p.identity for p in usable}
+        tokens = reserve.prompt_token_ids + reserve.output_token_ids
         while True:
-            decode = self.pick_decode(lost | skip | unusable)
+            decode = self.pick_decode(lost | skip | unusable, tokens)
             if decode is None:
                 return None
             if self._send(decode.identity, reserve):
@@ -460,12 +456,12 @@ class PDBackend:
         """Send ``Prefill`` to a prefill outside ``tried`` that can write to ``decode``: with the
         lease's block ids when ``decode`` holds one, else without (``DestReady`` brings them)."""
         while True:
-            prefill = self.pick_prefill(tried)
+            prefill = self.pick_prefill(tried, tokens)
             if prefill is None:
                 what = "no prefill instance is alive" if not tried else "no prefill instance could take the request"
                 raise Ended(Exit.NO_CAPACITY, what, retry_after=5)
             block_ids = flow.block_ids if flow.decode == decode.identity else None
-            dest = self._destination(prefill, decode, block_ids)
+            dest = self._destination(prefill, decode, block_ids, flow.cached_blocks if block_ids else 0)
             if dest is None:
                 tried.add(prefill.identity)
                 continue
@@ -473,16 +469,17 @@ class PDBackend:
             msg = Prefill(req_id=flow.req_id, prompt_token_ids=tokens, sampling=sampling, dest=dest, num_output_tokens=num_outputs)
             if self._send(prefill.identity, msg):
                 flow.dest_sent = block_ids is not None
+                self.routing.record(prefill, tokens)  # its prefix cache registers what it computes
                 return prefill
             self._prefill_ended(flow)  # nothing reached it
             tried.add(prefill.identity)
 
-    def _destination(self, prefill: Peer, decode: Peer, block_ids: list[int] | None) -> Destination | None:
+    def _destination(self, prefill: Peer, decode: Peer, block_ids: list[int] | None, cached_blocks: int = 0) -> Destination | None:
         choice = self.choose_protocol(prefill, decode)
         if choice is None:
             return None
         proto, endpoint = choice
-        return Destination(decode.hello.instance_id, proto, endpoint, block_ids, decode.hello.kv)
+        return Destination(decode.hello.instance_id, proto, endpoint, block_ids, decode.hello.kv, cached_blocks)
 
     async def _prefill(
         self, flow: Flow, reserve: Reserve, tokens: list[int], num_outputs: int, sampling, lost: set[bytes], rescheduled: bool
@@ -573,10 +570,11 @@ class PDBackend:
                 flow.phase = Phase.PREFILL
                 holder = asked
                 self._hold_lease(flow, holder.identity, len(ev.block_ids))
-                flow.block_ids = ev.block_ids
+                flow.block_ids, flow.cached_blocks = ev.block_ids, ev.cached_blocks
+                self.routing.record(holder, tokens)  # the KV lands there and is registered
                 # the whole destination only when another decode than the one named took it
                 dest = None if holder.identity == named.identity else self._destination(prefill, holder, ev.block_ids)
-                if self._send(prefill.identity, DestReady(flow.req_id, ev.block_ids, dest)):
+                if self._send(prefill.identity, DestReady(flow.req_id, ev.block_ids, dest, ev.cached_blocks)):
                     flow.dest_sent, named = True, holder
                 else:  # the prefill is gone: another one gets the request, block ids included
                     self._prefill_ended(flow)
@@ -584,6 +582,7 @@ class PDBackend:
             elif isinstance(ev, Prefilled):
                 if flow.dest_sent and holder is not None:
                     self._prefill_ended(flow)  # it wrote everything and answered
+                    self.counters["transfer_bytes_saved"] += flow.cached_blocks * block_bytes(holder.hello.kv)
                     return holder, ev.first
             elif isinstance(ev, Failed):  # from the prefill: a decode's Failed reaches a decoding flow only
                 self._prefill_ended(flow)
@@ -601,7 +600,7 @@ class PDBackend:
                 elif ev.identity == flow.decode:
                     lost.add(ev.identity)
                     self._decode_ended(flow)  # its blocks are gone with it
-                    flow.block_ids, holder, flow.phase = None, None, Phase.RESERVE
+                    flow.block_ids, flow.cached_blocks, holder, flow.phase = None, 0, None, Phase.RESERVE
                     if flow.dest_sent:
                         # the prefill may be writing into them: stop it, start over elsewhere
                         flow.dest_sent = False

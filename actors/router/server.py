@@ -26,7 +26,9 @@ import zmq.asyncio
 from aiohttp import web
 
 from actors.frontend import protocol as P
+from actors.frontend.metrics import Total
 from actors.frontend.server import BackendUnavailable, OpenAIServer, RequestRejected, RequestTimedOut
+from actors.router.cache_index import Routing
 from actors.router.pd import PDBackend
 from pdbus.actor import BusServer, Peer
 from pdbus.config import RouterConfig
@@ -85,7 +87,7 @@ class RouterBus(BusServer):
 
     # ----- PD flow
     def on_reserved(self, ident, msg: Reserved, frames):
-        self.router.pd.on_reserve_answer(ident, msg.req_id, msg.block_ids, "")
+        self.router.pd.on_reserve_answer(ident, msg.req_id, msg.block_ids, "", msg.cached_blocks)
 
     def on_busy(self, ident, msg: Busy, frames):
         self.router.pd.on_reserve_answer(ident, msg.req_id, None, msg.reason)
@@ -131,7 +133,8 @@ class RouterServer:
             router_id=self.router_id,
             curve_secret_key=server_secret(cfg.bus_key_file),
         )
-        self.pd = PDBackend(self.bus, cfg.reserve_timeout_s, cfg.request_timeout_s, cfg.max_retries)
+        routing = Routing(cfg.router_policy, cfg.balance_abs_threshold, cfg.balance_rel_threshold)
+        self.pd = PDBackend(self.bus, cfg.reserve_timeout_s, cfg.request_timeout_s, cfg.max_retries, routing=routing)
         # this server is the frontend's backend (ready, stats, generate); the model, its limits
         # and the tokenizer come with the first instance that registers
         self.frontend = OpenAIServer(
@@ -148,6 +151,7 @@ class RouterServer:
     # ----------------------------------------------------------------- registry
     def instance_joined(self, peer: Peer) -> None:
         hello = peer.hello
+        self.pd.routing.forget(peer.identity)  # a new Hello: what its cache held is unknown
         if self.frontend.model_name is None:
             tokenizer = None
             if peer.files:
@@ -209,6 +213,8 @@ class RouterServer:
                         "waiting": peer.load.waiting,
                         "pending_prefill_tokens": peer.load.pending_prefill_tokens,
                         "reserved_blocks": peer.load.reserved_blocks,
+                        "prefix_cache_queries": peer.load.prefix_cache_queries,
+                        "prefix_cache_hits": peer.load.prefix_cache_hits,
                     },
                 }
             )
@@ -237,6 +243,24 @@ class RouterServer:
         roles = [i["role"] for i in insts if i["alive"]]
         counts = {f"{r}_instances": roles.count(r) for r in (Role.PREFILL, Role.DECODE, Role.MIXED)}
         return dict(self.pd.stats(), **counts, **totals, **per)
+
+    def totals(self) -> list[Total]:
+        """The router's running totals for /metrics: routing decisions, KV bytes sent and not sent
+        (decode-side prefix reuse), and each instance's prefix-cache tokens looked up / found."""
+        pd, policy = self.pd, self.pd.routing.policy.value
+        out = [
+            Total("router_decisions", "Instances chosen, by role, policy and reason", {"role": role, "policy": policy, "reason": why}, n)
+            for (role, why), n in sorted(pd.routing.decisions.items())
+        ]
+        out.append(Total("kv_transfer_bytes", "KV bytes the prefills sent to decodes", {}, pd.counters["transfer_bytes"]))
+        saved = pd.counters["transfer_bytes_saved"]
+        out.append(Total("kv_transfer_bytes_saved", "KV bytes not sent: the decode's prefix cache held them", {}, saved))
+        for peer in self.bus.peers.values():
+            if peer.alive and peer.hello.role != "client":
+                inst = {"instance": peer.name, "role": peer.hello.role}
+                out.append(Total("prefix_cache_queries", "Tokens looked up in the prefix cache", inst, peer.load.prefix_cache_queries))
+                out.append(Total("prefix_cache_hits", "Tokens found in the prefix cache", inst, peer.load.prefix_cache_hits))
+        return out
 
     # ----------------------------------------------------------------- HTTP
     async def handle_bus(self, request: web.Request) -> web.Response:
