@@ -18,8 +18,8 @@ Each config starts its own system through ``pdbus.procs.Cluster`` — a router (
 
 Requests are streamed ``/v1/completions`` with token-id prompts (greedy, ``ignore_eos``). It
 prints per workload and config: TTFT p50 / p99 (turn 1 and later turns apart for ``chat``),
-prompt tokens the prefills computed (``prefix_cache_queries - prefix_cache_hits`` from every
-instance's ``/stats``), and the KV bytes the prefills sent (the router's
+prompt tokens the prefills computed (the prompt tokens sent less the prefills'
+``prefix_cache_hits`` from their ``/stats``), and the KV bytes the prefills sent (the router's
 ``pdbus:kv_transfer_bytes_total``) and did not send (``pdbus:kv_transfer_bytes_saved_total``).
 """
 
@@ -38,6 +38,8 @@ import aiohttp
 
 from pdbus.procs import Cluster, http_json, wait_until
 
+SENT = {"prompt_tokens": 0}  # prompt tokens the workload sent
+
 
 def pct(xs: list[float], q: float) -> float:
     if not xs:
@@ -54,6 +56,7 @@ async def complete(session: aiohttp.ClientSession, url: str, prompt: list[int], 
     """(TTFT seconds, the answer's token ids) of one streamed completion."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "return_token_ids": True}  # fmt: skip
+    SENT["prompt_tokens"] += len(prompt)
     t0 = time.perf_counter()
     first, out = None, []
     async with session.post(url + "/v1/completions", json=body) as resp:
@@ -120,12 +123,11 @@ async def run_shared(url: str, args, vocab: int) -> dict:
     return {"ttft_p50_ms": pct(ttfts, 50) * 1e3, "ttft_p99_ms": pct(ttfts, 99) * 1e3}
 
 
-def counters(router_url: str, instance_urls: list[str]) -> dict:
-    """Prompt tokens computed by the prefills and KV bytes sent / saved, so far."""
-    queries = hits = 0
-    for u in instance_urls:
+def counters(router_url: str, prefill_urls: list[str]) -> dict:
+    """Prompt tokens the prefills found cached, and KV bytes sent / not sent, so far."""
+    hits = 0
+    for u in prefill_urls:
         _, st = http_json(u + "/stats")
-        queries += int(st.get("prefix_cache_queries", 0))
         hits += int(st.get("prefix_cache_hits", 0))
     sent = saved = 0.0
     with urllib.request.urlopen(router_url + "/metrics", timeout=30) as resp:
@@ -134,12 +136,13 @@ def counters(router_url: str, instance_urls: list[str]) -> dict:
                 sent += float(line.rsplit(" ", 1)[1])
             elif line.startswith("pdbus:kv_transfer_bytes_saved_total"):
                 saved += float(line.rsplit(" ", 1)[1])
-    return {"prompt_tokens_looked_up": queries, "prompt_tokens_hit": hits, "kv_bytes_sent": sent, "kv_bytes_saved": saved}
+    return {"prefill_tokens_hit": hits, "kv_bytes_sent": sent, "kv_bytes_saved": saved}
 
 
-def delta(after: dict, before: dict) -> dict:
+def delta(after: dict, before: dict, prompt_tokens: int) -> dict:
     d = {k: after[k] - before[k] for k in after}
-    d["prompt_tokens_computed"] = d["prompt_tokens_looked_up"] - d["prompt_tokens_hit"]
+    d["prompt_tokens"] = prompt_tokens
+    d["prompt_tokens_computed"] = prompt_tokens - d["prefill_tokens_hit"]
     return d
 
 
@@ -149,7 +152,7 @@ def start(cluster: Cluster, args, cache: str, policy: str):
               "--cache-transfer-protocol", args.protocol, *args.serve_arg]  # fmt: skip
     router = cluster.router("--router-policy", policy)
     prefills = [cluster.serve(args.model, "prefill", router, *common) for _ in range(args.prefills)]
-    decode = cluster.serve(args.model, "decode", router, *common)
+    cluster.serve(args.model, "decode", router, *common)
     cluster.wait_health(router.url)
 
     def all_alive():
@@ -157,7 +160,7 @@ def start(cluster: Cluster, args, cache: str, policy: str):
         return sum(i["alive"] for i in body.get("instances", ())) >= args.prefills + 1
 
     wait_until(all_alive, 120, "every instance registered")
-    return router, [p.url for p in prefills] + [decode.url]
+    return router, [p.url for p in prefills]
 
 
 def main() -> int:
@@ -196,10 +199,11 @@ def main() -> int:
                 router, urls = start(cluster, args, cache, policy)
                 vocab = args.vocab
                 before = counters(router.url, urls)
+                SENT["prompt_tokens"] = 0
                 t0 = time.perf_counter()
                 fn = run_chat if workload == "chat" else run_shared
                 row = asyncio.run(fn(router.url, args, vocab))
-                row.update(delta(counters(router.url, urls), before))
+                row.update(delta(counters(router.url, urls), before, SENT["prompt_tokens"]))
                 row.update(workload=workload, cache=cache, policy=policy, wall_s=round(time.perf_counter() - t0, 2))
             results.append(row)
             print(json.dumps(row), flush=True)
@@ -212,7 +216,8 @@ def main() -> int:
             later = f"{r['ttft_later_p50_ms']:.1f} / {r['ttft_later_p99_ms']:.1f}"
         else:
             first, later = "–", f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f}"
-        print(f"| {r['workload']} | {r['cache']} | {r['policy']} | {first} | {later} | {r['prompt_tokens_computed']:,} "
+        print(f"| {r['workload']} | {r['cache']} | {r['policy']} | {first} | {later} "
+              f"| {r['prompt_tokens_computed']:,} of {r['prompt_tokens']:,} "
               f"| {r['kv_bytes_sent'] / 1e6:.1f} | {r['kv_bytes_saved'] / 1e6:.1f} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:

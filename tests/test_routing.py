@@ -107,6 +107,25 @@ def test_cache_aware_without_a_match_takes_the_least_loaded_then_the_smaller_ind
     assert routing.decisions[("decode", "no_match")] == 4 and routing.decisions[("prefill", "no_match")] == 1
 
 
+def test_cache_aware_sends_a_prompt_to_the_prefill_that_reaches_its_first_token_soonest():
+    """A prefill by the tokens it would compute first: the prompt's uncached part plus what the
+    router has in flight there. A prefix both hold (a shared system prompt) goes to the emptier
+    queue; a conversation's longer history wins over a short queue, not over a long one."""
+    bus, backend, (p0, p1), _ = cluster(prefills=2)
+    routing = backend.routing
+    system = CONV[: 2 * BS]
+    routing.record(p0, system)
+    routing.record(p1, system)
+    backend._load(p0.identity).pending_prefill_tokens = 3 * BS
+    assert backend.pick_prefill(set(), CONV) is p1  # both hold the system prompt: the emptier one
+    routing.record(p0, CONV)  # p0 computed this conversation's history (5 blocks)
+    backend._load(p0.identity).pending_prefill_tokens = 2 * BS
+    assert backend.pick_prefill(set(), CONV) is p0  # 3 uncached blocks less to compute beats 2 queued
+    backend._load(p0.identity).pending_prefill_tokens = 4 * BS
+    assert backend.pick_prefill(set(), CONV) is p1  # ...but not 4 queued
+    assert routing.decisions == {("prefill", "cache_hit"): 2, ("prefill", "load_balance"): 1}
+
+
 def test_power_of_two_and_round_robin_do_as_named():
     _, backend, _, (d0, d1, d2) = cluster(decodes=3, routing=Routing("round_robin"))
     picks = [backend.pick_decode(set(), CONV).name for _ in range(4)]

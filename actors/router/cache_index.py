@@ -12,11 +12,16 @@ or says Hello again is forgotten.
 :class:`Routing` picks among the candidates ``PDBackend`` hands it (alive, of one role, not
 excluded), by policy:
 
-* ``cache_aware`` (the default): the candidate with the longest indexed prefix of the request's
-  tokens (``cache_hit``) unless its load exceeds the least loaded candidate's by more than
-  ``balance_abs_threshold`` and more than ``balance_rel_threshold`` times (SGLang's two
+* ``cache_aware`` (the default): a decode (or mixed instance) with the longest indexed prefix of
+  the request's tokens (``cache_hit``) unless its load exceeds the least loaded candidate's by
+  more than ``balance_abs_threshold`` and more than ``balance_rel_threshold`` times (SGLang's two
   thresholds): then the least loaded (``load_balance``); no prefix anywhere: the least loaded
-  (``no_match``), ties to the instance with the smaller index (more room for new prefixes).
+  (``no_match``), ties to the instance with the smaller index (more room for new prefixes). A
+  prefill by the tokens it would compute before this prompt's first token — the prompt's
+  uncached part plus the prompt tokens in flight there — so that a prefix every request shares
+  (one system prompt) is spread over the prefills holding it rather than queued on one: with
+  SGLang's request-count thresholds, 16 conversations on one system prompt all went to one of two
+  prefills and turn TTFT p50 was 1.9x round robin's (bench/prefix_bench.py, CPU box).
 * ``power_of_two``: two candidates at random, the better by the role's score (``power_of_two``).
 * ``round_robin``: each candidate in turn (``round_robin``).
 
@@ -168,6 +173,8 @@ class Routing:
             return min(two, key=self.score), "power_of_two"
         hashes: dict[int, list[int]] = {}
         matched = {p.identity: self.index.match(p, tokens, hashes) for p in cands}
+        if role == "prefill":
+            return self._choose_prefill(cands, tokens or [], matched)
         least = min(cands, key=lambda p: (self.load(p), self.score(p), self.index.size(p.identity)))
         top = max(matched.values())
         if top == 0:
@@ -177,6 +184,22 @@ class Routing:
         if gap > self.balance_abs_threshold and self.load(best) > low * self.balance_rel_threshold:
             return least, "load_balance"
         return best, "cache_hit"
+
+    def _choose_prefill(self, cands: list[Peer], tokens: list[int], matched: dict[bytes, int]) -> tuple[Peer, str]:
+        """The prefill that would reach this prompt's first token soonest: fewest tokens to
+        compute, its uncached part plus the prompt tokens the router has in flight there. A
+        prefix shared by every request (a system prompt) then spreads over the prefills that hold
+        it instead of piling onto the first, and a conversation's history outweighs a short queue."""
+
+        def cost(p: Peer) -> tuple:
+            uncached = max(0, len(tokens) - matched[p.identity] * self.index.block_size(p))
+            return (uncached + self.load_of(p.identity).pending_prefill_tokens, self.load(p), p.identity)
+
+        best = min(cands, key=cost)
+        top = max(matched.values())
+        if top == 0:
+            return best, "no_match"
+        return best, "cache_hit" if matched[best.identity] == top else "load_balance"
 
     def pick(self, role: str, cands: list[Peer], tokens: list[int] | None = None) -> Peer | None:
         """:meth:`choose`, counted (a round robin's turn moves on)."""
