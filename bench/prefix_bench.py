@@ -12,6 +12,10 @@ Each config starts its own system through ``pdbus.procs.Cluster`` — a router (
   ``--user-len`` new tokens to the history (the earlier prompts and the answers the server gave,
   as token ids) and asks for ``--answer-len`` tokens. A turn's prompt is the whole history, as a
   chat client sends it.
+* ``probe``: one request at a time, ``--repeats`` times: a fresh prompt of ``--history-len``
+  tokens (cold), the same history with another ``--user-len + --answer-len`` tokens at its end
+  (warm: the history is cached), and those new tokens alone (fresh): the floor a cached
+  history's turn approaches.
 * ``shared``: ``vllm bench serve``'s prefix-repetition shape: ``--num-prefixes`` prefixes of
   ``--prefix-len`` tokens, each followed by ``--suffix-len`` fresh tokens, ``--shared-requests``
   requests in random order at concurrency ``--conversations``.
@@ -123,6 +127,20 @@ async def run_shared(url: str, args, vocab: int) -> dict:
     return {"ttft_p50_ms": pct(ttfts, 50) * 1e3, "ttft_p99_ms": pct(ttfts, 99) * 1e3}
 
 
+async def run_probe(url: str, args, vocab: int) -> dict:
+    rng = random.Random(args.seed + 2)
+    new = args.user_len + args.answer_len
+    cold, warm, fresh = [], [], []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for _ in range(args.repeats):
+            history = tokens(rng, args.history_len - new, vocab)
+            cold.append((await complete(session, url, history + tokens(rng, new, vocab), 2))[0])
+            warm.append((await complete(session, url, history + tokens(rng, new, vocab), 2))[0])
+            fresh.append((await complete(session, url, tokens(rng, new, vocab), 2))[0])
+    c, w, f = (pct(x, 50) * 1e3 for x in (cold, warm, fresh))
+    return {"cold_ttft_p50_ms": c, "warm_ttft_p50_ms": w, "fresh_ttft_p50_ms": f, "warm_over_cold": w / c}
+
+
 def counters(router_url: str, prefill_urls: list[str]) -> dict:
     """Prompt tokens the prefills found cached, and KV bytes sent / not sent, so far."""
     hits = 0
@@ -183,6 +201,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for every instance (repeatable)")
+    ap.add_argument("--history-len", type=int, default=2048, help="probe: the history's tokens")
+    ap.add_argument("--repeats", type=int, default=5, help="probe: requests of each kind")
     ap.add_argument("--vocab", type=int, default=1024, help="prompt token ids are drawn below this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -201,7 +221,7 @@ def main() -> int:
                 before = counters(router.url, urls)
                 SENT["prompt_tokens"] = 0
                 t0 = time.perf_counter()
-                fn = run_chat if workload == "chat" else run_shared
+                fn = {"chat": run_chat, "shared": run_shared, "probe": run_probe}[workload]
                 row = asyncio.run(fn(router.url, args, vocab))
                 row.update(delta(counters(router.url, urls), before, SENT["prompt_tokens"]))
                 row.update(workload=workload, cache=cache, policy=policy, wall_s=round(time.perf_counter() - t0, 2))
@@ -211,6 +231,12 @@ def main() -> int:
     print("| workload | cache | policy | TTFT p50 / p99 ms (turn 1) | TTFT p50 / p99 ms (later turns) | prompt tokens computed | KV MB sent | KV MB not sent |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
+        if r["workload"] == "probe":
+            print(f"| probe | {r['cache']} | {r['policy']} | cold {r['cold_ttft_p50_ms']:.1f} | warm "
+                  f"{r['warm_ttft_p50_ms']:.1f} ({r['warm_over_cold']:.2f}x cold), fresh {r['fresh_ttft_p50_ms']:.1f} "
+                  f"| {r['prompt_tokens_computed']:,} of {r['prompt_tokens']:,} | {r['kv_bytes_sent'] / 1e6:.1f} "
+                  f"| {r['kv_bytes_saved'] / 1e6:.1f} |")  # fmt: skip
+            continue
         if r["workload"] == "chat":
             first = f"{r['ttft_turn1_p50_ms']:.1f} / {r['ttft_turn1_p99_ms']:.1f}"
             later = f"{r['ttft_later_p50_ms']:.1f} / {r['ttft_later_p99_ms']:.1f}"

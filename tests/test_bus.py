@@ -50,12 +50,14 @@ KV = m.KVLayout(
     dtype="bfloat16", total_kv_heads=4, head_start=2,
 )
 LOAD = m.Load(
-    free_blocks=1000, total_blocks=4096, running=3, waiting=1, pending_prefill_tokens=10**9, reserved_blocks=7
+    free_blocks=1000, total_blocks=4096, running=3, waiting=1, pending_prefill_tokens=10**9, reserved_blocks=7,
+    prefix_cache_queries=10**12, prefix_cache_hits=10**11,
 )
 SAMPLING = m.SamplingParams(
     max_tokens=2**31 - 1, min_tokens=1, temperature=0.7, top_p=0.95, top_k=-1, min_p=1e-300,
     seed=BIG_UINT, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1.1,
     stop_token_ids=[2, 100_295], ignore_eos=True, logprobs=5,
+    structured=m.StructuredOutput("json_schema", '{"type": "object", "title": "' + TEXT + '"}'),
 )
 TOKEN = m.TokenOut(
     req_id=f"req-{TEXT}",
@@ -89,18 +91,18 @@ SAMPLES: dict[type, m.Message] = {
         req_id="r1", num_tokens=10**12, lease_s=1.5, prompt_token_ids=list(range(1000)), output_token_ids=[4, 5],
         sampling=SAMPLING,
     ),
-    m.Reserved: m.Reserved(req_id="r1", block_ids=list(range(0, 4096, 3))),
+    m.Reserved: m.Reserved(req_id="r1", block_ids=list(range(0, 4096, 3)), cached_blocks=5),
     m.Busy: m.Busy(req_id="r1", reason="no free blocks"),
     m.Prefill: m.Prefill(
         req_id="r1", prompt_token_ids=list(range(1000)), sampling=SAMPLING,
         dest=m.Destination(
             instance_id="d0", protocol=m.TransferProtocol.RDMA, endpoint=ENDPOINTS[m.TransferProtocol.RDMA],
-            block_ids=[9, 8, 7], kv=KV,
+            block_ids=[9, 8, 7], kv=KV, cached_blocks=2,
         ),
         num_output_tokens=12,
     ),
     m.DestReady: m.DestReady(
-        req_id="r1", block_ids=[9, 8, 7],
+        req_id="r1", block_ids=[9, 8, 7], cached_blocks=1,
         dest=m.Destination(instance_id="d1", protocol=m.TransferProtocol.TCP, endpoint=ENDPOINTS[m.TransferProtocol.TCP]),
     ),
     m.Prefilled: m.Prefilled(req_id="r1", first=TOKEN, transfer_bytes=BIG_UINT, transfer_s=0.0125),
