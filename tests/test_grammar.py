@@ -246,6 +246,22 @@ def test_async_scheduling_gives_the_same_tokens(model, tok):
     base, _ = run(model, tok, requests)
     ahead, engine = run(model, tok, requests, async_scheduling=True)
     assert ahead.tokens == base.tokens and ahead.finish == base.finish
+    assert engine.steps_ahead > 0  # grammar rows run a step ahead too (masks filled after landing)
+
+
+def test_grammar_rows_alone_run_ahead_and_end_where_the_grammar_ends(model, tok):
+    """Every row under a grammar, asynchronous scheduling on: the steps run ahead, each output is
+    what the synchronous engine draws, ends with stop where the grammar ends (its row in the step
+    after dropped) and leaves no block behind."""
+    prompts = [_prompt(tok, "Who are you?"), _prompt(tok, "hi"), _prompt(tok, "你好")]
+    requests = [(p, GREEDY) for p in prompts] + [(prompts[0], SEEDED)]
+    base, _ = run(model, tok, requests)
+    ahead, engine = run(model, tok, requests, async_scheduling=True)
+    assert ahead.tokens == base.tokens and ahead.finish == base.finish
+    assert engine.steps_ahead > 10
+    for r in ahead.tokens:
+        assert ahead.finish[r] == FinishReason.STOP
+        check_schema(json.loads(tok.decode(ahead.tokens[r])))
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])

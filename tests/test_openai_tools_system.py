@@ -1,5 +1,5 @@
-"""Structured output, tools and the reasoning split on real processes with the built-in model, in
-both paths: mixed (``pdbus serve`` starting its router, the parser flags passed on to it) and PD
+"""Structured output, tools and the reasoning split on real processes with the built-in model and
+with a random-weight MoE checkpoint (its tokenizer the built-in one's), in both paths: mixed (``pdbus serve`` starting its router, the parser flags passed on to it) and PD
 (router, prefill and decode). Requests go through the official ``openai`` client.
 
 The engine enforces ``SamplingParams.structured`` (actors/engine/grammar.py), so every output asked
@@ -11,6 +11,8 @@ refused, and a stream equals the whole answer.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import openai
 import pytest
@@ -34,15 +36,34 @@ WEATHER = {
 USER = [{"role": "user", "content": "北京天气怎么样？"}]
 
 
-@pytest.fixture(scope="module", params=["mixed", pytest.param("pd", marks=pytest.mark.slow)])
-def system(request, default_model_dir, tmp_path_factory):
-    """The API URL of a running system of the given kind, with the parsers on."""
+@pytest.fixture(scope="session")
+def random_model_dir(default_model_dir, tmp_path_factory) -> str:
+    """A random-weight ERNIE-4.5 MoE checkpoint (transformers ``save_pretrained``) with the
+    built-in model's tokenizer, its vocabulary wider than the tokenizer's (as ERNIE's is)."""
+    from conftest_model import TINY_CONFIGS, build_hf, save_hf
+
+    kind, kw = TINY_CONFIGS["moe_shared"]
+    out = str(tmp_path_factory.mktemp("random-moe-tok"))
+    save_hf(build_hf("random", configs={"random": (kind, dict(kw, vocab_size=1056))}), out)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(default_model_dir, name), out)
+    return out
+
+
+@pytest.fixture(
+    scope="module",
+    params=["mixed", pytest.param("pd", marks=pytest.mark.slow), "random-mixed", pytest.param("random-pd", marks=pytest.mark.slow)],
+)
+def system(request, default_model_dir, random_model_dir, tmp_path_factory):
+    """The API URL of a running system of the given kind (the built-in model, or a random
+    checkpoint with its tokenizer), with the parsers on."""
+    model = random_model_dir if request.param.startswith("random") else default_model_dir
     with Cluster(tmp_path_factory.mktemp(f"tools-{request.param}")) as c:
-        if request.param == "mixed":
-            proc = c.serve(default_model_dir, "mixed", None, "--max-model-len", "1024", "--device", "cpu", *FLAGS)
+        if request.param.endswith("mixed"):
+            proc = c.serve(model, "mixed", None, "--max-model-len", "1024", "--device", "cpu", *FLAGS)
             c.wait_health(proc.url, timeout=180)
         else:
-            proc = start_pd(c, default_model_dir, "tcp", *FLAGS, serve_extra=("--max-model-len", "1024"))
+            proc = start_pd(c, model, "tcp", *FLAGS, serve_extra=("--max-model-len", "1024"))
         yield proc.url
 
 

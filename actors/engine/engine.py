@@ -54,6 +54,15 @@ from pdbus.log import get_logger
 from pdbus.messages import Destination, FinishReason, SamplingParams, TokenLogprob, TokenOut
 
 
+class _Ended:
+    """What the mask fill sees of a sequence that ended while its next row was in flight."""
+
+    grammar = None
+
+
+_ENDED = _Ended()
+
+
 class EngineEvents:
     """Callbacks from the engine thread. Implementations hop to their own thread/loop."""
 
@@ -621,9 +630,14 @@ class Engine:
         return all(s.num_new_tokens == 1 and s.samples and self._draws_ahead(s.seq) for s in batch)
 
     def _draws_ahead(self, seq: Sequence) -> bool:
-        """A decode row whose draw needs no host value of its earlier tokens (no KV to export, no
-        grammar to advance)."""
-        return seq.dest is None and seq.grammar is None and self.sampler.reads_on_device(seq.sampling)
+        """A decode row whose draw needs no host value of its earlier tokens (no KV to export; a
+        grammar only once its matcher is there: its mask is filled after the step in flight lands,
+        while this step's forward runs)."""
+        return (
+            seq.dest is None
+            and (seq.grammar is None or seq.grammar.ready)
+            and self.sampler.reads_on_device(seq.sampling)
+        )
 
     def _step_ahead(self, batch) -> None:
         """Launch a decode step, then read the one in flight back while the device runs it."""
@@ -642,11 +656,25 @@ class Engine:
             seq.num_computed_tokens += 1
             if seq.num_computed_tokens <= seq.num_prompt_tokens:  # a one-token prompt (or last chunk)
                 self.prompt_tokens_computed += 1
+        params = [seq.sampling for seq in seqs]
+        guard = None
+        if self.grammars is not None and any(seq.grammar is not None for seq in seqs):
+            # a grammar's mask needs the matcher past the step in flight: land it now, while the
+            # device runs this step's forward (vLLM's structured output under async scheduling);
+            # a sequence that ends there keeps its blocks until this step has run (the guard)
+            if prev is not None:
+                guard = self._inflight = InFlight.guard(seqs)
+                self._land(prev)
+                prev = None
+            masks = self.grammars.fill([seq if seq.status is not Status.FINISHED else _ENDED for seq in seqs])
+            if masks is not None:
+                masks.apply(logits)
+                params = masks.sampling(params)
         histories = [seq.sampling_history() for seq in seqs]
-        tokens = self.sampler.sample(
-            logits, [seq.sampling for seq in seqs], [h[0] for h in histories], [h[1] for h in histories], self.eos_token_ids
-        )
+        tokens = self.sampler.sample(logits, params, [h[0] for h in histories], [h[1] for h in histories], self.eos_token_ids)
         self._inflight = InFlight.launch(seqs, tokens)
+        if guard is not None:
+            self._inflight.free_after += guard.free_after
         for seq, slot in zip(seqs, self._inflight.slots):
             seq.final_pending = self._ends_by_length(seq, slot)  # its read-back ends it, whatever its value
         if prev is not None:
@@ -668,6 +696,9 @@ class Engine:
             if seq.status is Status.FINISHED:
                 continue  # aborted or failed while in flight
             seq.token_ids[slot] = tok
+            if seq.grammar is not None and not seq.grammar.accept(tok):
+                self._grammar_failed(seq, f"token {tok} does not fit the grammar")
+                continue
             self.prefix_cache.register(seq, upto=slot)  # the KV of positions before it is computed
             self.tokens_generated += 1
             item = TokenOut(seq.req_id, [tok])

@@ -14,6 +14,10 @@ step whose rows can all be drawn without the host knowing their last tokens' val
 3. only then the step in flight is read back (:meth:`InFlight.wait`), its placeholders replaced
    and its sequences finished — while the GPU runs the step just launched.
 
+A grammar row (structured output) runs ahead too: its mask for step n+1 needs its matcher past
+step n's token, so once step n+1's forward is launched the engine lands step n, advances the
+matchers, fills and applies the masks and only then draws — the forward of n+1 runs meanwhile.
+
 A sequence that stops at step n has already been given a row of step n+1: that row's output is
 dropped, and the blocks of every sequence that ends while a step that holds it is in flight are
 freed only once that step has run (``free_after``), so no block is handed to another request while
@@ -62,6 +66,13 @@ class InFlight:
             slots.append(seq.num_tokens)
             seq.append_token(PENDING)
         return cls(seqs, slots, host, tokens, event, {seq.req_id: j for j, seq in enumerate(seqs)})
+
+    @classmethod
+    def guard(cls, seqs: list[Sequence]) -> InFlight:
+        """A step launched and not sampled yet (a grammar's mask waits for the step before it):
+        it holds ``seqs``, so that one ending meanwhile keeps its blocks until the step has run."""
+        empty = torch.empty(0, dtype=torch.int64)
+        return cls(seqs, [], empty, empty, None, {seq.req_id: j for j, seq in enumerate(seqs)})
 
     def holds(self, seq: Sequence) -> bool:
         j = self.rows.get(seq.req_id)
