@@ -20,8 +20,9 @@ A request whose ``SamplingParams.structured`` is set (the frontend fills it from
    (it accepted an eos / stop token) ends the sequence with ``stop``; ``max_tokens`` first ends it
    with ``length``.
 
-Rows without a grammar pay nothing but an attribute test. A grammar row needs its last token on
-the host to advance its matcher, so it never draws a step ahead (actors.engine.overlap). xgrammar
+Rows without a grammar pay nothing but an attribute test. Under asynchronous scheduling a grammar
+row still runs a step ahead: the engine lands the step in flight after launching the next
+forward, then fills this step's masks (actors.engine.overlap). xgrammar
 is imported on the compile thread at the first structured request: an instance that never sees
 one never loads it.
 """
