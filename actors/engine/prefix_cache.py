@@ -64,14 +64,7 @@ class PrefixCache:
         if not self.enabled:
             return 0
         n = self._hashes(seq, (seq.num_tokens - 1) // self.blocks.block_size)
-        table = []
-        for h in seq.block_hashes[:n]:
-            b = self.blocks.cached(h)
-            if b is None:
-                break
-            table.append(b)
-        for b in table:
-            self.blocks.touch(b)
+        table = self._take_run(seq.block_hashes[:n])
         seq.block_table = table
         seq.num_computed_tokens = len(table) * self.blocks.block_size
         seq.num_registered_blocks = len(table)
@@ -85,8 +78,12 @@ class PrefixCache:
         if not self.enabled or not token_ids:
             return []
         n = self._chain(hashes, token_ids, (len(token_ids) - 1) // self.blocks.block_size)
+        return self._take_run(hashes[:n])
+
+    def _take_run(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the leading run of ``hashes``, each referenced (``touch``)."""
         table = []
-        for h in hashes[:n]:
+        for h in hashes:
             b = self.blocks.cached(h)
             if b is None:
                 break
