@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from transfer_bench import SHAPES, _engine_receiver, _spawn
+from transfer_bench import SHAPES, _engine_receiver, _spawn, close_sender
 
 from native.kernels import kv_copy
 from native.transfer.base import WriteOp, create_transfer_engine
@@ -81,13 +81,7 @@ def phases(reps: int) -> dict:
         out["device_copy_gbps"] = round(shape.nbytes / (out["device_copy_us"] * 1e-6) / 1e9, 1)
         return out
     finally:
-        tx.close()
-        src.close()
-        conn.send("stop")
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        conn.close()
+        close_sender(tx, src, proc, conn)
 
 
 def pieces(reps: int) -> dict:

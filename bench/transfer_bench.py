@@ -206,13 +206,18 @@ def bench_engine(protocol: str, shape: Shape, reps: int, device: str = "cpu", ra
     try:
         return timed(run, reps)
     finally:
-        tx.close()
-        src.close()
-        conn.send("stop")
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-        conn.close()
+        close_sender(tx, src, proc, conn)
+
+
+def close_sender(tx, src, proc, conn) -> None:
+    """Close a sender's engine and cache and stop its receiver process."""
+    tx.close()
+    src.close()
+    conn.send("stop")
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+    conn.close()
 
 
 # --------------------------------------------------------------------------- main
