@@ -185,7 +185,10 @@ def test_no_decode_room_gives_503(cluster, tiny_model_dir):
         "the decode running the first request",
     )
     t0 = time.monotonic()
-    status, body = http_json(router.url + "/v1/completions", {"prompt": long_prompt, "max_tokens": 30, "temperature": 0}, timeout=30)
+    # another prompt: the same one would find its blocks cached on the decode (decode-side reuse)
+    # and need only its last block
+    other_prompt = [(j % 89) + 4 for j in range(480)]
+    status, body = http_json(router.url + "/v1/completions", {"prompt": other_prompt, "max_tokens": 30, "temperature": 0}, timeout=30)
     waited = time.monotonic() - t0
     holder.join(60)
     assert status == 503, body
