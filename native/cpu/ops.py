@@ -5,8 +5,8 @@ Per layer of a decode step: one attention call (RoPE, K/V store and paged attent
 call per norm (with the residual add), one per SwiGLU, and one per MoE block with float experts
 (router, each expert's GEMMs over its own rows only, shared expert, combine). Weight-only experts
 (wint8 / wint4) route and combine through the kernels around the torch table's per-expert
-dequantizing GEMMs. Rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) keep torch's
-flash SDPA, which splits one long row over threads (the kernel splits rows, not one row;
+dequantizing GEMMs. Rows of several queries over a long cached context (``KERNEL_MAX_PAIRS``)
+keep torch's SDPA, and rows longer than ``KERNEL_MAX_QUERY`` queries (long prompts) its flash SDPA, which splits one long row over threads (the kernel splits rows, not one row;
 single-threaded the two are level from ~256 queries up). Everything else (EP, TP collectives,
 linears) is the torch table's.
 """
@@ -26,6 +26,15 @@ from native.model.ops import TorchOps, TorchStep
 from . import kernels
 
 KERNEL_MAX_QUERY = 512
+# A chunk of several queries over a long cached context (a prompt whose prefix was cached) leaves
+# the kernel for torch's SDPA past this many (query, key) pairs: the kernel scores one query at a
+# time (a horizontal sum per key), ~24 ns a pair at head_dim 16, where SDPA's GEMMs take ~10 and
+# a fixed ~0.3 ms (192 queries over 2,048 keys: 9.5 against 4 ms a layer, one thread).
+KERNEL_MAX_PAIRS = 1 << 16
+
+
+def _kernel_row(q: int, ctx: int) -> bool:
+    return 0 < q <= KERNEL_MAX_QUERY and (q == 1 or q * ctx <= KERNEL_MAX_PAIRS or ctx == q)
 _EMPTY = torch.empty(0)
 
 
@@ -52,7 +61,7 @@ class CpuOps(TorchOps):
         self.k = module
 
     def begin(self, model, positions, meta: AttnMeta):
-        rows = [i for i, q in enumerate(meta.query_lens) if 0 < q <= KERNEL_MAX_QUERY]
+        rows = [i for i, (q, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)) if _kernel_row(q, ctx)]
         if not rows:
             return super().begin(model, positions, meta)
         rest = len(rows) < len(meta.query_lens)
