@@ -191,6 +191,7 @@ class Load(msgspec.Struct, omit_defaults=True):
     # the prefix cache's running totals (tokens looked up / found), for the router's /metrics
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_blocks_reused: int = 0
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

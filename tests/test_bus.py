@@ -51,7 +51,7 @@ KV = m.KVLayout(
 )
 LOAD = m.Load(
     free_blocks=1000, total_blocks=4096, running=3, waiting=1, pending_prefill_tokens=10**9, reserved_blocks=7,
-    prefix_cache_queries=10**12, prefix_cache_hits=10**11,
+    prefix_cache_queries=10**12, prefix_cache_hits=10**11, prefix_cache_blocks_reused=10**9,
 )
 SAMPLING = m.SamplingParams(
     max_tokens=2**31 - 1, min_tokens=1, temperature=0.7, top_p=0.95, top_k=-1, min_p=1e-300,

@@ -306,7 +306,8 @@ def test_the_routers_metrics_show_decisions_bytes_and_each_instances_prefix_cach
             fake = FakeBus()
             for role, name, queries, hits in (("prefill", "p0", 100, 64), ("decode", "d0", 80, 48)):
                 peer = fake.add(role, name)
-                peer = Peer(peer.identity, peer.hello, load=Load(prefix_cache_queries=queries, prefix_cache_hits=hits))
+                load = Load(prefix_cache_queries=queries, prefix_cache_hits=hits, prefix_cache_blocks_reused=hits // BS)
+                peer = Peer(peer.identity, peer.hello, load=load)
                 server.bus.peers[peer.identity] = peer
             d0 = server.bus.peers[b"d0"]
             server.pd.routing.pick("decode", [d0], CONV)
@@ -317,6 +318,7 @@ def test_the_routers_metrics_show_decisions_bytes_and_each_instances_prefix_cach
             assert "pdbus:kv_transfer_bytes_total 1000.0" in text and "pdbus:kv_transfer_bytes_saved_total 4096.0" in text
             assert 'pdbus:prefix_cache_hits_total{instance="d0",role="decode"} 48.0' in text
             assert 'pdbus:prefix_cache_queries_total{instance="p0",role="prefill"} 100.0' in text
+            assert f'pdbus:prefix_cache_blocks_reused_total{{instance="p0",role="prefill"}} {64 // BS:.1f}' in text
             server.pd.routing.record(d0, CONV)
             server.instance_joined(d0)  # says Hello again: what it caches is unknown now
             assert server.pd.routing.index.size(d0.identity) == 0

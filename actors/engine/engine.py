@@ -222,6 +222,7 @@ class Engine:
             reserved_blocks=self.blocks.num_reserved,
             prefix_cache_queries=self.prefix_cache.queries,
             prefix_cache_hits=self.prefix_cache.hits,
+            prefix_cache_blocks_reused=self.prefix_cache.blocks_reused,
         )
 
     # ------------------------------------------------------------------ loop

@@ -215,6 +215,7 @@ class RouterServer:
                         "reserved_blocks": peer.load.reserved_blocks,
                         "prefix_cache_queries": peer.load.prefix_cache_queries,
                         "prefix_cache_hits": peer.load.prefix_cache_hits,
+                        "prefix_cache_blocks_reused": peer.load.prefix_cache_blocks_reused,
                     },
                 }
             )
@@ -260,6 +261,9 @@ class RouterServer:
                 inst = {"instance": peer.name, "role": peer.hello.role}
                 out.append(Total("prefix_cache_queries", "Tokens looked up in the prefix cache", inst, peer.load.prefix_cache_queries))
                 out.append(Total("prefix_cache_hits", "Tokens found in the prefix cache", inst, peer.load.prefix_cache_hits))
+                out.append(Total(
+                    "prefix_cache_blocks_reused", "KV blocks taken from the prefix cache", inst, peer.load.prefix_cache_blocks_reused
+                ))  # fmt: skip
         return out
 
     # ----------------------------------------------------------------- HTTP
