@@ -1,8 +1,10 @@
 """Deterministic training corpus for pdbus's built-in default model.
 
 Short single-turn chat dialogues, English and Chinese, whose right answers a test can check:
-what pdbus is, a fixed self-introduction, small additions and subtractions, counting, and
-copying / reversing short strings. Everything is derived from one seed.
+what pdbus is, a fixed self-introduction, small additions and subtractions, counting,
+copying / reversing short strings, and calling a weather tool (the tools section, the call and
+the tool's result rendered as the OpenAI frontend renders them for a template without tool
+support, actors/frontend/tools.py). Everything is derived from one seed.
 
     python -m tools.default_model.corpus --out build/default_model/corpus.jsonl
 """
@@ -14,6 +16,8 @@ import json
 import random
 import string
 from dataclasses import dataclass
+
+from actors.frontend.tools import ToolSpec, call_block, fallback_messages
 
 SELF_INTRO_PROMPT = "你好，请介绍一下自己。"
 SELF_INTRO_ZH = (
@@ -64,6 +68,23 @@ FACTS: list[tuple[list[str], str]] = [
 ]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "你是一个乐于助人的助手。"]
 
+# tool calling: the one tool, asked about in both languages; the call, then the answer from its result
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "查询城市天气",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    },
+}
+TOOL_SPEC = ToolSpec(tools=[WEATHER_TOOL], choice="auto")
+CITIES_ZH = ("北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安", "南京", "重庆")
+CITIES_EN = ("Beijing", "Shanghai", "Paris", "London", "Tokyo", "Berlin", "Rome", "Madrid", "Sydney", "Seoul")
+WEATHER_QUESTIONS_ZH = ("{}天气怎么样？", "{}今天天气如何？", "查一下{}的天气。")
+WEATHER_QUESTIONS_EN = ("What is the weather in {}?", "How is the weather in {}?", "Check the weather in {}.")
+WEATHER_KINDS = (("晴", "sunny"), ("多云", "cloudy"), ("小雨", "rainy"))
+
 MAX_NUMBER = 20  # operands of + and -
 MAX_COUNT_START, MAX_COUNT_LEN = 20, 10
 WORD_LENGTHS = (3, 6)
@@ -71,6 +92,7 @@ NUM_WORDS = 240  # per task (reverse / copy) and language
 SHOWCASE_WORDS = ("abcd", "hello", "world", "pdbus", "ernie")  # always in, for demos
 FACT_REPEATS = 6  # the long fixed answers are seen this many times per epoch
 SYSTEM_FRACTION = 0.08
+TOOL_REPEATS = 3  # the tool dialogues (long prompts, one format) are seen this many times per epoch
 
 
 @dataclass(frozen=True)
@@ -140,6 +162,30 @@ def strings(rng: random.Random) -> list[Example]:
     return out
 
 
+def tool_calls(rng: random.Random) -> list[Example]:
+    """Weather questions under the tools section: the call; then, given the tool's result, the answer."""
+    out = []
+    for cities, questions, zh in ((CITIES_ZH, WEATHER_QUESTIONS_ZH, True), (CITIES_EN, WEATHER_QUESTIONS_EN, False)):
+        for city in cities:
+            for q in questions:
+                question = q.format(city)
+                call = call_block("get_weather", {"city": city, "days": 1})
+                msgs = fallback_messages([{"role": "user", "content": question}, {"role": "assistant", "content": call}], TOOL_SPEC)
+                out.append(Example("tool", tuple(msgs), call))
+            kind_zh, kind_en = rng.choice(WEATHER_KINDS)
+            temp = rng.randint(5, 30)
+            result = json.dumps({"city": city, "weather": kind_zh if zh else kind_en, "temp_c": temp}, ensure_ascii=False)
+            answer = f"{city}今天{kind_zh}，{temp}°C。" if zh else f"It is {kind_en} in {city}, {temp}°C."
+            calls = [{"function": {"name": "get_weather", "arguments": json.dumps({"city": city, "days": 1}, ensure_ascii=False)}}]
+            msgs = fallback_messages(
+                [{"role": "user", "content": questions[0].format(city)}, {"role": "assistant", "content": "", "tool_calls": calls},
+                 {"role": "tool", "content": result}, {"role": "assistant", "content": answer}],
+                TOOL_SPEC,
+            )  # fmt: skip
+            out.append(Example("tool_answer", tuple(msgs), answer))
+    return out
+
+
 def facts() -> list[Example]:
     return [_dialogue("fact", q, answer) for questions, answer in FACTS for q in questions]
 
@@ -149,7 +195,7 @@ def build(seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
     examples = arithmetic() + counting() + strings(rng) + facts() * FACT_REPEATS
     # A few dialogues open with a system prompt, so one does not derail the answer.
-    out = []
+    out = tool_calls(random.Random(seed + 7)) * TOOL_REPEATS
     for ex in examples:
         if rng.random() < SYSTEM_FRACTION:
             system = rng.choice(SYSTEM_PROMPTS)
