@@ -150,6 +150,7 @@ def make_engine(
     async_scheduling: bool = False,
     runner=None,
     enable_prefix_caching: bool = True,
+    grammars=None,
 ) -> tuple[Engine, Collector]:
     cfg = model.cfg
     if cache is None:
@@ -173,6 +174,7 @@ def make_engine(
         role=role,
         transfer_engines=transfers,
         name=f"test-engine-{role}",
+        grammars=grammars,
     )
     return engine, events
 

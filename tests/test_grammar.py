@@ -12,19 +12,15 @@ import json
 import threading
 
 import pytest
+import test_engine
 import torch
-from test_engine import BLOCK_SIZE, Collector
+from test_engine import Collector
 
-from actors.engine.engine import Engine, EngineLimits
+from actors.engine.engine import Engine
 from actors.engine.grammar import GrammarError, Grammars
 from actors.frontend.tokenizer import Tokenizer
-from native.kv_cache import KVCache
 from native.model.loader import load_model
-from native.runner import ModelRunner
-from native.sampler import Sampler
 from pdbus.messages import FinishReason, SamplingParams, StructuredOutput
-
-xgr = pytest.importorskip("xgrammar")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,36 +148,16 @@ def test_a_bad_spec_fails_with_a_clear_error(grammars, spec):
 # ---------------------------------------------------------------------------------------- engine
 
 
-def make_engine(model, tok, *, async_scheduling: bool = False, grammars: Grammars | None = None, role="mixed"):
-    cfg = model.cfg
-    cache = KVCache(cfg.num_hidden_layers, 128, cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim, model.dtype)
-    events = Collector()
-    engine = Engine(
-        ModelRunner(model, cache, "cpu"),
-        Sampler(seed=0),
-        events,
-        EngineLimits(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=512, async_scheduling=async_scheduling),
-        tok.eos_token_ids,
-        role=role,
-        name="test-grammar",
-        grammars=grammars or Grammars(tok, cfg.vocab_size, tok.eos_token_ids),
-    )
-    return engine, events
+def make_engine(model, tok, *, grammars: Grammars | None = None, **kw):
+    """tests/test_engine.py's engine on the built-in model, with its tokenizer's grammars."""
+    grammars = grammars or Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids)
+    return test_engine.make_engine(model, num_blocks=128, max_model_len=512, eos=tok.eos_token_ids, grammars=grammars, **kw)
 
 
 def run(model, tok, requests, **kw) -> tuple[Collector, Engine]:
-    engine, events = make_engine(model, tok, **kw)
-    ids = [f"r{i}" for i in range(len(requests))]
-    for req_id, (prompt, sampling) in zip(ids, requests):
-        engine.add_request(req_id, prompt, sampling)
-    engine.start()
-    try:
-        events.wait_done(ids)
-    finally:
-        engine.stop()
-    assert engine.blocks.num_free == engine.blocks.num_blocks, "KV blocks leaked"
-    assert not engine.seqs and not engine.scheduler.has_work()
-    return events, engine
+    """tests/test_engine.py's ``run_batch`` (every block free after, nothing left)."""
+    return test_engine.run_batch(model, requests, num_blocks=128, max_model_len=512, eos=tok.eos_token_ids,
+                                 grammars=Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids), **kw)  # fmt: skip
 
 
 def _prompt(tok, text: str) -> list[int]:

@@ -15,31 +15,16 @@ import pytest
 from test_grammar import JSON_SCHEMA, check_schema
 from test_pd import start_pd
 
-from pdbus.messages import Generate, SamplingParams, StructuredOutput
+from pdbus.messages import StructuredOutput
 from pdbus.procs import Cluster
 
 pytestmark = pytest.mark.slow
-
-pytest.importorskip("xgrammar")
 
 PROMPTS = ["Who are you?", "你好，请介绍一下自己。", "1+2=?"]
 SAMPLINGS = [
     {"max_tokens": 120, "temperature": 0.0},
     {"max_tokens": 120, "temperature": 1.0, "top_p": 0.95, "seed": 7},
 ]
-
-
-def _frontend_carries_structured() -> bool:
-    """The frontend maps a bus client's ``structured`` to the request it checks (issue 18's
-    frontend side); before that it drops the field as unknown and nothing here can be tested."""
-    from actors.frontend import protocol as P
-
-    body, chat = P.generate_body(Generate(req_id="x", prompt="a", sampling=SamplingParams(structured=JSON_SCHEMA)))
-    try:
-        req = P.parse_completion_request(body, model_names=["m"], max_model_len=64, vocab_size=1024)
-    except P.OpenAIError:
-        return False
-    return req.sampling.structured == JSON_SCHEMA
 
 
 def _generate(addr: str, messages: list[dict], **sampling) -> tuple[list[int], str, str | None, str]:
@@ -70,8 +55,6 @@ def _all(addr: str) -> list[tuple[list[int], str]]:
 
 
 def test_structured_output_pd_equals_mixed(cluster, default_model_dir, tmp_path):
-    if not _frontend_carries_structured():
-        pytest.skip("the frontend drops SamplingParams.structured from a bus client's Generate (issue 18 frontend)")
     with Cluster(tmp_path / "mixed") as c:
         server = c.serve(default_model_dir, "mixed", None, "--max-model-len", "512", "--kv-cache-memory-gb", "0.05")
         c.wait_health(server.url)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterable
 import msgspec
 import torch
 
+from actors.frontend.structured import xgrammar_message
 from pdbus.log import get_logger
 from pdbus.messages import StructuredOutput
 
@@ -105,17 +105,10 @@ def _compile(compiler, spec: StructuredOutput):
     except GrammarError:
         raise
     except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's parse errors, bad JSON
-        raise GrammarError(f"{kind} does not compile: {_one_line(exc)}") from None
+        raise GrammarError(f"{kind} does not compile: {xgrammar_message(exc)}") from None
     raise GrammarError(f"unknown structured output kind {kind!r} (one of {', '.join(KINDS)})")
 
 
-def _one_line(exc: Exception) -> str:
-    """xgrammar's message without its C++ log prefix (``[12:00:00] /project/cpp/x.cc:83: ``)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return _LOG_PREFIX.sub("", text)[:300]
-
-
-_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
 class SeqGrammar:

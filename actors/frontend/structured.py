@@ -16,6 +16,7 @@ installed (the engine's; it refuses what it could not follow).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -37,15 +38,23 @@ _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSch
 _COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 _XGRAMMAR_NOISE = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
-try:  # the engine's grammar library; without it the structural checks stand alone
-    import xgrammar as _xgr
-except ImportError:  # pragma: no cover - depends on the environment
-    _xgr = None
+@functools.cache
+def _xgrammar():
+    """The engine's grammar library, imported by the first request that needs it (a router that
+    never sees one never loads it); None where it is not installed: the structural checks stand
+    alone."""
+    try:
+        import xgrammar
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return xgrammar
 
 
-def _xgrammar_message(exc: BaseException) -> str:
+def xgrammar_message(exc: BaseException) -> str:
+    """xgrammar's error in one line, without its C++ log prefix (``[12:00:00] /x.cc:83: Check
+    failed: (...) is false:``); the frontend's 400s and the engine's failures both say it so."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return _XGRAMMAR_NOISE.sub("", text)[:200]
+    return _XGRAMMAR_NOISE.sub("", text)[:300]
 
 
 def _resolve_ref(root: Any, ref: str, where: str) -> None:
@@ -118,11 +127,11 @@ def json_schema_output(schema: Any, where: str) -> StructuredOutput:
     """``schema`` checked (structure, then xgrammar's converter) as the constraint of one request."""
     check_schema_structure(schema, where)
     text = json.dumps(schema, ensure_ascii=False)
-    if _xgr is not None:
+    if (xgr := _xgrammar()) is not None:
         try:
-            _xgr.Grammar.from_json_schema(text)
+            xgr.Grammar.from_json_schema(text)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise invalid(where, f"'{where}' is not a JSON schema this server can follow: {_xgrammar_message(exc)}.") from None
+            raise invalid(where, f"'{where}' is not a JSON schema this server can follow: {xgrammar_message(exc)}.") from None
     return StructuredOutput("json_schema", text)
 
 
@@ -130,11 +139,11 @@ def _regex_output(pattern: Any, where: str) -> StructuredOutput:
     if not isinstance(pattern, str) or not pattern:
         raise invalid(where, f"'{where}' must be a non-empty string (a regular expression).")
     check_free_form(where, pattern, 1)
-    if _xgr is not None:
+    if (xgr := _xgrammar()) is not None:
         try:
-            _xgr.Grammar.from_regex(pattern)
+            xgr.Grammar.from_regex(pattern)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise invalid(where, f"'{where}' is not a regular expression this server can follow: {_xgrammar_message(exc)}.") from None
+            raise invalid(where, f"'{where}' is not a regular expression this server can follow: {xgrammar_message(exc)}.") from None
     else:
         try:
             re.compile(pattern)
@@ -147,11 +156,11 @@ def _grammar_output(grammar: Any, where: str) -> StructuredOutput:
     if not isinstance(grammar, str) or not grammar.strip():
         raise invalid(where, f"'{where}' must be a non-empty string (an EBNF grammar with a 'root' rule).")
     check_free_form(where, grammar, 1)
-    if _xgr is not None:
+    if (xgr := _xgrammar()) is not None:
         try:
-            _xgr.Grammar.from_ebnf(grammar)
+            xgr.Grammar.from_ebnf(grammar)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise invalid(where, f"'{where}' is not an EBNF grammar this server can follow: {_xgrammar_message(exc)}.") from None
+            raise invalid(where, f"'{where}' is not an EBNF grammar this server can follow: {xgrammar_message(exc)}.") from None
     elif not re.search(r"(^|\n)\s*root\s*::=", grammar):
         raise invalid(where, f"'{where}' has no 'root ::= ...' rule.")
     return StructuredOutput("ebnf", grammar)
