@@ -300,7 +300,7 @@ class RankServer:
             lockstep=rank.lockstep,
             on_fatal=die,
             cache_key=rank.prefix_cache_key(),
-            grammars=Grammars(rank.tokenizer, rank.model_cfg.vocab_size, rank.eos_ids) if rank.tokenizer else None,
+            grammars=Grammars(rank.tokenizer, rank.eos_ids) if rank.tokenizer else None,
         )
         self.engine.start()
         if rank.tp_group is not None:

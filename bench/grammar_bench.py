@@ -18,11 +18,17 @@ import argparse
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from cpu_suite import PROFILE_HZ, summarize_profile  # noqa: E402
 from serve_bench import Load, measure, median_summary  # noqa: E402
 
 from pdbus.procs import Cluster  # noqa: E402
@@ -41,6 +47,31 @@ SCHEMA = {
 }
 
 
+def profile(pid: int, path: Path, run) -> dict:
+    """py-spy record ``pid`` and its children (raw stacks into ``path``) while ``run()`` runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [pyspy, "record", "--pid", str(pid), "--rate", str(PROFILE_HZ), "--format", "raw", "--output", str(path),
+           "--subprocesses", "--nonblocking"]  # fmt: skip
+    rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not path.exists() and rec.poll() is None and time.monotonic() - t0 < 2.0:
+        time.sleep(0.05)  # py-spy attaching (it writes its file when it stops; bounded either way)
+    t0 = time.monotonic()
+    run()
+    wall = time.monotonic() - t0
+    rec.send_signal(signal.SIGINT)
+    try:
+        _, err = rec.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        _, err = rec.communicate()
+    summary = summarize_profile(path, wall, PROFILE_HZ)
+    if "error" in summary:
+        summary["stderr"] = (err or "")[-500:]
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", default=None, help="a running server (default: start a mixed one)")
@@ -51,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=96, help="max_tokens (the plain run makes exactly this many)")
     ap.add_argument("--rounds", type=int, default=2, help="measured rounds of each, alternating")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--py-spy", default=None, metavar="DIR",
+                    help="after the measured rounds, py-spy record the server (raw stacks into DIR) "
+                    "during one more round of each kind")  # fmt: skip
     args = ap.parse_args(argv)
     from pdbus.config import default_model_dir
 
@@ -74,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 if summary["failed"]:
                     raise SystemExit(f"{name}: {summary['failed']} requests failed: {summary['errors']}")
                 runs[name].append(summary)
+        if args.py_spy and args.base_url is None:
+            profiles = {name: profile(proc.popen.pid, Path(args.py_spy) / f"{name}.txt",
+                                      lambda extra=extra: measure(url, None, load, math.inf, args.concurrency, 1,
+                                                                  round_offset=50, extra_body=extra))
+                        for name, extra in (("plain", None), ("json_schema", constrained))}  # fmt: skip
     result = {name: median_summary(rounds) for name, rounds in runs.items()}
     for name, s in result.items():
         itl = s["itl_ms"]
@@ -86,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio_mean = result["json_schema"]["itl_ms"]["mean"] / result["plain"]["itl_ms"]["mean"]
     ratio_p50 = result["json_schema"]["itl_ms"]["p50"] / result["plain"]["itl_ms"]["p50"]
     print(f"ratio json_schema / plain at c{args.concurrency}: ITL mean {ratio_mean:.3f}, p50 {ratio_p50:.3f} (target <= 1.10)")
+    out = {"args": vars(args), "result": result, "ratio_mean": ratio_mean, "ratio_p50": ratio_p50}
+    if args.py_spy and args.base_url is None:
+        out["profiles"] = profiles
+        for name, prof in profiles.items():
+            print(f"py-spy {name}: {json.dumps(prof.get('by_thread'))}")
+            for frame, share in prof.get("top_leaf", [])[:10]:
+                print(f"    {share:6.1%}  {frame}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "result": result, "ratio_mean": ratio_mean, "ratio_p50": ratio_p50}, fh, indent=1)
+            json.dump(out, fh, indent=1)
     return 0
 
 

@@ -58,7 +58,7 @@ def model(default_model_dir):
 
 @pytest.fixture
 def grammars(tok, model):
-    g = Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids)
+    g = Grammars(tok, tok.eos_token_ids)
     yield g
     g.close()
 
@@ -80,7 +80,9 @@ def _walk(grammars: Grammars, spec: StructuredOutput, seed: int, max_steps: int 
     row = Row()
     row.grammar = grammar
     for _ in range(max_steps):
-        logits = torch.randn(1, grammars.vocab_size, generator=gen)
+        # logits wider than the tokenizer (a model's padded vocabulary), the padding the likeliest
+        logits = torch.randn(1, grammars.vocab_size + PADDING, generator=gen)
+        logits[:, grammars.vocab_size :] += 30.0
         fill = grammars.fill([row])
         fill.apply(logits)
         tok = int(torch.softmax(logits, -1).multinomial(1, generator=gen))
@@ -89,6 +91,30 @@ def _walk(grammars: Grammars, spec: StructuredOutput, seed: int, max_steps: int 
         if grammar.terminated:
             return out
     raise AssertionError(f"no end within {max_steps} tokens")
+
+
+PADDING = 96  # logits columns past the tokenizer's ids in the walks
+
+
+def test_padding_past_the_tokenizer_is_banned_in_grammar_rows_only(grammars):
+    class Row:
+        grammar = None
+
+    plain, constrained = Row(), Row()
+    constrained.grammar = grammars.start(JSON_SCHEMA, lambda: None)
+    constrained.grammar.future.result(timeout=60)
+    assert constrained.grammar.bind([]) is None
+    width = grammars.vocab_size
+    assert grammars.fill([plain]) is None  # no grammar row: nothing to mask
+    logits = torch.randn(2, width + PADDING)
+    before = logits.clone()
+    fill = grammars.fill([plain, constrained])
+    assert fill.bitmask.shape[1] == (width + 31) // 32  # the tokenizer's ids, not the padding's
+    fill.apply(logits)
+    assert torch.equal(logits[0], before[0])  # the row without a grammar is untouched
+    assert torch.isinf(logits[1, width:]).all() and (logits[1, width:] < 0).all()
+    allowed = torch.isfinite(logits[1, :width])
+    assert 0 < int(allowed.sum()) < width  # the grammar's own mask over the tokenizer's ids
 
 
 def test_random_logits_under_a_schema_give_valid_json(grammars, tok):
@@ -116,7 +142,7 @@ def test_every_kind_compiles_and_holds(grammars, tok):
 
 
 def test_the_cache_compiles_a_spec_once_and_stays_bounded(tok, model):
-    grammars = Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids, cache_size=2)
+    grammars = Grammars(tok, tok.eos_token_ids, cache_size=2)
     try:
         first = grammars.compile(JSON_SCHEMA)
         assert grammars.compile(JSON_SCHEMA) is first
@@ -150,14 +176,14 @@ def test_a_bad_spec_fails_with_a_clear_error(grammars, spec):
 
 def make_engine(model, tok, *, grammars: Grammars | None = None, **kw):
     """tests/test_engine.py's engine on the built-in model, with its tokenizer's grammars."""
-    grammars = grammars or Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids)
+    grammars = grammars or Grammars(tok, tok.eos_token_ids)
     return test_engine.make_engine(model, num_blocks=128, max_model_len=512, eos=tok.eos_token_ids, grammars=grammars, **kw)
 
 
 def run(model, tok, requests, **kw) -> tuple[Collector, Engine]:
     """tests/test_engine.py's ``run_batch`` (every block free after, nothing left)."""
     return test_engine.run_batch(model, requests, num_blocks=128, max_model_len=512, eos=tok.eos_token_ids,
-                                 grammars=Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids), **kw)  # fmt: skip
+                                 grammars=Grammars(tok, tok.eos_token_ids), **kw)  # fmt: skip
 
 
 def _prompt(tok, text: str) -> list[int]:
@@ -197,7 +223,7 @@ def test_a_bad_grammar_fails_its_request_alone(model, tok):
 
 
 def test_a_compiling_grammar_holds_only_its_own_request(model, tok):
-    grammars = Grammars(tok, model.cfg.vocab_size, tok.eos_token_ids)
+    grammars = Grammars(tok, tok.eos_token_ids)
     gate = threading.Event()
     grammars._compile_pool.submit(gate.wait, 60)  # the compile thread is busy until the gate opens
     engine, events = make_engine(model, tok, grammars=grammars)
@@ -290,10 +316,11 @@ def test_masks_on_the_gpu_equal_the_cpu_masks(grammars, tok):
 
     rows = [Row(matchers[0]), Row(None), Row(matchers[1])]
     gen = torch.Generator().manual_seed(0)
-    cpu = torch.randn(3, grammars.vocab_size, generator=gen)
+    cpu = torch.randn(3, grammars.vocab_size + PADDING, generator=gen)  # a padded model vocabulary
     cuda = cpu.to("cuda")
     grammars.fill(rows).apply(cpu)
     grammars.fill(rows).apply(cuda)
     torch.cuda.synchronize()
     assert torch.equal(cuda.cpu(), cpu)
     assert torch.isinf(cpu[0]).any() and not torch.isinf(cpu[1]).any()
+    assert torch.isinf(cpu[[0, 2], grammars.vocab_size :]).all()
