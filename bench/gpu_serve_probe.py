@@ -17,6 +17,9 @@ reused when ``DIR`` already holds one of the same config (``gpu_serve_checkpoint
   With each, the step's byte floor: weight bytes read (routed experts scaled by the expected share
   of distinct experts B random top-k rows touch, ``E·(1-(1-k/E)^B)``, as gpu_bench.py counts them;
   the tied embedding once, as the lm_head) plus K/V bytes at CTX, over the measured bandwidth;
+* ``--prefills NEWxCACHED,...``: one prompt's eager chunk of NEW tokens over CACHED cached ones
+  (what a prefill instance runs): wall ms with the first token read back, the kernels launched
+  and their summed device time;
 * ``--hf BxLEN,...``: transformers ``generate`` (greedy, ``--hf-tokens`` new tokens) at batch B
   over LEN-token prompts, on a model of the checkpoint's config built on the device with random
   weights (``from_pretrained`` onto a GPU needs accelerate); decode ms per step from a streamer.
@@ -189,6 +192,37 @@ def count_kernels(model, cache, device: torch.device, batch: int, ctx: int, bloc
     return sum(1 for n in names if not n.startswith(("Memcpy", "Memset")))
 
 
+def time_prefill(runner, new: int, cached: int, block: int, device: torch.device, iters: int = 10) -> dict:
+    """One prompt's chunk of ``new`` tokens over ``cached`` tokens already in the cache, eager (as a
+    prefill runs): median wall ms of ``runner.execute`` with the first token read back, and, from
+    one profiled run, the kernels it launched and the sum of their device times (wall far above
+    that sum: the step is bound by launches and host work, not by the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    table = list(range(1, 1 + -(-(cached + new) // block)))
+    tokens = [5 + (i % 997) for i in range(new)]
+
+    def run():
+        runner.execute([tokens], [cached], [table], [0]).argmax(-1).tolist()
+
+    ts = []
+    for it in range(iters + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        if it >= 2:
+            ts.append((time.perf_counter() - t0) * 1e3)
+    out = {"wall_ms": statistics.median(ts)}
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["kernels"] = sum(1 for e in kernels if not e.name.startswith(("Memcpy", "Memset")))
+        out["device_ms"] = sum(e.device_time for e in kernels) / 1e3
+    return out
+
+
 def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) -> dict:
     from native.kv_cache import KVCache
     from native.model.loader import load_model, resolve_dtype
@@ -200,7 +234,9 @@ def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) ->
     model.eval()
     dtype = resolve_dtype(args.dtype, cfg)
     log(f"loaded {args.model} ({args.mode}) in {time.monotonic() - t0:.1f}s")
-    blocks = max(b * -(-ctx // args.block_size) for b, ctx in points) + 1
+    prefills = parse_pairs(args.prefills)
+    blocks = max([b * -(-ctx // args.block_size) for b, ctx in points]
+                 + [-(-(n + c) // args.block_size) for n, c in prefills]) + 1  # fmt: skip
     cache = KVCache(cfg.num_hidden_layers, blocks, cfg.num_key_value_heads, args.block_size, cfg.head_dim, dtype, device=device)
     cache.buffer.normal_()  # never time attention over zeros
     graphs = None
@@ -223,6 +259,10 @@ def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) ->
             }  # fmt: skip
             log(f"step b{batch} ctx{ctx}: {ms:.3f} ms" + (f", byte floor {floor:.3f} ms" if floor else "")
                 + (f", {kernels} kernels" if kernels is not None else ""))  # fmt: skip
+        for new, cached in prefills:
+            r = out[f"prefill {new}+{cached}"] = time_prefill(runner, new, cached, args.block_size, device)
+            log(f"prefill {new} new over {cached} cached: {r['wall_ms']:.2f} ms wall"
+                + (f", {r['kernels']} kernels, {r['device_ms']:.2f} ms on the device" if "kernels" in r else ""))  # fmt: skip
     cache.close()
     del runner, graphs, cache, model
     gc.collect()
@@ -304,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--max-model-len", type=int, default=8192)
     q.add_argument("--max-num-seqs", type=int, default=64)
     q.add_argument("--steps", default="", help="BxCTX,... decode steps to time")
+    q.add_argument("--prefills", default="", help="NEWxCACHED,... one prompt's eager chunks to time")
     q.add_argument("--hbm", action="store_true", help="measure HBM read bandwidth (CUDA)")
     q.add_argument("--hf", default="", help="BxLEN,... transformers generate points")
     q.add_argument("--hf-tokens", type=int, default=16)
@@ -318,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         res["hbm_gbps"] = hbm_read_gbps()
         torch.cuda.empty_cache()
         log(f"HBM read {res['hbm_gbps']:.0f} GB/s")
-    if args.steps:
+    if args.steps or args.prefills:
         res["steps"] = probe_steps(args, parse_pairs(args.steps), res.get("hbm_gbps"))
     if args.hf:
         res["hf"] = hf_generate(args, parse_pairs(args.hf))

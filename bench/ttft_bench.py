@@ -62,7 +62,9 @@ def measure(url_host: str, port: int, lengths: list[int], repeats: int, warmup: 
             ttft(url_host, port, prompt_of(n, 1000 + i))
     out: dict[int, list[float]] = {}
     for n in lengths:
-        out[n] = [ttft(url_host, port, prompt_of(n, r)) for r in range(repeats)]
+        # a salt of its own per (length, repeat): no prompt starts with another's blocks (the
+        # prefix cache is on by default), so every TTFT here is a cold one
+        out[n] = [ttft(url_host, port, prompt_of(n, r * 7919 + n)) for r in range(repeats)]
     return out
 
 
@@ -93,6 +95,7 @@ def main() -> int:
     ap.add_argument("--systems", default="pd,mixed")
     ap.add_argument("--protocol", default="ipc")
     ap.add_argument("--max-model-len", type=int, default=4100)
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for every instance (repeatable)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -100,7 +103,7 @@ def main() -> int:
 
     model = args.model or default_model_dir()
     lengths = [int(x) for x in args.lengths.split(",")]
-    common = ["--max-model-len", str(args.max_model_len), "--kv-cache-memory-gb", "0.25"]
+    common = ["--max-model-len", str(args.max_model_len), "--kv-cache-memory-gb", "0.25", *args.serve_arg]
     results = {}
     for kind in args.systems.split(","):
         with tempfile.TemporaryDirectory(prefix=f"ttft-{kind}-") as tmp, Cluster(tmp) as cluster:
