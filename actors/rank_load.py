@@ -150,6 +150,12 @@ class LoadedRank:
             # while the rank loads rather than inside its first request
             self.model.select_ops(self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        if self.device.type == "cuda" and self.ep is None and tp == 1:  # a group steps in lockstep: not alone
+            from native.runner import warm_up_prefill
+
+            t_warm = time.monotonic()
+            steps = warm_up_prefill(self.runner)
+            log.info("warmed up %d prompt-chunk shapes in %.1fs", steps, time.monotonic() - t_warm)
         if self.ep is not None:
             from native.parallel.ep_runner import EPRunner
 

@@ -110,6 +110,37 @@ class ModelRunner(Runner):
         return self.model.compute_logits(hidden[rows])
 
 
+# prompt chunk lengths that warm_up_prefill runs: two per tier of the kernels' tile choices
+# (attention BLOCK_M 16 / 64 / 128, the MoE's and the quantized GEMMs' configs by rows), one a
+# multiple of 16 and one not (Triton compiles an integer argument's two cases apart)
+WARM_QUERY_LENS = (3, 16, 40, 64, 200, 256, 600, 1024)
+
+
+@torch.inference_mode()
+def warm_up_prefill(runner: ModelRunner) -> int:
+    """Run eager prompt chunks of a few lengths, fresh and over one cached block, and one step that
+    mixes a chunk with a decode row, so that the Triton kernels each variant needs compile at load
+    and not inside a request (on a fresh server the first prompt over a cached prefix spent ~1 s
+    compiling its attention: the c16 chat's second turn in bench/RESULTS.md). Writes K/V into the
+    first blocks of the cache, which no request holds yet. Returns the steps run (0: the cache
+    is too small to hold them)."""
+    bs = runner.block_size
+    longest = max(WARM_QUERY_LENS)
+    table = list(range(-(-(bs + longest) // bs)))
+    if runner.kv_cache.num_blocks < len(table):
+        return 0
+    steps = 0
+    for n in WARM_QUERY_LENS:
+        chunk = [3 + i % 61 for i in range(n)]
+        for cached in (0, bs):
+            runner.execute([chunk], [cached], [table], [0])
+            steps += 1
+    runner.execute([[3] * 16, [4]], [bs, bs + 16], [table, table], [0, 1])  # a chunk beside a decode row
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return steps + 1
+
+
 @torch.inference_mode()
 def profile_activation_peak(model, cfg, device: torch.device | str | None = None) -> int:
     """Peak bytes a step allocates on the GPU beyond the weights and the KV cache.

@@ -351,3 +351,53 @@ def test_profile_activation_peak(checkpoints):
     # at least the logits of 16 rows and one [512, H] activation
     assert peak >= 16 * model.cfg.vocab_size * 4 + 512 * model.cfg.hidden_size * 2
     print(f"MEASURE profile_activation_peak: {peak / 2**20:.1f} MiB")
+
+
+def _compiled_kernels() -> dict[str, int]:
+    """Compiled variants of every Triton kernel of native.kernels, by name."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import native.kernels as pkg
+
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"native.kernels.{info.name}")
+        for name, fn in vars(mod).items():
+            while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # autotuners, heuristics
+                fn = fn.fn
+            if isinstance(fn, JITFunction):
+                caches = getattr(fn, "device_caches", None)
+                n = sum(len(c[0]) for c in caches.values()) if caches is not None else sum(map(len, fn.cache.values()))
+                out[f"{info.name}.{name}"] = n
+    return out
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="counts compiled Triton kernels")
+@pytest.mark.parametrize("quantization", ["bf16", "wint4"])
+def test_a_request_compiles_nothing_after_the_warm_up(checkpoints, quantization):
+    """After ``warm_up_prefill`` (what a rank runs at load), prompts of other lengths, fresh and
+    over a cached prefix, and a chunk beside decode rows launch only kernels compiled already."""
+    from native.runner import ModelRunner, warm_up_prefill
+
+    _, path = checkpoints("moe_shared_hd64")
+    model = load(path, quantization)
+    cache = KVCache(model.cfg.num_hidden_layers, 256, model.cfg.num_key_value_heads, BLOCK, model.cfg.head_dim,
+                    torch.bfloat16, device=DEV)  # fmt: skip
+    runner = ModelRunner(model, cache, DEV)
+    assert warm_up_prefill(runner) > 0
+    before = _compiled_kernels()
+    table = list(range(1, 50))  # 784 tokens
+    for n in (5, 33, 100, 300, 700):
+        chunk = [7 + i % 50 for i in range(n)]
+        for cached in (0, 2 * BLOCK):
+            runner.execute([chunk], [cached], [table], [0])
+    runner.execute([[9] * 21, [4], [5]], [BLOCK, 3 * BLOCK, 40], [table, list(range(50, 60)), list(range(60, 70))],
+                   [0, 1, 2])  # fmt: skip
+    torch.cuda.synchronize()
+    after = _compiled_kernels()
+    new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert not new, f"compiled inside requests: {new}"
+    cache.close()
