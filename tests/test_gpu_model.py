@@ -353,8 +353,9 @@ def test_profile_activation_peak(checkpoints):
     print(f"MEASURE profile_activation_peak: {peak / 2**20:.1f} MiB")
 
 
-def _compiled_kernels() -> dict[str, int]:
-    """Compiled variants of every Triton kernel of native.kernels, by name."""
+def _compiled_kernels() -> dict[str, set]:
+    """The compiled variants (Triton's specialization keys) of every Triton kernel of
+    native.kernels, by name."""
     import importlib
     import pkgutil
 
@@ -370,8 +371,8 @@ def _compiled_kernels() -> dict[str, int]:
                 fn = fn.fn
             if isinstance(fn, JITFunction):
                 caches = getattr(fn, "device_caches", None)
-                n = sum(len(c[0]) for c in caches.values()) if caches is not None else sum(map(len, fn.cache.values()))
-                out[f"{info.name}.{name}"] = n
+                keys = {k for c in caches.values() for k in c[0]} if caches is not None else {k for c in fn.cache.values() for k in c}
+                out[f"{info.name}.{name}"] = {str(k) for k in keys}
     return out
 
 
@@ -398,6 +399,9 @@ def test_a_request_compiles_nothing_after_the_warm_up(checkpoints, quantization)
                    [0, 1, 2])  # fmt: skip
     torch.cuda.synchronize()
     after = _compiled_kernels()
-    new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    assert not new, f"compiled inside requests: {new}"
+    new = {k: sorted(after[k] - before.get(k, set())) for k in after if after[k] - before.get(k, set())}
+    if new:
+        for k in new:
+            print(f"NEW {k}:\n  before: {sorted(before.get(k, set()))}\n  new: {new[k]}")
+    assert not new, f"compiled inside requests: {list(new)}"
     cache.close()

@@ -667,7 +667,8 @@ class Engine:
                 guard = self._inflight = InFlight.guard(seqs)
                 self._land(prev)
                 prev = None
-            masks = self.grammars.fill([seq if seq.status is not Status.FINISHED else _ENDED for seq in seqs])
+            # filled here: the draw waits for it at once, and the forward runs meanwhile anyway
+            masks = self.grammars.fill([seq if seq.status is not Status.FINISHED else _ENDED for seq in seqs], inline=True)
             if masks is not None:
                 masks.apply(logits)
                 params = masks.sampling(params)
