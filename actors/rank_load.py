@@ -154,7 +154,7 @@ class LoadedRank:
             from native.runner import warm_up_prefill
 
             t_warm = time.monotonic()
-            steps = warm_up_prefill(self.runner)
+            steps = warm_up_prefill(self.runner, min(cfg.max_num_batched_tokens, cfg.max_model_len))
             log.info("warmed up %d prompt-chunk shapes in %.1fs", steps, time.monotonic() - t_warm)
         if self.ep is not None:
             from native.parallel.ep_runner import EPRunner

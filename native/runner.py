@@ -110,27 +110,43 @@ class ModelRunner(Runner):
         return self.model.compute_logits(hidden[rows])
 
 
-# prompt chunk lengths that warm_up_prefill runs: two per tier of the kernels' tile choices
-# (attention BLOCK_M 16 / 64 / 128, the MoE's and the quantized GEMMs' configs by rows), one a
-# multiple of 16 and one not (Triton compiles an integer argument's two cases apart)
+# prompt chunk lengths that warm_up_prefill runs: two per tier of the kernels' tile choices by
+# rows (attention BLOCK_M 16 / 64 / 128, the quantized GEMMs' and GEMVs' configs), one a
+# multiple of 16 and one not (Triton compiles an integer argument's two cases apart); the MoE's
+# tiers, by routed pairs per expert, are added from the model's expert count (warm_lengths)
 WARM_QUERY_LENS = (3, 16, 40, 64, 200, 256, 600, 1024)
+MOE_PAIRS_PER_EXPERT = (8, 32, 100, 200)  # one inside each of moe_block_m's tiers
+
+
+def warm_lengths(cfg, limit: int) -> list[int]:
+    """The chunk lengths to warm up for a model of config ``cfg``, none over ``limit`` tokens."""
+    lens = set(WARM_QUERY_LENS)
+    experts, k = getattr(cfg, "moe_num_experts", 0), getattr(cfg, "moe_k", 0)
+    if experts and k:
+        for per_expert in MOE_PAIRS_PER_EXPERT:
+            n = -(-per_expert * experts // k)
+            lens |= {n, n + 1} if n % 16 == 0 else {n, max(16, n // 16 * 16)}
+    return sorted(n for n in lens if 0 < n <= limit)
 
 
 @torch.inference_mode()
-def warm_up_prefill(runner: ModelRunner) -> int:
+def warm_up_prefill(runner: ModelRunner, max_tokens: int = 4096) -> int:
     """Run eager prompt chunks of a few lengths, fresh and over one cached block, and one step that
     mixes a chunk with a decode row, so that the Triton kernels each variant needs compile at load
     and not inside a request (on a fresh server the first prompt over a cached prefix spent ~1 s
-    compiling its attention: the c16 chat's second turn in bench/RESULTS.md). Writes K/V into the
+    compiling its attention: the c16 chat's second turn in bench/RESULTS.md); chunks of at most
+    ``max_tokens`` (the scheduler's budget per step). Writes K/V into the
     first blocks of the cache, which no request holds yet. Returns the steps run (0: the cache
     is too small to hold them)."""
     bs = runner.block_size
-    longest = max(WARM_QUERY_LENS)
-    table = list(range(-(-(bs + longest) // bs)))
+    lengths = warm_lengths(runner.model.cfg, max_tokens)
+    if not lengths:
+        return 0
+    table = list(range(-(-(bs + max(lengths)) // bs)))
     if runner.kv_cache.num_blocks < len(table):
         return 0
     steps = 0
-    for n in WARM_QUERY_LENS:
+    for n in lengths:
         chunk = [3 + i % 61 for i in range(n)]
         for cached in (0, bs):
             runner.execute([chunk], [cached], [table], [0])
