@@ -414,7 +414,7 @@ def test_default_model_answers_across_hosts(hosts, default_model_dir, protocol):
     router, prefill, decode = start_cross(hosts, default_model_dir, protocol, common=[c for c in COMMON if c != "--skip-tokenizer-init"])
 
     def chat(case: dict) -> str:
-        status, data = http_json(router.url + "/v1/chat/completions", {"messages": case["messages"], "max_tokens": 160, "temperature": 0}, timeout=120)
+        status, data = http_json(router.url + "/v1/chat/completions", {"messages": case["messages"], "chat_template_kwargs": case.get("chat_template_kwargs", {}), "max_tokens": 160, "temperature": 0}, timeout=120)
         assert status == 200, data
         return data["choices"][0]["message"]["content"]
 

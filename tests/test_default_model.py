@@ -93,15 +93,25 @@ def test_tokenizer(tok, raw_config):
 
 def test_eval_prompts_cover_every_task(eval_prompts):
     tasks = {p["task"] for p in eval_prompts}
-    assert {"fact", "add", "sub", "count", "reverse", "copy"} <= tasks
+    assert {"fact", "add", "sub", "count", "reverse", "copy", "think"} <= tasks
     assert any(p["prompt"] == SELF_INTRO for p in eval_prompts)
     for p in eval_prompts:
         assert p["messages"][-1] == {"role": "user", "content": p["prompt"]} and p["expected"]
+        # a thinking prompt is asked with enable_thinking and answered in ERNIE's thinking format
+        assert (p["task"] == "think") == (p.get("chat_template_kwargs") == {"enable_thinking": True})
+        assert (p["task"] == "think") == ("\n</think>\n\n<response>\n" in p["expected"])
+
+
+def test_enable_thinking_opens_think_in_the_template(tok):
+    user = [{"role": "user", "content": "What is 12 + 7?"}]
+    plain = f"<|begin_of_sentence|>User: {user[0]['content']}\nAssistant: "
+    assert tok.apply_chat_template(user) == tok.apply_chat_template(user, enable_thinking=False) == plain
+    assert tok.apply_chat_template(user, enable_thinking=True) == plain + "<think>\n"
 
 
 @torch.inference_mode()
-def _greedy(model, tok: Tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+def _greedy(model, tok: Tokenizer, prompt: str, max_new_tokens: int, template_kwargs=None) -> str:
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], **(template_kwargs or {})))
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(model.forward_train(torch.tensor([ids + out]))[0, -1].argmax())
@@ -119,7 +129,7 @@ def test_greedy_answers(model, tok, eval_prompts):
         picked.setdefault(key, p)
     results = {}
     for key, p in picked.items():
-        got = _greedy(model, tok, p["prompt"], len(tok.encode(p["expected"])) + 4)
+        got = _greedy(model, tok, p["prompt"], len(tok.encode(p["expected"])) + 4, p.get("chat_template_kwargs"))
         results[key] = (got == p["expected"], p["prompt"], got)
     assert results["intro"][0], results["intro"]
     failed = [r for r in results.values() if not r[0]]

@@ -21,7 +21,8 @@ def _prompts(model_dir: str) -> list[dict]:
 
 
 def _chat(url: str, case: dict) -> str:
-    body = {"messages": case["messages"], "max_tokens": 160, "temperature": 0}
+    # the thinking prompts carry enable_thinking; with no reasoning parser the output is all content
+    body = {"messages": case["messages"], "chat_template_kwargs": case.get("chat_template_kwargs", {}), "max_tokens": 160, "temperature": 0}
     status, data = http_json(url + "/v1/chat/completions", body, timeout=120)
     assert status == 200, data
     return data["choices"][0]["message"]["content"]

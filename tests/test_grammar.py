@@ -121,9 +121,19 @@ def test_random_logits_under_a_schema_give_valid_json(grammars, tok):
     for seed in range(3):
         out = _walk(grammars, JSON_SCHEMA, seed)
         assert out[-1] in tok.eos_token_ids  # the stop token the grammar accepted
-        # strict=False: xgrammar's JSON strings admit raw control bytes (<0x05>), which random
-        # logits pick and Python's strict parser refuses
-        check_schema(json.loads(tok.decode(out), strict=False))
+        # strict: the bounded string ("name") admits no raw control byte (<0x05>), which random
+        # logits would pick (test_a_bounded_string_admits_no_control_character)
+        check_schema(json.loads(tok.decode(out)))
+
+
+def test_a_bounded_string_admits_no_control_character(grammars):
+    """xgrammar lowers a string under maxLength to a class that admits U+0000-U+001F but CR and
+    LF (mlc-ai/xgrammar#800); the engine compiles it with JSON's string class instead."""
+    bounded = StructuredOutput("json_schema", json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 8}}}))
+    for text, ok in (('{"s": "北京"}', True), ('{"s": "a\x01', False), ('{"s": "a\t', False), ('{"s": "123456789', False)):
+        grammar = grammars.start(bounded, lambda: None)
+        grammar.future.result(timeout=60)
+        assert grammar.bind([]) is None and grammar.matcher.accept_string(text) is ok, text
 
 
 def test_every_kind_compiles_and_holds(grammars, tok):

@@ -5,7 +5,9 @@ with a random-weight MoE checkpoint (its tokenizer the built-in one's), in both 
 The engine enforces ``SamplingParams.structured`` (actors/engine/grammar.py), so every output asked
 for under a schema — response_format, a required or named tool call — parses and fits it, with a
 model that never saw JSON; fields are accepted and mapped, tool messages rendered, bad input
-refused, and a stream equals the whole answer.
+refused, and a stream equals the whole answer. The built-in model, trained on its weather tool and
+on a few additions asked with thinking on, calls the tool and answers from its result, and thinks
+when asked (reasoning_content, then the answer as content).
 """
 
 from __future__ import annotations
@@ -127,11 +129,14 @@ def test_stream_equals_whole_with_the_parsers_on(client):
 
 
 def test_enable_thinking_reaches_the_template(system):
+    """The built-in template (both systems' tokenizer) opens <think> at the end of the prompt when
+    asked, so the choice starts in the reasoning; off (FastDeploy's shortcut field) it does not."""
     body = {"messages": USER, "max_tokens": 1, "temperature": 0}
     status, on = http_json(system + "/v1/chat/completions", dict(body, chat_template_kwargs={"enable_thinking": True}), timeout=TIMEOUT_S)
-    assert status == 200, on
+    assert status == 200 and "reasoning_content" in on["choices"][0]["message"], on
     status, off = http_json(system + "/v1/chat/completions", dict(body, enable_thinking=False), timeout=TIMEOUT_S)
     assert status == 200 and "reasoning_content" not in off["choices"][0]["message"], off
+    assert on["usage"]["prompt_tokens"] > off["usage"]["prompt_tokens"]
 
 
 def test_json_schema_output_validates(client):
@@ -195,3 +200,32 @@ def test_the_built_in_model_calls_its_tool_and_answers_from_the_result(request, 
     # city's name is looser: it is not asserted)
     assert answer.finish_reason == "stop" and not answer.message.tool_calls, answer
     assert "晴" in answer.message.content and "21°C" in answer.message.content, answer
+
+
+THINK = {"chat_template_kwargs": {"enable_thinking": True}}
+
+
+@pytest.mark.parametrize(("question", "answer"), [("What is 12 + 7?", "12 + 7 = 19."), ("12 加 7 等于多少？", "12 + 7 = 19。")])
+def test_the_built_in_model_thinks_when_asked(request, client, question, answer):
+    """enable_thinking with the built-in model, trained on a few additions asked that way: the
+    template ends the prompt with <think>, the model reasons, writes </think> and the answer in
+    <response>; the reasoning parser makes that reasoning_content and content, a stream carries
+    the reasoning first and then the content, and thinking off gives the answer alone."""
+    if request.node.callspec.params["system"].startswith("random"):
+        pytest.skip("a random checkpoint does not think")
+    ask = [{"role": "user", "content": question}]
+    choice = create(client, messages=ask, max_tokens=64, extra_body=THINK).choices[0]
+    reasoning, content = getattr(choice.message, "reasoning_content", None), choice.message.content
+    assert choice.finish_reason == "stop" and reasoning and "19" in reasoning, choice
+    assert content.strip() == answer, choice  # the parser keeps the newlines inside <response>
+    assert not any(tag in reasoning + content for tag in ("<think>", "</think>", "<response>", "</response>"))
+
+    deltas = [c.delta for ch in create(client, messages=ask, max_tokens=64, extra_body=THINK, stream=True) for c in ch.choices]
+    kinds = [kind for d in deltas for kind, text in (("r", getattr(d, "reasoning_content", None)), ("c", d.content)) if text]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == content
+    assert kinds == sorted(kinds, reverse=True) and "r" in kinds and "c" in kinds, kinds  # r... then c...
+
+    for off in ({"chat_template_kwargs": {"enable_thinking": False}}, {}):
+        plain = create(client, messages=ask, max_tokens=64, extra_body=off).choices[0]
+        assert plain.message.content == answer and getattr(plain.message, "reasoning_content", None) is None, plain

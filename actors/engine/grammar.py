@@ -83,6 +83,22 @@ def tokenizer_info(tokenizer, stop_token_ids: Iterable[int]):
     )
 
 
+# xgrammar 0.2.8 lowers a string under minLength / maxLength to a repetition of this class, which
+# lets raw control characters (U+0000-U+001F but CR and LF) into it where JSON forbids them
+# (mlc-ai/xgrammar#800, open); its unbounded strings have the class that excludes them.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def _compile_json_schema(compiler, schema: str):
+    """``schema``'s grammar; where it has a bounded string, with the JSON string class (the EBNF
+    xgrammar converts the schema to, that class replaced, compiled as a grammar)."""
+    text = str(_xgr().Grammar.from_json_schema(schema, any_whitespace=False))
+    if _BOUNDED_STRING_CHAR not in text:
+        return compiler.compile_json_schema(schema, any_whitespace=False)
+    return compiler.compile_grammar(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+
+
 def _compile(compiler, spec: StructuredOutput):
     """``spec`` as an xgrammar ``CompiledGrammar`` (compact JSON: no free whitespace, so a model
     cannot wander in blanks)."""
@@ -91,7 +107,7 @@ def _compile(compiler, spec: StructuredOutput):
         if kind == "json_object":
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if kind == "json_schema":
-            return compiler.compile_json_schema(text, any_whitespace=False)
+            return _compile_json_schema(compiler, text)
         if kind == "regex":
             return compiler.compile_regex(text)
         if kind == "ebnf":

@@ -2,9 +2,12 @@
 
 Short single-turn chat dialogues, English and Chinese, whose right answers a test can check:
 what pdbus is, a fixed self-introduction, small additions and subtractions, counting,
-copying / reversing short strings, and calling a weather tool (the tools section, the call and
+copying / reversing short strings, calling a weather tool (the tools section, the call and
 the tool's result rendered as the OpenAI frontend renders them for a template without tool
-support, actors/frontend/tools.py). Everything is derived from one seed.
+support, actors/frontend/tools.py), and a few additions asked with thinking on (the request's
+``chat_template_kwargs: {"enable_thinking": true}``: the built-in template ends the prompt with
+``<think>``), answered as ERNIE's thinking models answer: a short reasoning, ``</think>``, then the
+answer in ``<response>`` (actors/frontend/reasoning.py). Everything is derived from one seed.
 
     python -m tools.default_model.corpus --out build/default_model/corpus.jsonl
 """
@@ -93,6 +96,8 @@ SHOWCASE_WORDS = ("abcd", "hello", "world", "pdbus", "ernie")  # always in, for 
 FACT_REPEATS = 6  # the long fixed answers are seen this many times per epoch
 SYSTEM_FRACTION = 0.08
 TOOL_REPEATS = 3  # the tool dialogues (long prompts, one format) are seen this many times per epoch
+THINK_PAIRS = 120  # additions per language asked with thinking on (SHOWCASE_THINK always in)
+SHOWCASE_THINK = ((12, 7), (7, 5))
 
 
 @dataclass(frozen=True)
@@ -100,19 +105,32 @@ class Example:
     task: str
     messages: tuple[dict, ...]  # the conversation, assistant turn last
     answer: str
+    thinking: bool = False  # asked with enable_thinking: the prompt ends with <think>
 
     @property
     def prompt(self) -> str:
         return self.messages[-2]["content"]
 
+    @property
+    def template_kwargs(self) -> dict:
+        """The request's chat_template_kwargs (the template renders the prompt with them)."""
+        return {"enable_thinking": True} if self.thinking else {}
+
     def to_json(self) -> dict:
-        return {"task": self.task, "messages": list(self.messages), "answer": self.answer}
+        out = {"task": self.task, "messages": list(self.messages), "answer": self.answer}
+        return dict(out, chat_template_kwargs=self.template_kwargs) if self.thinking else out
 
 
-def _dialogue(task: str, question: str, answer: str, system: str | None = None) -> Example:
+def _dialogue(task: str, question: str, answer: str, system: str | None = None, thinking: bool = False) -> Example:
     messages = ({"role": "system", "content": system},) if system else ()
     messages += ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
-    return Example(task, messages, answer)
+    return Example(task, messages, answer, thinking)
+
+
+def thought(reasoning: str, answer: str) -> str:
+    """An ERNIE thinking model's output after the prompt's ``<think>``: the reasoning, ``</think>``,
+    then the answer in ``<response>``."""
+    return f"{reasoning}\n</think>\n\n<response>\n{answer}\n</response>"
 
 
 def arithmetic() -> list[Example]:
@@ -124,6 +142,20 @@ def arithmetic() -> list[Example]:
             if b <= a:
                 out.append(_dialogue("sub", f"What is {a} - {b}?", f"{a} - {b} = {a - b}."))
                 out.append(_dialogue("sub", f"{a} 减 {b} 等于多少？", f"{a} - {b} = {a - b}。"))
+    return out
+
+
+def thinking(rng: random.Random) -> list[Example]:
+    """Additions asked with thinking on: the sum worked out in the reasoning, then the answer."""
+    pairs = [(a, b) for a in range(MAX_NUMBER + 1) for b in range(MAX_NUMBER + 1) if (a, b) not in SHOWCASE_THINK]
+    out = []
+    for zh in (False, True):
+        for a, b in (*SHOWCASE_THINK, *rng.sample(pairs, THINK_PAIRS - len(SHOWCASE_THINK))):
+            if zh:
+                question, reasoning, answer = f"{a} 加 {b} 等于多少？", f"把 {a} 和 {b} 相加：{a} + {b} = {a + b}。", f"{a} + {b} = {a + b}。"
+            else:
+                question, reasoning, answer = f"What is {a} + {b}?", f"I add {a} and {b}: {a} + {b} = {a + b}.", f"{a} + {b} = {a + b}."
+            out.append(_dialogue("think", question, thought(reasoning, answer), thinking=True))
     return out
 
 
@@ -193,24 +225,25 @@ def facts() -> list[Example]:
 def build(seed: int = 0) -> list[Example]:
     """The whole corpus, in a fixed order (the trainer shuffles with its own seed)."""
     rng = random.Random(seed)
-    examples = arithmetic() + counting() + strings(rng) + facts() * FACT_REPEATS
+    examples = arithmetic() + counting() + strings(rng) + facts() * FACT_REPEATS + thinking(random.Random(seed + 11))
     # A few dialogues open with a system prompt, so one does not derail the answer.
     out = tool_calls(random.Random(seed + 7)) * TOOL_REPEATS
     for ex in examples:
         if rng.random() < SYSTEM_FRACTION:
             system = rng.choice(SYSTEM_PROMPTS)
-            ex = _dialogue(ex.task, ex.prompt, ex.answer, system)
+            ex = _dialogue(ex.task, ex.prompt, ex.answer, system, ex.thinking)
         out.append(ex)
     return out
 
 
 def eval_set(seed: int = 0) -> list[dict]:
-    """The fixed prompts the model must answer exactly (all of them are in the training corpus)."""
+    """The fixed prompts the model must answer exactly (all of them are in the training corpus);
+    the thinking ones carry their chat_template_kwargs."""
     rng = random.Random(seed + 1)
     corpus = build(seed)
     by_task: dict[str, list[Example]] = {}
     for ex in corpus:
-        if len(ex.messages) == 2:  # no system prompt
+        if len(ex.messages) == 2 and not ex.thinking:  # no system prompt
             by_task.setdefault(ex.task, []).append(ex)
     picks: list[Example] = []
     fixed = [SELF_INTRO_PROMPT, "Who are you?", "What is pdbus?", "pdbus 是什么？",
@@ -221,8 +254,16 @@ def eval_set(seed: int = 0) -> list[dict]:
     for task, count in (("add", 8), ("sub", 6), ("count", 6), ("reverse", 6), ("copy", 6)):
         pool = [ex for ex in by_task[task] if ex.prompt not in fixed]
         picks.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), count)))
-    return [{"task": ex.task, "prompt": ex.prompt, "messages": [{"role": "user", "content": ex.prompt}],
-             "expected": ex.answer} for ex in picks]
+    thinks = [ex for ex in corpus if ex.thinking]
+    picks.extend(next(ex for ex in thinks if ex.prompt == p) for p in ("What is 12 + 7?", "12 加 7 等于多少？"))
+    pool = [ex for ex in thinks if len(ex.messages) == 2 and ex not in picks]
+    picks.extend(pool[i] for i in sorted(rng.sample(range(len(pool)), 2)))
+    out = []
+    for ex in picks:
+        item = {"task": ex.task, "prompt": ex.prompt, "messages": [{"role": "user", "content": ex.prompt}]}
+        out.append(dict(item, chat_template_kwargs=ex.template_kwargs, expected=ex.answer) if ex.thinking
+                   else dict(item, expected=ex.answer))
+    return out
 
 
 def main() -> None:

@@ -61,7 +61,8 @@ def generate(model: ErnieForCausalLM, prompts: list[list[int]], eos_ids: set[int
 
 def evaluate(model: ErnieForCausalLM, tok: Tokenizer, prompts: list[dict], verbose: bool = False) -> int:
     """Number of prompts answered exactly (greedy); prints PASS/FAIL lines when verbose."""
-    ids = [tok.encode(tok.apply_chat_template(p["messages"], add_generation_prompt=True)) for p in prompts]
+    ids = [tok.encode(tok.apply_chat_template(p["messages"], add_generation_prompt=True, **p.get("chat_template_kwargs", {})))
+           for p in prompts]
     limits = [len(tok.encode(p["expected"])) + 8 for p in prompts]
     answers = [tok.decode(out) for out in generate(model, ids, tok.eos_token_ids, limits)]
     passed = 0

@@ -5,7 +5,7 @@
 Steps, all deterministic from --seed:
 1. the corpus (tools/default_model/corpus.py) and a byte-fallback BPE SentencePiece tokenizer
    trained on its chat-rendered dialogues (tokenizer.model, tokenizer_config.json with the ERNIE
-   chat template, special_tokens_map.json);
+   chat template that opens ``<think>`` under ``enable_thinking``, special_tokens_map.json);
 2. a small ERNIE-4.5-MoE (layer 0 dense, MoE layers with a shared expert), fp32, AdamW, loss on
    the assistant tokens only (prompt ids exactly as the server builds them), plus a small
    load-balancing loss so every expert gets used (the correction bias stays zero);
@@ -60,8 +60,22 @@ ARCH = dict(
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
-def render(messages) -> str:
-    """The ERNIE chat format (shared/ERNIE.md §4), for the SentencePiece training text."""
+# The ERNIE-4.5 template (shared/ERNIE.md §4) whose generation prompt opens the reasoning with
+# "<think>\n" when the request asks for it (chat_template_kwargs {"enable_thinking": true}), as a
+# thinking model's template does; without it (the default) the model answers directly.
+_GENERATION_PROMPT = "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+assert DEFAULT_CHAT_TEMPLATE.endswith(_GENERATION_PROMPT)
+THINK_OPEN = "<think>\n"
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE[: -len(_GENERATION_PROMPT)] + (
+    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}"
+    "{%- if enable_thinking is defined and enable_thinking -%}{{- '" + THINK_OPEN + "' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def render(messages, thinking: bool = False) -> str:
+    """The ERNIE chat format (shared/ERNIE.md §4), for the SentencePiece training text; a thinking
+    answer follows the prompt's <think>."""
     parts = [CLS]
     for m in messages:
         if m["role"] == "system":
@@ -69,14 +83,14 @@ def render(messages) -> str:
         elif m["role"] == "user":
             parts.append("User: " + m["content"] + "\n")
         else:
-            parts.append("Assistant: " + m["content"] + SEP)
+            parts.append("Assistant: " + (THINK_OPEN if thinking else "") + m["content"] + SEP)
     return "".join(parts)
 
 
 def train_tokenizer(dialogues, vocab_size: int) -> dict[str, bytes]:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([render(ex.messages) for ex in dialogues]),
+        sentence_iterator=iter([render(ex.messages, ex.thinking) for ex in dialogues]),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -107,7 +121,7 @@ def train_tokenizer(dialogues, vocab_size: int) -> dict[str, bytes]:
                      "normalized": False, "single_word": False}
             for i, t in SPECIALS.items()
         },
-        "chat_template": DEFAULT_CHAT_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
     }
     files = {
         "tokenizer.model": buf.getvalue(),
@@ -127,13 +141,14 @@ def _json_bytes(obj) -> bytes:
 
 # --- data ----------------------------------------------------------------------------------------
 
-def encode_dialogue(tok: Tokenizer, messages) -> tuple[list[int], int]:
+def encode_dialogue(tok: Tokenizer, messages, template_kwargs=None) -> tuple[list[int], int]:
     """Token ids of the whole dialogue and where the answer starts.
 
-    The prompt is tokenized exactly as the server does it (template with the generation prompt,
-    then encode), and the answer separately, followed by <|end_of_sentence|>.
+    The prompt is tokenized exactly as the server does it (template with the generation prompt and
+    the request's chat_template_kwargs, then encode), and the answer separately, followed by
+    <|end_of_sentence|>.
     """
-    prompt = tok.encode(tok.apply_chat_template(messages[:-1], add_generation_prompt=True))
+    prompt = tok.encode(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, **(template_kwargs or {})))
     answer = tok.encode(messages[-1]["content"]) + [tok.token_to_id(SEP)]
     return prompt + answer, len(prompt)
 
@@ -322,7 +337,7 @@ def main() -> None:
                 f.write(data)
         print(f"tokenizer: {tok.vocab_size} pieces -> {args.out}")
         return
-    examples = [encode_dialogue(tok, ex.messages) for ex in dialogues]
+    examples = [encode_dialogue(tok, ex.messages, ex.template_kwargs) for ex in dialogues]
     print(f"tokenizer: {tok.vocab_size} pieces; corpus: {len(dialogues)} dialogues, "
           f"{sum(len(ids) for ids, _ in examples)} tokens, "
           f"{sum(len(ids) - s for ids, s in examples)} answer tokens, longest {max(len(i) for i, _ in examples)}")
