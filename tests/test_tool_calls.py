@@ -291,7 +291,9 @@ THINKING = "用户问天气。\n</think>\n\n<response>\n北京今天晴。\n</re
 @pytest.mark.parametrize(
     ("prompt", "output", "reasoning", "content"),
     [
-        ("Assistant: <think>\n", THINKING, "用户问天气。\n", "\n北京今天晴。\n"),
+        ("Assistant: <think>\n", THINKING, "用户问天气。", "北京今天晴。"),
+        ("Assistant: <think>\n", "a\n\nb\n</think>\n\n<response>\n\nx\ny\n\n</response>\n", "a\n\nb", "\nx\ny\n"),
+        ("Assistant: <think>\n", "cut\n", "cut\n", ""),  # a newline no tag followed is text
         ("Assistant: ", "<think>想一想</think>\n\n答案", "想一想", "答案"),
         ("Assistant: ", "no thinking here", None, "no thinking here"),
         ("Assistant: ", "  <thin", None, "  <thin"),  # looked like a tag, was not

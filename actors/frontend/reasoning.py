@@ -8,8 +8,9 @@ the end of the prompt (the chat template's), sometimes the model's first words. 
 starts in the reasoning when the rendered prompt ends with ``<think>`` (a template told
 ``enable_thinking: false`` does not open it), or when the output begins with ``<think>``;
 otherwise all of it is content (a model that does not think, the built-in one). ``</think>``
-ends the reasoning; the newlines after it and a ``<response>`` / ``</response>`` pair around the
-answer are markup, not content. A tag split across two deltas is held back until it is whole.
+ends the reasoning; the newline before it, the newlines after it, and a ``<response>`` /
+``</response>`` pair around the answer with the newline inside each are markup, not content
+(``reasoning_content`` "reasoning", ``content`` "answer"). A tag split across two deltas is held back until it is whole.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ErnieX1ReasoningParser:
         self.state = "think" if prompt_opens_thinking(prompt_text) else "start"
         self.buf = ""
         self.thought = self.state == "think"  # the choice reasoned (its message gets reasoning_content)
+        self.lead = False  # at the start of a <response>: its first newline is still to drop
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         """``(reasoning, content)`` that ``text`` adds."""
@@ -47,19 +49,16 @@ class ErnieX1ReasoningParser:
                 self.state = "content"
                 continue
             if self.state == "think":
-                at = self.buf.find(THINK_END)
-                keep = 0 if final or at >= 0 else partial_tag(self.buf, THINK_END)
-                cut = at if at >= 0 else len(self.buf) - keep
-                reasoning.append(self.buf[:cut])
-                if at < 0:
-                    self.buf = self.buf[cut:]
+                done, text = self._until(THINK_END, final)
+                reasoning.append(text)
+                if not done:
                     break
-                self.buf, self.state = self.buf[at + len(THINK_END) :], "after"
+                self.state = "after"
                 continue
             if self.state == "after":  # between </think> and the answer: newlines, maybe <response>
                 head = self.buf.lstrip("\n")
                 if head.startswith(RESPONSE_START):
-                    self.buf, self.state = head[len(RESPONSE_START) :], "response"
+                    self.buf, self.state, self.lead = head[len(RESPONSE_START) :], "response", True
                     continue
                 self.buf = head
                 if not final and RESPONSE_START.startswith(head):
@@ -67,16 +66,38 @@ class ErnieX1ReasoningParser:
                 self.state = "content"
                 continue
             if self.state == "response":
-                at = self.buf.find(RESPONSE_END)
-                keep = 0 if final or at >= 0 else partial_tag(self.buf, RESPONSE_END)
-                cut = at if at >= 0 else len(self.buf) - keep
-                content.append(self.buf[:cut])
-                if at < 0:
-                    self.buf = self.buf[cut:]
+                if self.lead:  # the newline that opens the answer is markup
+                    if not self.buf and not final:
+                        break
+                    self.buf, self.lead = self.buf.removeprefix("\n"), False
+                done, text = self._until(RESPONSE_END, final)
+                content.append(text)
+                if not done:
                     break
-                self.buf, self.state = self.buf[at + len(RESPONSE_END) :].lstrip("\n"), "content"
+                self.state = "tail"
+                continue
+            if self.state == "tail":  # after </response>: its newlines are markup too
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf:
+                    break
+                self.state = "content"
                 continue
             content.append(self.buf)
             self.buf = ""
             break
         return "".join(reasoning), "".join(content)
+
+    def _until(self, tag: str, final: bool) -> tuple[bool, str]:
+        """The text before ``tag`` (the newline just before it dropped: markup), and whether the
+        tag was reached (the buffer then continues after it). Held back until it is known: a
+        partial tag at the end, and a newline that the tag may follow."""
+        at = self.buf.find(tag)
+        if at >= 0:
+            text = self.buf[:at]
+            self.buf = self.buf[at + len(tag) :]
+            return True, text.removesuffix("\n")
+        cut = len(self.buf) if final else len(self.buf) - partial_tag(self.buf, tag)
+        if not final and cut > 0 and self.buf[cut - 1] == "\n":
+            cut -= 1
+        text, self.buf = self.buf[:cut], self.buf[cut:]
+        return False, text
