@@ -279,9 +279,9 @@ def test_required_and_named_choices_are_constrained_and_wrapped(served, client):
 def test_reasoning_split_whole_and_streamed(served, client):
     served.frontend.backend.script = "<think>用户问天气。</think>\n\n<response>\n北京晴。\n</response>"
     whole = client.chat.completions.create(model=MODEL, messages=USER).choices[0].message
-    assert (whole.reasoning_content, whole.content) == ("用户问天气。", "\n北京晴。\n")
+    assert (whole.reasoning_content, whole.content) == ("用户问天气。", "北京晴。")
     _, got = streamed(client, messages=USER)
-    assert (got["reasoning"], got["content"]) == ("用户问天气。", "\n北京晴。\n")
+    assert (got["reasoning"], got["content"]) == ("用户问天气。", "北京晴。")
     served.frontend.backend.script = "不用想。"  # no <think>: all content, no reasoning_content
     plain = client.chat.completions.create(model=MODEL, messages=USER).choices[0].message
     assert plain.content == "不用想。" and getattr(plain, "reasoning_content", None) is None
