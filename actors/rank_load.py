@@ -119,7 +119,7 @@ class LoadedRank:
             if self.device.type == "cuda" and not cfg.num_gpu_blocks_override:
                 from native.runner import profile_activation_peak
 
-                reserve = profile_activation_peak(self.model, cfg, self.device)
+                reserve = profile_activation_peak(self.model, cfg, self.device, graph_tokens=self._prefill_graph_tokens())
             sharing = self.ep.comm.sharing if self.ep is not None else 1
             if self.ep is not None:
                 self.ep.barrier()  # EP ranks sharing a GPU measure it with all their weights in
@@ -138,18 +138,32 @@ class LoadedRank:
                 device=self.device,
                 shared=shared,
             )
-        graphs = None
+        graphs = prefill_graphs = None
+        pool = None
+        if self._prefill_graph_tokens():
+            import torch
+
+            from native.graphs import PrefillGraphs
+
+            pool = torch.cuda.graph_pool_handle()  # one pool for every graph: they replay one at a time
+            prefill_graphs = PrefillGraphs(
+                self.model, self.kv_cache, max_rows=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+                max_tokens=self._prefill_graph_tokens(), pool=pool,
+            )  # fmt: skip
+            prefill_graphs = prefill_graphs if prefill_graphs.enabled else None
         if self._decode_graphs():
             from native.graphs import DecodeGraphs
 
-            graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
+            graphs = DecodeGraphs(
+                self.model, self.kv_cache, max_batch=cfg.max_num_seqs, max_model_len=cfg.max_model_len, pool=pool
+            )
         if self.ep is not None:
             self.ep.kv_cache, self.ep.graphs = self.kv_cache, graphs
         if self.device.type == "cpu" and self.model is not None:
             # picks the CPU table now, so native/cpu's kernels build (once per machine, ~1 min)
             # while the rank loads rather than inside its first request
             self.model.select_ops(self.kv_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, graphs=graphs, prefill_graphs=prefill_graphs)
         if self.device.type == "cuda" and self.ep is None and tp == 1:  # a group steps in lockstep: not alone
             from native.runner import warm_up_prefill
 
@@ -186,6 +200,16 @@ class LoadedRank:
         )
         if tp > 1:
             log.info("TP%d: this process is rank 0 of %d; KV heads %s here", tp, tp, list(self.tp_split.kv_heads))
+
+    def _prefill_graph_tokens(self) -> int:
+        """The largest prompt-chunk graph's tokens (0: none): ranks that compute prompts on a GPU,
+        alone (a TP or EP group's ranks step in lockstep, eagerly)."""
+        cfg = self.cfg
+        if self.device.type != "cuda" or cfg.enforce_eager or cfg.splitwise_role == "decode":
+            return 0
+        if self.ep is not None or cfg.tensor_parallel_size > 1:
+            return 0
+        return min(cfg.prefill_cuda_graph_max_tokens, cfg.max_num_batched_tokens)
 
     def _decode_graphs(self) -> bool:
         cfg = self.cfg

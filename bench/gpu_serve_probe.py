@@ -17,9 +17,10 @@ reused when ``DIR`` already holds one of the same config (``gpu_serve_checkpoint
   With each, the step's byte floor: weight bytes read (routed experts scaled by the expected share
   of distinct experts B random top-k rows touch, ``E·(1-(1-k/E)^B)``, as gpu_bench.py counts them;
   the tied embedding once, as the lm_head) plus K/V bytes at CTX, over the measured bandwidth;
-* ``--prefills NEWxCACHED,...``: one prompt's eager chunk of NEW tokens over CACHED cached ones
-  (what a prefill instance runs): wall ms with the first token read back, the kernels launched
-  and their summed device time;
+* ``--prefills NEWxCACHED,...``: one prompt's chunk of NEW tokens over CACHED cached ones (what a
+  prefill instance runs), eager and, up to ``--prefill-graph-tokens``, replayed from the
+  prompt-chunk graphs: wall ms with the first token read back, the kernels launched and their
+  summed device time;
 * ``--hf BxLEN,...``: transformers ``generate`` (greedy, ``--hf-tokens`` new tokens) at batch B
   over LEN-token prompts, on a model of the checkpoint's config built on the device with random
   weights (``from_pretrained`` onto a GPU needs accelerate); decode ms per step from a streamer.
@@ -193,8 +194,8 @@ def count_kernels(model, cache, device: torch.device, batch: int, ctx: int, bloc
 
 
 def time_prefill(runner, new: int, cached: int, block: int, device: torch.device, iters: int = 10) -> dict:
-    """One prompt's chunk of ``new`` tokens over ``cached`` tokens already in the cache, eager (as a
-    prefill runs): median wall ms of ``runner.execute`` with the first token read back, and, from
+    """One prompt's chunk of ``new`` tokens over ``cached`` tokens already in the cache (eager, or a
+    replayed graph when the runner has prompt-chunk graphs): median wall ms of ``runner.execute`` with the first token read back, and, from
     one profiled run, the kernels it launched and the sum of their device times (wall far above
     that sum: the step is bound by launches and host work, not by the GPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -239,13 +240,18 @@ def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) ->
                  + [-(-(n + c) // args.block_size) for n, c in prefills]) + 1  # fmt: skip
     cache = KVCache(cfg.num_hidden_layers, blocks, cfg.num_key_value_heads, args.block_size, cfg.head_dim, dtype, device=device)
     cache.buffer.normal_()  # never time attention over zeros
-    graphs = None
+    graphs = prefill_graphs = None
     if device.type == "cuda":
-        from native.graphs import DecodeGraphs
+        from native.graphs import DecodeGraphs, PrefillGraphs
 
-        graphs = DecodeGraphs(model, cache, max_batch=args.max_num_seqs, max_model_len=args.max_model_len)
+        pool = torch.cuda.graph_pool_handle()
+        if prefills and args.prefill_graph_tokens:
+            prefill_graphs = PrefillGraphs(model, cache, max_rows=args.max_num_seqs, max_model_len=args.max_model_len,
+                                           max_tokens=args.prefill_graph_tokens, pool=pool)  # fmt: skip
+            log(f"prompt-chunk graphs for {prefill_graphs.buckets} tokens" if prefill_graphs.enabled else "prompt-chunk graphs disabled")
+        graphs = DecodeGraphs(model, cache, max_batch=args.max_num_seqs, max_model_len=args.max_model_len, pool=pool)
         log(f"decode graphs for batch sizes {graphs.buckets}" if graphs.enabled else "decode graphs disabled")
-    runner = ModelRunner(model, cache, device, graphs=graphs)
+    runner = ModelRunner(model, cache, device, graphs=graphs, prefill_graphs=prefill_graphs)
     out = {}
     with torch.inference_mode():
         for batch, ctx in points:
@@ -260,9 +266,14 @@ def probe_steps(args, points: list[tuple[int, int]], bandwidth: float | None) ->
             log(f"step b{batch} ctx{ctx}: {ms:.3f} ms" + (f", byte floor {floor:.3f} ms" if floor else "")
                 + (f", {kernels} kernels" if kernels is not None else ""))  # fmt: skip
         for new, cached in prefills:
-            r = out[f"prefill {new}+{cached}"] = time_prefill(runner, new, cached, args.block_size, device)
-            log(f"prefill {new} new over {cached} cached: {r['wall_ms']:.2f} ms wall"
-                + (f", {r['kernels']} kernels, {r['device_ms']:.2f} ms on the device" if "kernels" in r else ""))  # fmt: skip
+            for how in ("eager", "graph"):
+                if how == "graph" and not (prefill_graphs and prefill_graphs.fits(new, 1, 1, False)):
+                    continue
+                runner.prefill_graphs = prefill_graphs if how == "graph" else None
+                r = out[f"prefill {new}+{cached} {how}"] = time_prefill(runner, new, cached, args.block_size, device)
+                log(f"prefill {new} new over {cached} cached, {how}: {r['wall_ms']:.2f} ms wall"
+                    + (f", {r['kernels']} kernels, {r['device_ms']:.2f} ms on the device" if "kernels" in r else ""))  # fmt: skip
+            runner.prefill_graphs = prefill_graphs
     cache.close()
     del runner, graphs, cache, model
     gc.collect()
@@ -344,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--max-model-len", type=int, default=8192)
     q.add_argument("--max-num-seqs", type=int, default=64)
     q.add_argument("--steps", default="", help="BxCTX,... decode steps to time")
-    q.add_argument("--prefills", default="", help="NEWxCACHED,... one prompt's eager chunks to time")
+    q.add_argument("--prefills", default="", help="NEWxCACHED,... one prompt's chunks to time, eager and replayed")
+    q.add_argument("--prefill-graph-tokens", type=int, default=1024, help="largest prompt-chunk graph (0: eager only)")
     q.add_argument("--hbm", action="store_true", help="measure HBM read bandwidth (CUDA)")
     q.add_argument("--hf", default="", help="BxLEN,... transformers generate points")
     q.add_argument("--hf-tokens", type=int, default=16)

@@ -5,6 +5,9 @@ tokens ``query_start_loc[i]:query_start_loc[i+1]``. Its KV lives in the paged ca
 blocks of ``block_tables[i]``; after this step the cache holds ``context_lens[i]`` tokens of it
 (the new ones included). ``slot_mapping[t]`` is where token ``t``'s K/V is stored
 (``block_id * block_size + offset``); ``-1`` means "do not store" (padding rows of a graph).
+``tiles`` (a prefill CUDA graph's step, native.graphs.PrefillGraphs): the prefill attention's
+query tiles, read on the device; tokens in none of them are padding, and their attention output
+is zero.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class AttnMeta:
     is_decode: bool  # every query_len == 1
     max_query_len: int
     max_context_len: int
+    tiles: torch.Tensor | None = None
 
     @classmethod
     def build(

@@ -53,8 +53,36 @@ def bucket_for(batch: int) -> int:
     return max(16, -(-batch // 8) * 8)
 
 
+class Staging:
+    """Pinned host mirrors of a graph's one int64 input tensor, uploaded in one copy that does not
+    wait: two mirrors take turns, so the host fills one while the other's copy may still be
+    queued behind the step in flight."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        self._mirrors = [torch.zeros(inputs.numel(), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._np = [m.numpy() for m in self._mirrors]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def mirror(self):
+        """The next mirror (numpy), free to fill: its copy two steps ago has run."""
+        turn = self._turn
+        if self._uploaded[turn] is not None:
+            self._uploaded[turn].synchronize()
+        return self._np[turn]
+
+    def upload(self, end: int) -> None:
+        """Copy the first ``end`` values of the mirror just filled to the device (queued)."""
+        turn, self._turn = self._turn, self._turn ^ 1
+        self.inputs[:end].copy_(self._mirrors[turn][:end], non_blocking=True)
+        event = self._uploaded[turn] or torch.cuda.Event()
+        event.record()
+        self._uploaded[turn] = event
+
+
 class DecodeGraphs:
-    def __init__(self, model, kv_cache: KVCache, max_batch: int, max_model_len: int):
+    def __init__(self, model, kv_cache: KVCache, max_batch: int, max_model_len: int, pool=None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -88,11 +116,8 @@ class DecodeGraphs:
         self.slot_mapping.fill_(-1)
         self.block_tables = self._inputs[_TABLES * n :].view(n, self.max_blocks)
         self.query_start_loc = torch.arange(n + 1, **i64)
-        self._mirrors = [torch.zeros(self._inputs.numel(), dtype=torch.int64).pin_memory() for _ in range(2)]
-        self._mirror_np = [m.numpy() for m in self._mirrors]
-        self._uploaded: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
-        self._capture()
+        self._staging = Staging(self._inputs)
+        self._capture(pool)
 
     @property
     def enabled(self) -> bool:
@@ -117,8 +142,7 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
+    def _capture(self, pool) -> None:
         for bs in reversed(self.buckets):
             if self.ep_rows is not None:
                 self.ep_rows.tokens = bs  # the MoE dispatch buffers of this bucket (all ranks capture together)
@@ -168,10 +192,7 @@ class DecodeGraphs:
     def _stage(self, bs, token_ids, positions, block_tables, context_lens, device_tokens) -> None:
         """Fill a pinned mirror of the input buffers and upload it in one copy that does not wait."""
         B, n, bsz = len(token_ids), self._n, self.block_size
-        turn, self._turn = self._turn, self._turn ^ 1
-        if self._uploaded[turn] is not None:
-            self._uploaded[turn].synchronize()  # its copy two steps ago has run: safe to refill
-        a = self._mirror_np[turn]
+        a = self._staging.mirror()
         slots = [t[p // bsz] * bsz + p % bsz for t, p in zip(block_tables, positions)]
         for i, (values, pad) in enumerate(((token_ids, 0), (positions, 0), (slots, -1), (context_lens, 0))):
             a[i * n : i * n + B] = values
@@ -185,11 +206,7 @@ class DecodeGraphs:
         base = _TABLES * n
         for i, t in enumerate(block_tables):
             a[base + i * width : base + i * width + len(t)] = t
-        end = base + B * width
-        self._inputs[:end].copy_(self._mirrors[turn][:end], non_blocking=True)
-        event = self._uploaded[turn] or torch.cuda.Event()
-        event.record()
-        self._uploaded[turn] = event
+        self._staging.upload(base + B * width)
         if m:
             src = device_tokens.source.index_select(0, self._gather_src[:m])
             self.input_ids.index_copy_(0, self._gather_rows[:m], src)
@@ -207,3 +224,198 @@ class DecodeGraphs:
         self.graphs[bucket][0].replay()
         self.replays += 1
         return True
+
+
+# ------------------------------------------------------------------------------ prompt chunks
+
+_PREFILL_VECTORS = 3  # int64 vectors of the max bucket's length: ids, positions, slots
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token counts that prompt-chunk graphs are captured for: 16 .. 512 by doubling, then
+    multiples of 256, up to ``max_tokens`` (ascending; empty below 16)."""
+    out = [t for t in (16, 32, 64, 128, 256, 512) if t <= max_tokens]
+    t = 768
+    while t <= max_tokens:
+        out.append(t)
+        t += 256
+    return out
+
+
+class PrefillGraphs:
+    """CUDA graphs for steps that compute prompt chunks (alone or beside decode rows): one graph
+    per token-count bucket (:func:`prefill_buckets`), each for up to ``max_rows`` sequences.
+
+    An eager chunk on a GPU host is launch-bound: a few hundred kernels of a few µs each, at
+    ~45 µs of host time per launch here (bench/RESULTS.md: 192 new tokens over 1,856 cached took
+    9.2 ms of wall for 2.4 ms of GPU work). A replay launches them all at once. The step's T tokens
+    fill the first rows of a bucket of Tb >= T; the rest are padding: token 0 at position 0, slot
+    -1 (no K/V stored), in no attention tile, so their attention output is zero and their rows of
+    the output are ignored. The prefill attention reads its work from a tile list on the device
+    (``AttnMeta.tiles``, sequence and query tile per program) rather than from a grid sized by
+    the longest query, so one graph serves any split of Tb tokens into at most ``max_rows``
+    sequences. The rest of the step's kernels read only device metadata and static shapes.
+
+    Inputs: one int64 tensor ``[ids | positions | slots (Tb max) | query starts (R+1) | context
+    lens (R) | tiles | gather rows (R) | gather sources (R) | block tables (R x W)]`` uploaded from
+    a pinned mirror (:class:`Staging`). All graphs share one memory pool (the decode graphs' too,
+    when given: graphs replay one at a time on one stream).
+
+    A row's result depends on the bucket only as much as the GEMMs' rounding depends on their row
+    count (cuBLAS may pick another kernel); the same step always picks the same bucket, so PD
+    and mixed, which run a prompt in the same chunks, stay equal. A step's per-layer hook
+    (``layer_done``, PD's layer-by-layer KV push) runs for every layer after the replay, so
+    the runner replays such steps only up to ``layer_done_max`` tokens, where the launches cost
+    more than the overlap of the push with later layers would save.
+    """
+
+    def __init__(self, model, kv_cache: KVCache, max_rows: int, max_model_len: int, max_tokens: int,
+                 pool=None, layer_done_max: int = 512):  # fmt: skip
+        from .kernels.attention import max_prefill_tiles
+        from .model.gpu_ops import PREFILL_BLOCK_M
+
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.layer_done_max = layer_done_max
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.buckets: list[int] = []
+        self.replays = 0
+        self.pool = pool
+        reason = (
+            gpu_ops.kernels_supported(model, kv_cache) if model.use_kernels is not False else "use_kernels=False"
+        )
+        parallel = model.parallel
+        if reason is None and (parallel.tp.size > 1 or parallel.ep.size > 1):
+            reason = "the ranks of a TP or EP group run prompt chunks eagerly, in lockstep"
+        buckets = prefill_buckets(max_tokens)
+        if reason is None and not buckets:
+            reason = f"--max-num-batched-tokens {max_tokens} is under the smallest bucket (16)"
+        if reason is not None:
+            log.warning("prompt-chunk CUDA graphs disabled (chunks run eagerly): %s", reason)
+            return
+        self.device = kv_cache.device
+        self.block_m = PREFILL_BLOCK_M
+        self.rows = R = max(1, max_rows)
+        self.max_blocks = W = -(-max_model_len // self.block_size)
+        n = buckets[-1]
+        self._n = n
+        self._tiles_of = {t: max_prefill_tiles(t, R, self.block_m) for t in buckets}
+        nt = self._tiles_of[n]
+        sizes = [n, n, n, R + 1, R, nt, R, R, R * W]
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self._inputs = torch.zeros(sum(sizes), **i64)
+        self._offsets = [0]
+        for size in sizes:
+            self._offsets.append(self._offsets[-1] + size)
+        views = [self._inputs[a:b] for a, b in zip(self._offsets, self._offsets[1:])]
+        (self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.context_lens,
+         self.tiles, self._gather_rows, self._gather_src, tables) = views  # fmt: skip
+        self.block_tables = tables.view(R, W)
+        self.slot_mapping.fill_(-1)
+        self.tiles.fill_(-1)
+        self._staging = Staging(self._inputs)  # a step uploads what its bucket reads, stale beyond
+        self.buckets = buckets
+        self._capture()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.graphs)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1] if self.buckets else 0
+
+    def _meta(self, tokens: int) -> AttnMeta:
+        return AttnMeta(
+            query_lens=[],  # host values are not read on the kernel path
+            context_lens=[],
+            block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[:tokens],
+            block_size=self.block_size,
+            query_start_loc=self.query_start_loc,
+            context_lens_t=self.context_lens,
+            is_decode=False,
+            max_query_len=tokens,
+            max_context_len=self.max_blocks * self.block_size,
+            tiles=self.tiles[: self._tiles_of[tokens]],
+        )
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        import time
+
+        t0 = time.monotonic()
+        for tokens in reversed(self.buckets):
+            args = (self.input_ids[:tokens], self.positions[:tokens], self.kv_cache, self._meta(tokens))
+            self.model(*args)  # warm-up: compiles this bucket's kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.model(*args)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[tokens] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        log.info("captured prompt-chunk CUDA graphs for %s tokens (up to %d sequences) in %.1fs",
+                 self.buckets, self.rows, time.monotonic() - t0)  # fmt: skip
+
+    def fits(self, num_tokens: int, num_rows: int, width: int, layer_done: bool) -> bool:
+        limit = min(self.max_tokens, self.layer_done_max) if layer_done else self.max_tokens
+        return bool(self.graphs) and 0 < num_tokens <= limit and num_rows <= self.rows and width <= self.max_blocks
+
+    @torch.inference_mode()
+    def run(self, token_chunks, start_positions, block_tables, device_tokens=None):
+        """Replay the bucket for this step (call :meth:`fits` first): ``(hidden [Tb, H], ends)``,
+        ``ends[i]`` the row of sequence i's last token; the view is overwritten by the next replay."""
+        import numpy as np
+
+        from .kernels.attention import TILE_SHIFT
+
+        lens = [len(c) for c in token_chunks]
+        T = sum(lens)
+        tokens = next(t for t in self.buckets if t >= T)
+        o, bs, W = self._offsets, self.block_size, self.max_blocks
+        a = self._staging.mirror()
+        ids, pos, slots = a[o[0] : o[0] + tokens], a[o[1] : o[1] + tokens], a[o[2] : o[2] + tokens]
+        qsl, ctx = a[o[3] : o[4]], a[o[4] : o[5]]
+        tables = a[o[8] :]
+        at = 0
+        ends = []
+        tiles = []
+        for b, (chunk, start, table) in enumerate(zip(token_chunks, start_positions, block_tables)):
+            n = len(chunk)
+            ids[at : at + n] = chunk
+            p = np.arange(start, start + n)
+            pos[at : at + n] = p
+            t = np.asarray(table, dtype=np.int64)
+            slots[at : at + n] = t[p // bs] * bs + p % bs
+            qsl[b] = at
+            ctx[b] = start + n
+            tables[b * W : b * W + len(t)] = t
+            tiles.extend((b << TILE_SHIFT) | m for m in range(-(-n // self.block_m)))
+            at += n
+            ends.append(at - 1)
+        B = len(lens)
+        ids[T:tokens] = 0
+        pos[T:tokens] = 0
+        slots[T:tokens] = -1
+        qsl[B:] = T
+        ctx[B:] = 0
+        nt = self._tiles_of[tokens]
+        tl_ = a[o[5] : o[5] + nt]
+        tl_[: len(tiles)] = tiles
+        tl_[len(tiles) :] = -1
+        m = 0
+        if device_tokens is not None:
+            m = len(device_tokens.rows)
+            a[o[6] : o[6] + m] = [ends[r] for r in device_tokens.rows]
+            a[o[7] : o[7] + m] = device_tokens.source_rows
+        self._staging.upload(o[8] + B * W)
+        if m:
+            src = device_tokens.source.index_select(0, self._gather_src[:m])
+            self.input_ids.index_copy_(0, self._gather_rows[:m], src)
+        graph, out = self.graphs[tokens]
+        graph.replay()
+        self.replays += 1
+        return out, ends

@@ -2,7 +2,8 @@
 
 It knows nothing of requests: each entry of a step is (tokens to compute, position of the first
 of them, block table). Rows listed in ``sample_rows`` get the logits of their last token.
-On a GPU, decode-only steps replay CUDA graphs (native.graphs) when enabled.
+On a GPU, decode-only steps replay CUDA graphs (native.graphs) when enabled, and steps with
+prompt chunks of up to a bucket's tokens replay the prompt-chunk graphs.
 :func:`profile_activation_peak` measures what a step needs beyond the weights and the KV cache,
 so that the cache can be sized from ``--gpu-memory-utilization``.
 """
@@ -63,12 +64,13 @@ class Runner(abc.ABC):
 class ModelRunner(Runner):
     supports_device_tokens = True
 
-    def __init__(self, model, kv_cache: KVCache, device: torch.device | str = "cpu", graphs=None):
+    def __init__(self, model, kv_cache: KVCache, device: torch.device | str = "cpu", graphs=None, prefill_graphs=None):
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
         self.block_size = kv_cache.block_size
         self.graphs = graphs  # optional CUDA graph runner for decode-only steps
+        self.prefill_graphs = prefill_graphs  # optional one for steps with prompt chunks (PrefillGraphs)
 
     @torch.inference_mode()
     def execute(
@@ -89,6 +91,15 @@ class ModelRunner(Runner):
             )
             if hidden_rows is not None:
                 return self.model.compute_logits(hidden_rows if every_row else hidden_rows[sample_rows])
+        pg = self.prefill_graphs
+        if pg is not None and pg.fits(sum(query_lens), len(query_lens), max(map(len, block_tables)), layer_done is not None):
+            hidden, ends = pg.run(token_chunks, start_positions, block_tables, device_tokens)
+            if layer_done is not None:  # every layer's K/V is stored once the replay has run
+                for i in range(self.kv_cache.num_layers):
+                    layer_done(i)
+            if not sample_rows:
+                return hidden.new_empty((0, 0), dtype=torch.float32)
+            return self.model.compute_logits(hidden[upload([ends[i] for i in sample_rows], self.device, torch.int64)])
         flat: list[int] = []
         positions: list[int] = []
         for chunk, start in zip(token_chunks, start_positions):
@@ -146,27 +157,32 @@ def warm_up_prefill(runner: ModelRunner, max_tokens: int = 4096) -> int:
     if runner.kv_cache.num_blocks < len(table):
         return 0
     steps = 0
-    for n in lengths:
-        chunk = [3 + i % 61 for i in range(n)]
-        for cached in (0, bs):
-            runner.execute([chunk], [cached], [table], [0])
-            steps += 1
-    runner.execute([[3] * 16, [4]], [bs, bs + 16], [table, table], [0, 1])  # a chunk beside a decode row
+    graphs, runner.prefill_graphs = runner.prefill_graphs, None  # eager: PD's pushed chunks may run so
+    try:
+        for n in lengths:
+            chunk = [3 + i % 61 for i in range(n)]
+            for cached in (0, bs):
+                runner.execute([chunk], [cached], [table], [0])
+                steps += 1
+        runner.execute([[3] * 16, [4]], [bs, bs + 16], [table, table], [0, 1])  # a chunk beside a decode row
+    finally:
+        runner.prefill_graphs = graphs
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return steps + 1
 
 
 @torch.inference_mode()
-def profile_activation_peak(model, cfg, device: torch.device | str | None = None) -> int:
+def profile_activation_peak(model, cfg, device: torch.device | str | None = None, graph_tokens: int = 0) -> int:
     """Peak bytes a step allocates on the GPU beyond the weights and the KV cache.
 
     Runs eagerly, on dummy tokens, the largest prefill step the scheduler can form
     (``cfg.max_num_batched_tokens`` tokens in sequences of at most ``cfg.max_model_len``) and the
     largest decode step (``cfg.max_num_seqs`` rows), each followed by the logits of
     ``cfg.max_num_seqs`` rows, over a temporary cache just large enough, and returns the larger
-    peak of ``torch.cuda.max_memory_allocated`` above what was allocated before, plus the decode
-    step's peak again for the CUDA graphs' private pool. Frees everything (``empty_cache``)
+    peak of ``torch.cuda.max_memory_allocated`` above what was allocated before, plus the peak
+    again of the largest step a CUDA graph holds in the graphs' shared pool: the decode step's,
+    or a prompt chunk of ``graph_tokens`` tokens (native.graphs.PrefillGraphs) when larger. Frees everything (``empty_cache``)
     before it returns, so ``torch.cuda.mem_get_info`` then shows the memory left for the cache.
     Also compiles the prefill kernels, so the first real step starts warm.
     """
@@ -200,6 +216,9 @@ def profile_activation_peak(model, cfg, device: torch.device | str | None = None
             (prefill, [0] * len(prefill), tables),
             ([1] * decode_rows, [0] * decode_rows, [[1 + i % (num_blocks - 1)] for i in range(decode_rows)]),
         ]
+        graph_tokens = min(graph_tokens, prefill[0])
+        if graph_tokens:
+            steps.append(([graph_tokens], [0], [tables[0][: -(-graph_tokens // bs)]]))
         ep_rows = model.parallel.ep_rows
         for qlens, starts, step_tables in steps:
             if ep_rows is not None:
@@ -222,4 +241,4 @@ def profile_activation_peak(model, cfg, device: torch.device | str | None = None
         cache.close()
         del cache
         torch.cuda.empty_cache()
-    return max(peaks) + peaks[-1]
+    return max(peaks) + max(peaks[1:])

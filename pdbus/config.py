@@ -133,6 +133,9 @@ class ServeConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0
     enforce_eager: bool = False
+    # steps with prompt chunks of up to this many tokens replay CUDA graphs (native.graphs.
+    # PrefillGraphs; capped at --max-num-batched-tokens; 0: such steps run eagerly)
+    prefill_cuda_graph_max_tokens: int = 1024
     # decode steps launched before the last one's tokens are read back (on a GPU, with a runner
     # that takes its tokens on the device: actors.engine.overlap); this turns it off
     no_async_scheduling: bool = False
@@ -184,6 +187,8 @@ class ServeConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.prefill_cuda_graph_max_tokens < 0:
+            raise ConfigError("--prefill-cuda-graph-max-tokens must be >= 0 (0: prompt chunks run eagerly)")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override <= 0:
             raise ConfigError("--num-gpu-blocks-override must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -271,6 +276,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "quantization": "bf16 | wint8 | wint4 (experts int4, other linears int8)",
         "kv_cache_memory_gb": "KV cache size on the CPU (GiB) when --num-gpu-blocks-override is unset",
         "no_async_scheduling": "read each decode step's tokens back before launching the next (on by default on a GPU)",
+        "prefill_cuda_graph_max_tokens": "steps with prompt chunks of up to this many tokens replay CUDA graphs (0: eager)",
         "enable_prefix_caching": "reuse the KV of full blocks a request shares with earlier ones (on by default)",
     }
     for f in fields(ServeConfig):

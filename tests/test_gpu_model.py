@@ -250,6 +250,90 @@ def test_graph_replay_equals_eager(tmp_path):
     assert graphs.run([5] * 17, [3] * 17, [[0]] * 17, [4] * 17) is None
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("quantization", ["bf16", "wint4"])
+def test_prompt_chunk_graphs_equal_eager(checkpoints, quantization):
+    """Steps with prompt chunks replayed from PrefillGraphs against the same steps eager: the
+    sampled rows' logits, the K/V they store (and nothing stored for padding), greedy decoding
+    after them; fresh prompts, chunks over cached blocks, several prompts and a chunk beside
+    decode rows whose tokens are still on the device; a PD step's layer hook runs for every
+    layer; steps past the buckets run eagerly."""
+    from native.graphs import PrefillGraphs, prefill_buckets
+    from native.runner import DeviceTokens, ModelRunner
+
+    _, path = checkpoints("moe_shared_hd64")
+    model = load(path, quantization)
+    cfg = model.cfg
+    num_blocks, max_len = 200, 512
+
+    def cache():
+        return KVCache(cfg.num_hidden_layers, num_blocks, cfg.num_key_value_heads, BLOCK, cfg.head_dim,
+                       torch.bfloat16, device=DEV)  # fmt: skip
+
+    graph_cache, eager_cache = cache(), cache()
+    pg = PrefillGraphs(model, graph_cache, max_rows=8, max_model_len=max_len, max_tokens=512)
+    assert pg.enabled and pg.buckets == prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
+    with_graphs = ModelRunner(model, graph_cache, DEV, prefill_graphs=pg)
+    eager = ModelRunner(model, eager_cache, DEV)
+    rng = random.Random(1)
+    free = list(range(1, num_blocks))  # block 0 is never in a table: padding must not store there
+    rng.shuffle(free)
+
+    def table(n):
+        return [free.pop() for _ in range(-(-n // BLOCK))]
+
+    def both(chunks, starts, tables, rows, **kw):
+        before = pg.replays
+        got = with_graphs.execute(chunks, starts, tables, rows, **kw)
+        replayed = pg.replays - before
+        want = eager.execute(chunks, starts, tables, rows, **kw)
+        err = token_errors(got.cpu(), want.cpu())
+        print(f"MEASURE {quantization} chunks {[len(c) for c in chunks]} over {starts}: replayed {replayed}, "
+              f"logits max err {float(err.max()):.2e}, argmax equal {torch.equal(got.argmax(-1), want.argmax(-1))}")
+        assert float(err.max()) <= BF16_TOL
+        return got, want, replayed
+
+    # fresh prompts of lengths inside, at and between buckets
+    prompts = {n: tokens(n, n) for n in (5, 16, 17, 100, 300, 511)}
+    tables = {n: table(min(n + 40, max_len)) for n in prompts}
+    for n, p in prompts.items():
+        _, _, replayed = both([p], [0], [tables[n]], [0])
+        assert replayed == 1
+    # a chunk over cached blocks, several prompts at once, and a chunk beside two decode rows
+    extra = tokens(40, 9)
+    both([extra], [100], [tables[100]], [0])
+    both([prompts[5][:3], prompts[17][:9], tokens(60, 3)], [5, 17, 0], [tables[5], tables[17], table(60)], [0, 1, 2])
+    # decode rows whose token is on the device (the step in flight's draw), beside a chunk
+    source = torch.tensor([11, 22, 33], device=DEV)
+    dt = DeviceTokens(rows=[1, 2], source=source, source_rows=[2, 0])
+    _, _, replayed = both([tokens(30, 4), [0], [0]], [300, 16, 511], [tables[300], tables[16], tables[511]], [0, 1, 2],
+                          device_tokens=dt)  # fmt: skip
+    assert replayed == 1
+    # the K/V each wrote is the eager step's; block 0 (in no table) was never written
+    g, e = graph_cache.buffer.float(), eager_cache.buffer.float()
+    assert float((g - e).abs().max()) <= 5e-2 * float(e.abs().max())
+    assert not graph_cache.buffer[:, :, 0].any()
+    # greedy decoding after a replayed prefill equals decoding after the eager one
+    p = tokens(200, 5)
+    t = table(200 + 16)
+    toks = {}
+    for name, runner in (("graph", with_graphs), ("eager", eager)):
+        out = [int(runner.execute([p], [0], [t], [0]).argmax(-1))]
+        for i in range(15):
+            out.append(int(runner.execute([[out[-1]]], [200 + i], [t], [0]).argmax(-1)))
+        toks[name] = out
+    assert toks["graph"] == toks["eager"]
+    # PD: the layer hook runs for every layer, in order, after the replay
+    seen = []
+    before = pg.replays
+    with_graphs.execute([tokens(50, 6)], [0], [table(50)], [0], layer_done=seen.append)
+    assert pg.replays == before + 1 and seen == list(range(cfg.num_hidden_layers))
+    # past the largest bucket, or more sequences than the graphs hold: eager
+    assert not pg.fits(513, 1, 1, False) and not pg.fits(64, 9, 1, False) and not pg.fits(600, 1, 1, True)
+    graph_cache.close()
+    eager_cache.close()
+
+
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))
 def test_prefill_and_decode_match_transformers_and_cpu(checkpoints, name):
     hf, path = checkpoints(name)

@@ -328,6 +328,39 @@ def test_prefill_attention(case):
         o += n
 
 
+def test_prefill_attention_over_a_tile_list():
+    """A fixed grid of tiles read on the device (a prompt-chunk graph's): the sequences' rows
+    match the reference, padding tokens in no tile and the unused tiles (-1) leave out alone."""
+    from native.kernels.attention import max_prefill_tiles, prefill_tiles
+
+    seqs = [(0, 3), (100, 17), (0, 1), (5, 65)]
+    ctx = [c + n for c, n in seqs]
+    table, nb = build_tables(ctx)
+    kc, vc = make_cache(nb)
+    T = sum(n for _, n in seqs)
+    Tb, rows, bm = T + 13, 6, 16  # a bucket of Tb tokens for up to 6 sequences
+    q = randn(Tb, NH, HD)
+    lens = [n for _, n in seqs]
+    qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)) + [T] * (rows - len(seqs)), dtype=torch.int64, device=DEV)
+    cl = torch.tensor(ctx + [0] * (rows - len(seqs)), dtype=torch.int64, device=DEV)
+    wide = torch.zeros((rows, table.shape[1]), dtype=torch.int64, device=DEV)
+    wide[: len(seqs)] = table
+    n_tiles = max_prefill_tiles(Tb, rows, bm)
+    tiles = prefill_tiles(lens, bm)
+    assert len(tiles) <= n_tiles
+    tiles_t = torch.tensor(tiles + [-1] * (n_tiles - len(tiles)), dtype=torch.int64, device=DEV)
+    out = poison((Tb, NH, HD))
+    K.prefill_attention(q, kc, vc, qsl, cl, wide, HD**-0.5, out=out, block_m=bm, tiles=tiles_t)
+    assert torch.isnan(out[T:]).all()  # padding: in no tile, not written
+    o = 0
+    for b, (c, n) in enumerate(seqs):
+        ref = ref_attention(q[o : o + n], kc, vc, table[b], [c + i for i in range(n)], HD**-0.5)
+        assert rel_err(out[o : o + n], ref) < 1e-2, (b, c, n)
+        o += n
+    with pytest.raises(ValueError, match="block_m"):
+        K.prefill_attention(q, kc, vc, qsl, cl, wide, HD**-0.5, tiles=tiles_t)
+
+
 # ---------------------------------------------------------------------------------- wlinear
 
 

@@ -226,13 +226,20 @@ def paged_decode_attention(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qsl_ptr, out_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qsl_ptr, out_ptr, tile_ptr,
     s_qt, s_qh, s_cb, s_ch, s_cs, s_btb, s_ot, s_oh,
     qk_scale,
-    GROUP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, TILED: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    mt = tl.program_id(1)
+    if TILED:  # program i runs tile_ptr[i] = (sequence << TILE_SHIFT) | query tile, or nothing (-1)
+        entry = tl.load(tile_ptr + tl.program_id(0))
+        if entry < 0:
+            return
+        b = entry >> 20
+        mt = (entry & 0xFFFFF).to(tl.int32)
+    else:
+        b = tl.program_id(0).to(tl.int64)
+        mt = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b).to(tl.int32)
     q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
@@ -281,11 +288,16 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
     block_m: int | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q ``[T, nh, hd]`` (tokens of B sequences flattened, sequence b owning
     rows ``query_start_loc[b]:query_start_loc[b+1]``) over the paged cache, which must already
     hold this step's K/V. ``context_lens[b]`` counts the cached tokens after this step.
-    ``max_query_len`` avoids a device sync when given. Returns ``[T, nh, hd]`` bf16."""
+    ``max_query_len`` avoids a device sync when given. Returns ``[T, nh, hd]`` bf16.
+
+    ``tiles`` (int64, from :func:`prefill_tiles`, with ``block_m``): the query tiles to run, one
+    program each, read on the device; a CUDA graph of a fixed grid replays any step that has at
+    most as many tiles (native.graphs.PrefillGraphs). Rows of ``out`` in no tile are not written."""
     B = context_lens.shape[0] if context_lens.dim() == 1 else -1
     _check_common(q, k_cache, v_cache, block_tables, context_lens, B)
     require(isinstance(query_start_loc, torch.Tensor) and query_start_loc.device == q.device,
@@ -296,19 +308,37 @@ def prefill_attention(
     out = bf16_out(out, q)
     if T == 0 or B == 0:
         return out
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
-    if max_query_len <= 0:
-        return out
-    if block_m is None:
-        block_m = 128 if max_query_len >= 128 else (64 if max_query_len > 16 else 16)
-    grid = (B, triton.cdiv(max_query_len, block_m), nh)
+    if tiles is not None:
+        require(block_m is not None, "tiles need the block_m they were cut for")
+        check_int_vec("tiles", tiles, tiles.shape[0])
+        grid = (tiles.shape[0], 1, nh)
+    else:
+        if max_query_len is None:
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+        if max_query_len <= 0:
+            return out
+        if block_m is None:
+            block_m = 128 if max_query_len >= 128 else (64 if max_query_len > 16 else 16)
+        grid = (B, triton.cdiv(max_query_len, block_m), nh)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, tiles if tiles is not None else query_start_loc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
-        GROUP=nh // kvh, HD=hd, BS=bs, BLOCK_M=block_m,
+        GROUP=nh // kvh, HD=hd, BS=bs, BLOCK_M=block_m, TILED=tiles is not None,
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     return out
+
+
+TILE_SHIFT = 20  # a tile entry is (sequence << TILE_SHIFT) | query tile
+
+
+def prefill_tiles(query_lens, block_m: int) -> list[int]:
+    """The query tiles of sequences of these lengths, for ``prefill_attention(tiles=...)``."""
+    return [(b << TILE_SHIFT) | m for b, n in enumerate(query_lens) for m in range(-(-n // block_m))]
+
+
+def max_prefill_tiles(tokens: int, rows: int, block_m: int) -> int:
+    """The most tiles that ``rows`` sequences of ``tokens`` in all can have."""
+    return tokens // block_m + rows

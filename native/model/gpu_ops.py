@@ -167,6 +167,8 @@ class KernelOps(Ops):
                 q, k_cache, v_cache, step.decode_tables, meta.context_lens_t, attn.scale, num_partitions=n_parts
             )
         else:
+            # a graph's padding tokens are in no tile: zeros, never the pool's stale bits
+            out = q.new_zeros(q.shape) if meta.tiles is not None else None
             o = K.prefill_attention(
                 q,
                 k_cache,
@@ -175,8 +177,10 @@ class KernelOps(Ops):
                 meta.context_lens_t,
                 meta.block_tables,
                 attn.scale,
+                out=out,
                 max_query_len=meta.max_query_len,
                 block_m=PREFILL_BLOCK_M,
+                tiles=meta.tiles,
             )
         return o.view(T, attn.num_heads * attn.head_dim)
 
