@@ -135,7 +135,7 @@ class ServeConfig:
     enforce_eager: bool = False
     # steps with prompt chunks of up to this many tokens replay CUDA graphs (native.graphs.
     # PrefillGraphs; capped at --max-num-batched-tokens; 0: such steps run eagerly)
-    prefill_cuda_graph_max_tokens: int = 1024
+    prefill_cuda_graph_max_tokens: int = 2048
     # decode steps launched before the last one's tokens are read back (on a GPU, with a runner
     # that takes its tokens on the device: actors.engine.overlap); this turns it off
     no_async_scheduling: bool = False
